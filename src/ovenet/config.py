@@ -1,0 +1,321 @@
+"""Experiment configuration: typed dataclasses, YAML files, dotted command-line overrides.
+
+A config file is plain YAML whose sections mirror the dataclasses below. A file may start from another one
+with ``_base_: other.yaml`` (resolved relative to the file, or a shipped config name). Overrides such as
+``train.lr=0.02 model.offset.tau=0.2`` are applied last. Unknown keys, wrong types and out-of-range values raise
+:class:`ConfigError` naming the key and, for typos, the nearest valid spelling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from .errors import ConfigError
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass
+class OffsetConfig:
+    """The OVeNet offset head (Sec. 3.2). ``enabled: false`` gives the plain baseline."""
+
+    enabled: bool = True
+    branch_stage: int = 4  # HRNet stage at which the offset branch splits off (2, 3 or 4)
+    branch_modules: Optional[list[int]] = None  # modules of each copied stage; None: the official counts
+    tau: float = 0.5  # max offset length in normalised image coordinates (paper 0.5; official configs 0.2)
+    fusion: str = "logits"  # fuse "logits" (paper's final model) or softmax "probs"
+    sampling: str = "exact"  # "exact": zero offset samples the pixel itself; "official": as the official code
+    iterative_refinement: int = 0  # extra offset-refinement passes (official ITERATIVE_REFINEMENT)
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "hrnetv2_w48"  # hrnetv2_w18_small_v1, hrnetv2_w18_small_v2, hrnetv2_w18, hrnetv2_w32, hrnetv2_w48
+    head: str = "ocr"  # "fcn": HRNetV2 concat head; "ocr": HRNetV2 + OCR
+    num_classes: int = 19
+    align_corners: bool = True  # bilinear upsampling convention inside HRNet (official default True)
+    stages: Optional[dict] = None  # explicit STAGE1..STAGE4 spec (official EXTRA layout) instead of `arch`
+    ocr_mid_channels: int = 512
+    ocr_key_channels: int = 256
+    ocr_dropout: float = 0.05
+    bn_momentum: float = 0.1
+    offset: OffsetConfig = field(default_factory=OffsetConfig)
+    pretrained: Optional[str] = None  # ImageNet HRNet classification checkpoint (official file or timm)
+    freeze_main: bool = False  # ablation "Fr": train only the offset branch and head
+
+
+@dataclass
+class DataConfig:
+    name: str = "cityscapes"  # cityscapes, acdc, ade20k, camvid, folder, list, synthetic
+    root: str = "data/cityscapes"
+    train_split: str = "train"
+    val_split: str = "val"
+    crop_size: list[int] = field(default_factory=lambda: [512, 1024])  # h, w
+    base_size: Optional[int] = 2048  # long side before random scaling; None: the image's own size
+    scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
+    flip: bool = True
+    conditions: list[str] = field(default_factory=lambda: ["fog", "night", "rain", "snow"])  # ACDC
+    num_workers: int = 4
+    num_classes: Optional[int] = None  # folder/list datasets only
+    num_samples: int = 64  # synthetic only
+    image_size: list[int] = field(default_factory=lambda: [128, 256])  # synthetic only
+    image_dir: Optional[str] = None
+    label_dir: Optional[str] = None
+    list_file: Optional[str] = None
+    eval_resize_short: Optional[int] = None  # ADE20K evaluates at short side 520
+
+
+@dataclass
+class LossConfig:
+    type: str = "ohem"  # "ohem" or "ce"
+    ohem_thresh: float = 0.9
+    ohem_min_kept: int = 131072
+    class_weights: Union[str, list[float], None] = None  # None, "cityscapes" or one weight per class
+    aux_weights: list[float] = field(default_factory=lambda: [0.4, 1.0])  # OCR: [aux, ocr]
+    weight_seed: float = 0.5  # kappa in Eq. 5
+    weight_initial: float = 0.5  # lambda in Eq. 5
+    confidence: str = "paper"  # Eq. 6 as the paper defines it, "official" (its code), or "none"
+    confidence_weight: float = 1.0
+    formula: str = "paper"  # "official" reproduces the official code's reductions (see ovenet.losses)
+
+
+@dataclass
+class TrainConfig:
+    epochs: Optional[int] = 484
+    iters: Optional[int] = None  # overrides epochs when set
+    batch_size: int = 2  # per GPU
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    poly_power: float = 0.9
+    warmup_iters: int = 0
+    amp: str = "bf16"  # "bf16", "fp16" or "none" (ignored on CPU)
+    channels_last: bool = True
+    compile: str = "none"  # "none", "regional" (repeated HRNet blocks) or "full"
+    sync_bn: bool = True  # only takes effect when world size > 1
+    seed: int = 304
+    deterministic: bool = False
+    grad_clip: Optional[float] = None
+    ckpt_every: int = 1000  # iterations between `last` checkpoints
+    val_every: int = 0  # iterations between validations (0: once per epoch, or at the end for iters runs)
+    log_every: int = 20
+    bad_sample: str = "stop"  # "stop" or "skip" when a training sample cannot be read
+    tensorboard: bool = True
+
+
+@dataclass
+class EvalConfig:
+    mode: str = "whole"  # "whole" image or sliding "slide" window
+    crop_size: list[int] = field(default_factory=lambda: [1024, 2048])
+    stride: Optional[list[int]] = None  # sliding-window stride; None: 2/3 of the crop
+    scales: list[float] = field(default_factory=lambda: [1.0])
+    flip: bool = False
+    boundary_width: int = 3  # trimap width in pixels for the boundary mIoU
+
+
+@dataclass
+class Config:
+    name: str = "ovenet"
+    output_dir: str = "runs"
+    device: str = "auto"  # "auto", "cpu", "cuda" or "cuda:N"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+_CHOICES = {
+    "model.head": ("fcn", "ocr"),
+    "model.offset.fusion": ("logits", "probs"),
+    "model.offset.sampling": ("exact", "official"),
+    "model.offset.branch_stage": (2, 3, 4),
+    "data.name": ("cityscapes", "acdc", "ade20k", "camvid", "folder", "list", "synthetic"),
+    "loss.type": ("ohem", "ce"),
+    "loss.confidence": ("paper", "official", "none"),
+    "loss.formula": ("paper", "official"),
+    "train.amp": ("bf16", "fp16", "none"),
+    "train.compile": ("none", "regional", "full"),
+    "train.bad_sample": ("stop", "skip"),
+    "eval.mode": ("whole", "slide"),
+}
+
+
+def _check_ranges(cfg: Config) -> None:
+    def need(ok: bool, key: str, msg: str) -> None:
+        if not ok:
+            raise ConfigError(f"config key '{key}': {msg}")
+
+    flat = _flatten(cfg.to_dict())
+    for key, choices in _CHOICES.items():
+        need(flat[key] in choices, key, f"{flat[key]!r} is not one of {list(choices)}")
+    need(cfg.model.offset.tau > 0, "model.offset.tau", f"must be > 0, got {cfg.model.offset.tau}")
+    need(cfg.model.num_classes >= 1, "model.num_classes", "must be >= 1")
+    need(cfg.model.offset.iterative_refinement >= 0, "model.offset.iterative_refinement", "must be >= 0")
+    need(cfg.train.lr > 0, "train.lr", f"must be > 0, got {cfg.train.lr}")
+    need(cfg.train.batch_size >= 1, "train.batch_size", "must be >= 1")
+    need(cfg.train.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    need(0 <= cfg.train.momentum < 1, "train.momentum", "must be in [0, 1)")
+    need(cfg.train.epochs is not None or cfg.train.iters is not None, "train.epochs", "set epochs or iters")
+    for key in ("train.epochs", "train.iters"):
+        need(flat[key] is None or flat[key] >= 1, key, "must be >= 1")
+    for key in ("data.crop_size", "eval.crop_size", "data.image_size"):
+        v = flat[key]
+        need(len(v) == 2 and all(int(x) > 0 for x in v), key, f"must be [height, width] > 0, got {v}")
+    need(all(c <= 8192 for c in cfg.data.crop_size), "data.crop_size", "is larger than 8192 px")
+    lo, hi = cfg.data.scale_range
+    need(0 < lo <= hi, "data.scale_range", f"must be [low, high] with 0 < low <= high, got {[lo, hi]}")
+    need(cfg.loss.ohem_min_kept >= 1, "loss.ohem_min_kept", "must be >= 1")
+    need(0 < cfg.loss.ohem_thresh <= 1, "loss.ohem_thresh", "must be in (0, 1]")
+    need(all(s > 0 for s in cfg.eval.scales), "eval.scales", "must all be > 0")
+    need(cfg.eval.boundary_width >= 1, "eval.boundary_width", "must be >= 1")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and k != "stages":
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return any(_type_ok(value, t) for t in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is Any:
+        return True
+    if origin is list:
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        return isinstance(value, list) and all(_type_ok(v, item_tp) for v in value)
+    if origin is dict or tp is dict:
+        return isinstance(value, dict)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _build(cls: type, data: dict, path: str = "") -> Any:
+    """Instantiate dataclass ``cls`` from ``data``, rejecting unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{path}{key}"
+        if key not in hints:
+            near = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean '{path}{near[0]}'?" if near else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key '{full}'{hint}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{full}' must be a section (mapping), got {value!r}")
+            kwargs[key] = _build(tp, value, full + ".")
+            continue
+        if tp is float or (typing.get_origin(tp) in (Union, types.UnionType) and float in typing.get_args(tp)):
+            if isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+        if typing.get_origin(tp) is list and typing.get_args(tp) == (float,) and isinstance(value, list):
+            value = [float(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
+        if not _type_ok(value, tp):
+            raise ConfigError(f"config key '{full}' has the wrong type: got {value!r}, expected {_type_name(tp)}")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _type_name(tp: Any) -> str:
+    return str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "stages":
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def resolve_config_path(name: str | Path, relative_to: Path | None = None) -> Path:
+    """A config path as given, relative to another config, or the name of a shipped config."""
+    candidates = [Path(name)]
+    if relative_to is not None:
+        candidates.insert(0, relative_to / name)
+    stem = str(name).removesuffix(".yaml")
+    candidates += [CONFIG_DIR / f"{stem}.yaml", *CONFIG_DIR.glob(f"*/{stem}.yaml")]
+    for c in candidates:
+        if c.is_file():
+            return c
+    shipped = ", ".join(sorted(p.stem for p in CONFIG_DIR.rglob("*.yaml")))
+    raise ConfigError(f"config file '{name}' not found; give a path or one of the shipped configs: {shipped}")
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    if path.resolve() in seen:
+        raise ConfigError(f"config '{path}' includes itself through _base_")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config '{path}' must be a YAML mapping of sections, got {type(data).__name__}")
+    base = data.pop("_base_", None)
+    if base is None:
+        return data
+    parent = _read_yaml(resolve_config_path(base, path.parent), (*seen, path.resolve()))
+    return _merge(parent, data)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=value`` -> (["a", "b"], value), the value read as YAML (so 0.1, true, [1, 2] and null work)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key.sub=value, e.g. train.lr=0.02")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def from_dict(data: dict) -> Config:
+    cfg = _build(Config, data)
+    _check_ranges(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config (or start from defaults when ``path`` is None) and apply dotted overrides."""
+    data = _read_yaml(resolve_config_path(path)) if path is not None else {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{text}': '{k}' is a value, not a section")
+        node[keys[-1]] = value
+    return from_dict(data)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
