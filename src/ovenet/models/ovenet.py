@@ -1,0 +1,173 @@
+"""OVeNet: HRNetV2 (or HRNetV2+OCR) with a second head predicting seed offsets and a confidence map.
+
+With ``offset.enabled = False`` the same class builds the plain baseline, so both train through one code path.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, fields
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .. import method
+from ..config import ModelConfig
+from ..errors import ConfigError
+from .heads import OCRHead, fcn_head
+from .hrnet import HRNetStages, HRNetV2, arch_spec, concat_resolutions
+
+# Modules of each copied stage in the official offset branch (W48: STAGE2_2 1, STAGE3_2 3, STAGE4_2 2),
+# capped by the main body's own count for the small widths.
+OFFICIAL_BRANCH_MODULES = {2: 1, 3: 3, 4: 2}
+
+
+@dataclass
+class SegOutput:
+    """Model outputs at 1/4 of the input resolution.
+
+    ``logits_final`` is the prediction to use (S_f; equal to ``logits_initial`` for the baseline). For HRNet+OCR
+    ``logits_*`` are the OCR head's and ``aux_logits_*`` the auxiliary head's.
+    """
+
+    logits_initial: Tensor
+    logits_final: Tensor
+    logits_seed: Optional[Tensor] = None
+    offsets: Optional[Tensor] = None
+    confidence: Optional[Tensor] = None
+    aux_logits_initial: Optional[Tensor] = None
+    aux_logits_seed: Optional[Tensor] = None
+    aux_logits_final: Optional[Tensor] = None
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+
+def model_spec(cfg: ModelConfig) -> dict[str, dict]:
+    spec = copy.deepcopy(cfg.stages) if cfg.stages else arch_spec(cfg.arch)
+    for k in range(1, 5):
+        if f"STAGE{k}" not in spec:
+            raise ConfigError(f"model.stages needs STAGE1..STAGE4, missing STAGE{k}")
+    branch = cfg.offset.branch_stage
+    for k in range(branch, 5):
+        if f"STAGE{k}_2" in spec:
+            continue
+        copied = dict(spec[f"STAGE{k}"])
+        if cfg.offset.branch_modules is not None:
+            if len(cfg.offset.branch_modules) != 5 - branch:
+                raise ConfigError(f"model.offset.branch_modules needs {5 - branch} entries (stages {branch}..4), "
+                                  f"got {cfg.offset.branch_modules}")
+            copied["NUM_MODULES"] = cfg.offset.branch_modules[k - branch]
+        else:
+            copied["NUM_MODULES"] = min(copied["NUM_MODULES"], OFFICIAL_BRANCH_MODULES[k])
+        spec[f"STAGE{k}_2"] = copied
+    return spec
+
+
+class OVeNet(nn.Module):
+    """HRNetV2 backbone -> decode head (FCN or OCR) and, unless baseline, offset branch -> offset head."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        spec = model_spec(cfg)
+        self.align_corners = cfg.align_corners
+        self.backbone = HRNetV2(spec, cfg.align_corners, cfg.bn_momentum)
+        feat_channels = sum(self.backbone.out_channels)
+        self.num_classes = cfg.num_classes
+        if cfg.head == "ocr":
+            self.decode_head = OCRHead(feat_channels, cfg.num_classes, cfg.ocr_mid_channels, cfg.ocr_key_channels,
+                                       cfg.ocr_dropout, cfg.bn_momentum)
+        else:
+            self.decode_head = fcn_head(feat_channels, cfg.num_classes, cfg.bn_momentum)
+        self.offset_branch: Optional[HRNetStages] = None
+        self.offset_head: Optional[nn.Sequential] = None
+        if cfg.offset.enabled:
+            k = cfg.offset.branch_stage
+            branch_spec = {f"STAGE{s}": spec[f"STAGE{s}_2"] for s in range(k, 5)}
+            self.offset_branch = HRNetStages(branch_spec, k, self.backbone.stage_channels(k - 1), cfg.align_corners,
+                                             cfg.bn_momentum)
+            self.offset_head = fcn_head(sum(self.offset_branch.out_channels), 3, cfg.bn_momentum)
+        self.tau = cfg.offset.tau
+        self.sampling_align_corners = cfg.offset.sampling == "exact"
+        self._init_weights()
+        if cfg.freeze_main:
+            self.freeze_main()
+
+    @property
+    def is_ovenet(self) -> bool:
+        return self.offset_head is not None
+
+    def _init_weights(self) -> None:
+        # As the official code: HRNet convs N(0, 1e-3), BN (1, 0); heads keep PyTorch's default init.
+        for part in (self.backbone, self.offset_branch):
+            if part is None:
+                continue
+            for m in part.modules():
+                if isinstance(m, nn.Conv2d):
+                    nn.init.normal_(m.weight, std=0.001)
+                elif isinstance(m, nn.BatchNorm2d):
+                    nn.init.ones_(m.weight)
+                    nn.init.zeros_(m.bias)
+
+    def main_modules(self) -> list[nn.Module]:
+        return [self.backbone, self.decode_head]
+
+    def freeze_main(self) -> None:
+        """Ablation "Fr": only the offset branch and head train; the frozen part keeps its BN statistics."""
+        if not self.is_ovenet:
+            raise ConfigError("model.freeze_main needs the offset head (model.offset.enabled: true)")
+        for m in self.main_modules():
+            m.requires_grad_(False)
+        self._frozen = True
+
+    def train(self, mode: bool = True) -> "OVeNet":
+        super().train(mode)
+        if getattr(self, "_frozen", False):
+            for m in self.main_modules():
+                m.eval()  # the official code kept these in train mode, so frozen BN statistics drifted
+        return self
+
+    def forward(self, x: Tensor) -> SegOutput:
+        feats, branch_input = self.backbone(x, keep=self.cfg.offset.branch_stage - 1 if self.is_ovenet else None)
+        feats = concat_resolutions(feats, self.align_corners)
+        if isinstance(self.decode_head, OCRHead):
+            logits, aux = self.decode_head(feats)
+        else:
+            logits, aux = self.decode_head(feats), None
+        if not self.is_ovenet:
+            return SegOutput(logits_initial=logits, logits_final=logits, aux_logits_initial=aux,
+                             aux_logits_final=aux)
+
+        branch_feats, _ = self.offset_branch(branch_input)
+        raw = self.offset_head(concat_resolutions(branch_feats, self.align_corners)).float()
+        offsets = torch.tanh(raw[:, 0:2]) * self.tau
+        confidence = torch.sigmoid(raw[:, 2:3])
+        grid = method.seed_grid(offsets)
+        for _ in range(self.cfg.offset.iterative_refinement):
+            offsets = method.refine_offsets(offsets, grid, self.sampling_align_corners)
+            grid = method.seed_grid(offsets)
+
+        out = SegOutput(logits_initial=logits, logits_final=logits, offsets=offsets, confidence=confidence)
+        for name, initial in (("logits", logits), ("aux_logits", aux)):
+            if initial is None:
+                continue
+            if self.cfg.offset.fusion == "probs":
+                # Eq. 3 with h = softmax; log-probabilities are returned so that downstream CE/argmax still apply.
+                probs = torch.softmax(initial.float(), dim=1)
+                seed = method.resample(probs, grid, self.sampling_align_corners)
+                final = method.fuse(probs, seed, confidence)
+                initial, seed, final = (torch.log(p.clamp_min(1e-8)) for p in (probs, seed, final))
+            else:
+                seed = method.resample(initial, grid, self.sampling_align_corners)
+                final = method.fuse(initial, seed, confidence.to(initial.dtype))
+            setattr(out, f"{name}_initial", initial)
+            setattr(out, f"{name}_seed", seed)
+            setattr(out, f"{name}_final", final)
+        return out
+
+
+def build_model(cfg: ModelConfig) -> OVeNet:
+    """Build OVeNet (or the baseline when ``cfg.offset.enabled`` is False) from a model config."""
+    return OVeNet(cfg)
