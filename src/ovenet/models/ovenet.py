@@ -168,6 +168,13 @@ class OVeNet(nn.Module):
         return out
 
 
+    def predict(self, image, **kwargs):
+        """Label map (and offsets/confidence) for one image or a batch; see :func:`ovenet.engine.inference.predict`."""
+        from ..engine.inference import predict
+
+        return predict(self, image, **kwargs)
+
+
 def build_model(cfg: ModelConfig) -> OVeNet:
     """Build OVeNet (or the baseline when ``cfg.offset.enabled`` is False) from a model config."""
     return OVeNet(cfg)

@@ -1,0 +1,235 @@
+"""Shared dataset machinery: file decoding, label-table validation, the base class and ``check_dataset``.
+
+Every dataset returns the same sample dict (see ``ovenet.data``). Decoding and validation live here so that all
+datasets report broken files with the same one-line :class:`~ovenet.errors.DataError` messages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from ovenet.errors import DataError
+
+IGNORE_INDEX = 255
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+# PIL raises a zoo of exception types for unreadable files; all of them mean "this file is broken".
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+Transform = Callable[[dict], dict]
+
+
+@dataclass(frozen=True)
+class SampleFiles:
+    """Where one sample lives on disk. ``label`` is None for unlabelled splits."""
+
+    name: str
+    image: Path
+    label: Path | None = None
+    instance: Path | None = None
+    condition: str | None = None
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Decode an image file to an HxWx3 uint8 RGB array, or raise DataError naming the file."""
+    try:
+        with Image.open(path) as img:
+            rgb = img.convert("RGB")  # convert() forces the full decode, so truncation surfaces here
+    except FileNotFoundError:
+        raise DataError(f"image file {path} does not exist; check the dataset root") from None
+    except _DECODE_ERRORS as exc:
+        raise DataError(f"cannot decode image {path} ({exc}); the file is corrupt or truncated, replace it") from None
+    return np.asarray(rgb)
+
+
+def read_label_map(path: str | Path, what: str = "label") -> np.ndarray:
+    """Decode a single-channel PNG of integer ids (8 or 16 bit) to an HxW array, or raise DataError."""
+    try:
+        with Image.open(path) as img:
+            if img.mode not in ("L", "P", "I;16", "I;16L", "I;16B", "I", "1"):
+                raise DataError(
+                    f"{what} file {path} has image mode {img.mode}; expected a single-channel PNG of integer ids "
+                    "(a colour-coded mask must first be converted to ids)"
+                )
+            img.load()
+            # P images hold palette indices, which are the ids; asarray returns them directly.
+            array = np.asarray(img)
+    except FileNotFoundError:
+        raise DataError(f"{what} file {path} does not exist; check the dataset root") from None
+    except _DECODE_ERRORS as exc:
+        raise DataError(f"cannot decode {what} {path} ({exc}); the file is corrupt or truncated, replace it") from None
+    if array.dtype == bool:
+        array = array.astype(np.uint8)
+    return array
+
+
+def _format_values(values: Iterable[int], limit: int = 10) -> str:
+    values = [int(v) for v in values]
+    shown = ", ".join(str(v) for v in values[:limit])
+    return shown + (f", ... ({len(values)} distinct)" if len(values) > limit else "")
+
+
+class LabelTable:
+    """Maps raw label values to train ids (uint8) and rejects values that are not in the table.
+
+    ``mapping[raw] = train_id`` for every valid raw value; raw values absent from ``mapping`` are invalid.
+    """
+
+    def __init__(self, mapping: Mapping[int, int], description: str):
+        size = max(max(mapping, default=0) + 1, 256)
+        self.lookup = np.full(size, IGNORE_INDEX, dtype=np.uint8)
+        self.valid = np.zeros(size, dtype=bool)
+        for raw, train_id in mapping.items():
+            if not 0 <= train_id <= 255:
+                raise ValueError(f"train id {train_id} for raw value {raw} does not fit in uint8")
+            self.lookup[raw] = train_id
+            self.valid[raw] = True
+        self.description = description
+
+    def __call__(self, raw: np.ndarray, path: str | Path) -> np.ndarray:
+        if raw.dtype.kind == "i" and raw.size and raw.min() < 0:
+            bad = np.unique(raw[raw < 0])
+            raise DataError(f"label {path} contains values {_format_values(bad)} outside {self.description}")
+        # bincount is one fast pass that tells us every value present, valid or not.
+        counts = np.bincount(raw.ravel(), minlength=len(self.valid))
+        present = np.flatnonzero(counts)
+        bad = present[(present >= len(self.valid)) | ~self.valid[np.minimum(present, len(self.valid) - 1)]]
+        if bad.size:
+            raise DataError(
+                f"label {path} contains values {_format_values(bad)} outside {self.description}; "
+                "fix or regenerate the file"
+            )
+        return self.lookup[raw]
+
+
+def generic_palette(num_colors: int, skip_black: bool = False) -> list[tuple[int, int, int]]:
+    """The Pascal VOC bit-interleaved palette: fixed, distinct colours for any number of classes."""
+    palette = []
+    for index in range(int(skip_black), num_colors + int(skip_black)):
+        r = g = b = 0
+        code = index
+        for bit in range(7, -1, -1):
+            r |= (code & 1) << bit
+            g |= ((code >> 1) & 1) << bit
+            b |= ((code >> 2) & 1) << bit
+            code >>= 3
+        palette.append((r, g, b))
+    return palette
+
+
+def describe_directory(path: Path, limit: int = 6) -> str:
+    """What a user actually has at ``path``, for "expected X, found Y" messages."""
+    if not path.exists():
+        parent = path.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        return f"{path} does not exist; " + describe_directory(parent, limit)
+    if not path.is_dir():
+        return f"{path} is a file, not a directory"
+    entries = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
+    if not entries:
+        return f"{path} is empty"
+    more = f", ... ({len(entries)} entries)" if len(entries) > limit else ""
+    return f"{path} contains " + ", ".join(entries[:limit]) + more
+
+
+def missing_label_error(missing: Sequence[tuple[Path, Path]]) -> DataError:
+    """One-line error for images without a label: the first one in full, the rest counted."""
+    image, label = missing[0]
+    others = f" (and {len(missing) - 1} more images without labels)" if len(missing) > 1 else ""
+    return DataError(f"no label for image {image}: expected {label}{others}")
+
+
+class SegmentationDataset(Dataset):
+    """Base class: a list of :class:`SampleFiles`, a :class:`LabelTable` and a transform.
+
+    Subclasses fill ``self.samples`` in ``__init__`` and set the class metadata below.
+    """
+
+    num_classes: int = 0
+    class_names: list[str] = []
+    palette: list[tuple[int, int, int]] = []
+    ignore_index: int = IGNORE_INDEX
+
+    def __init__(self, samples: list[SampleFiles], label_table: LabelTable | None, transform: Transform | None):
+        from ovenet.data.transforms import EvalTransform  # transforms never import datasets; no cycle
+
+        self.samples = samples
+        self.label_table = label_table
+        self.transform = transform if transform is not None else EvalTransform()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def has_labels(self) -> bool:
+        return bool(self.samples) and self.samples[0].label is not None
+
+    def load(self, index: int) -> dict[str, np.ndarray]:
+        """Decode and validate one sample, before any transform: uint8 image HxWx3, uint8 train-id label HxW."""
+        files = self.samples[index]
+        sample = {"image": read_image(files.image)}
+        if files.label is not None:
+            raw_label = read_label_map(files.label)
+            check_same_size(files.image, sample["image"], files.label, raw_label)
+            sample["label"] = self.label_table(raw_label, files.label)
+            self._load_extras(files, raw_label, sample)
+        return sample
+
+    def _load_extras(self, files: SampleFiles, raw_label: np.ndarray, sample: dict) -> None:
+        """Hook for dataset-specific extra maps (Cityscapes instance ids)."""
+
+    def __getitem__(self, index: int) -> dict:
+        files = self.samples[index]
+        out = self.transform(self.load(index))
+        out["name"] = files.name
+        if files.condition is not None:
+            out["condition"] = files.condition
+        return out
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({len(self)} samples, {self.num_classes} classes)"
+
+
+def check_same_size(image_path: Path, image: np.ndarray, other_path: Path, other: np.ndarray) -> None:
+    if image.shape[:2] != other.shape[:2]:
+        (ih, iw), (oh, ow) = image.shape[:2], other.shape[:2]
+        raise DataError(
+            f"image {image_path} is {ih}x{iw} (HxW) but {other_path} is {oh}x{ow}; image and label must match"
+        )
+
+
+def check_dataset(dataset: Dataset, progress: bool = False) -> list[str]:
+    """Load every sample and return one line per problem found (empty list: the dataset is clean).
+
+    Unlike iterating the dataset, this does not stop at the first broken file.
+    """
+    problems: list[str] = []
+    if len(dataset) == 0:
+        return [f"{dataset!r} has no samples"]
+    indices: Iterable[int] = range(len(dataset))
+    if progress:
+        from tqdm import tqdm
+
+        indices = tqdm(indices, desc="checking", unit="sample")
+    # load() skips the transform: validation is about the files, and it is faster.
+    load = dataset.load if isinstance(dataset, SegmentationDataset) else dataset.__getitem__
+    for index in indices:
+        try:
+            load(index)
+        except DataError as exc:
+            problems.append(str(exc))
+    return problems
+
+
+def to_numpy(array: np.ndarray | torch.Tensor) -> np.ndarray:
+    if isinstance(array, torch.Tensor):
+        array = array.detach().cpu().numpy()
+    return np.asarray(array)

@@ -1,0 +1,73 @@
+"""The training objective: Eq. 5-7 of the paper over every prediction head.
+
+For each prediction S (initial, seed, final), L(S) sums the heads with ``aux_weights`` (OCR: 0.4 x aux + 1 x OCR;
+plain HRNetV2 has one head). Logits are upsampled to the label resolution first, as in HRNet.
+
+``formula: official`` reproduces the official training loop's numbers: its OHEM criterion returns the auxiliary
+term unreduced, so ``losses.mean()`` averages it over *all* pixels (ignored ones as 0), and its confidence loss
+is :func:`ovenet.method.confidence_loss_official`. ``formula: paper`` averages every CE term over valid pixels.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .. import method
+from ..config import LossConfig
+from ..models.heads import upsample_logits
+from ..models.ovenet import SegOutput
+from .ce import CrossEntropy, OhemCrossEntropy, class_weights
+
+
+class SegmentationLoss(nn.Module):
+    """Loss of the baseline or OVeNet model; returns ``(total, terms)`` with ``terms`` detached for logging."""
+
+    def __init__(self, cfg: LossConfig, num_classes: int, ignore_index: int = 255, align_corners: bool = True):
+        super().__init__()
+        self.cfg = cfg
+        self.ignore_index = ignore_index
+        self.align_corners = align_corners
+        weight = class_weights(cfg.class_weights, num_classes)
+        self.ce = CrossEntropy(ignore_index, weight)
+        self.main = (OhemCrossEntropy(ignore_index, cfg.ohem_thresh, cfg.ohem_min_kept, weight)
+                     if cfg.type == "ohem" else self.ce)
+
+    def prediction_loss(self, logits: Tensor, aux: Optional[Tensor], target: Tensor) -> Tensor:
+        """L(S): the (OCR) main head and, when present, the auxiliary head, weighted by ``aux_weights``."""
+        size = target.shape[-2:]
+        main = self.main(upsample_logits(logits, size, self.align_corners), target)
+        if aux is None:
+            return main
+        aux = upsample_logits(aux, size, self.align_corners)
+        if self.cfg.formula == "official":
+            aux_term = self.ce.per_pixel(aux, target).mean()  # unreduced map averaged over all pixels
+        else:
+            aux_term = self.ce(aux, target)  # the auxiliary head always uses plain CE, as in HRNet-OCR
+        w_aux, w_main = self.cfg.aux_weights
+        return w_aux * aux_term + w_main * main
+
+    def forward(self, out: SegOutput, target: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        initial = self.prediction_loss(out.logits_initial, out.aux_logits_initial, target)
+        if out.offsets is None:
+            return initial, {"loss": initial.detach(), "loss_initial": initial.detach()}
+        seed = self.prediction_loss(out.logits_seed, out.aux_logits_seed, target)
+        final = self.prediction_loss(out.logits_final, out.aux_logits_final, target)
+        semantic = method.semantic_loss(final, seed, initial, self.cfg.weight_seed, self.cfg.weight_initial)
+        if self.cfg.confidence == "none":
+            conf = torch.zeros((), device=target.device)
+        elif self.cfg.confidence == "official":
+            conf = method.confidence_loss_official(out.confidence, out.offsets, target, self.ignore_index)
+        else:
+            conf = method.confidence_loss(out.confidence, out.offsets, target, self.ignore_index)
+        total = method.total_loss(semantic, conf, self.cfg.confidence_weight)
+        terms = {"loss": total, "loss_initial": initial, "loss_seed": seed, "loss_final": final,
+                 "loss_confidence": conf}
+        return total, {k: v.detach() for k, v in terms.items()}
+
+
+def build_loss(cfg: LossConfig, num_classes: int, ignore_index: int = 255, align_corners: bool = True
+               ) -> SegmentationLoss:
+    return SegmentationLoss(cfg, num_classes, ignore_index, align_corners)
