@@ -82,7 +82,7 @@ def render_scene(index: int, size: Sequence[int], num_classes: int = 8, seed: in
 
     colors, freq, amplitude = _class_appearance(num_classes)
     # Per-image jitter of each class colour and of global brightness keeps colour from being a perfect cue.
-    jitter = rng.normal(0, 12, (num_classes, 3)).astype(np.float32)
+    jitter = np.clip(rng.normal(0, 8, (num_classes, 3)), -16, 16).astype(np.float32)
     brightness = np.float32(rng.uniform(0.75, 1.2))
     phase = rng.uniform(0, 2 * np.pi, num_classes).astype(np.float32)
     texture = amplitude[label] * np.sin(freq[label, 0] * rows + freq[label, 1] * cols + phase[label])
