@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from ovenet.errors import CheckpointError
-from ovenet.metrics import ConfusionMatrix, confusion as confusion_module
+from ovenet.metrics import ConfusionMatrix
+from ovenet.metrics import confusion as confusion_module
 
 TARGET = torch.tensor([[0, 0, 1], [1, 2, 2], [255, 0, 1]])
 PRED = torch.tensor([[0, 1, 1], [1, 2, 0], [2, 0, 2]])
@@ -38,7 +39,9 @@ def test_absent_class_nan_vs_official_zero():
 
 def test_prediction_outside_range_is_a_false_negative():
     cm = ConfusionMatrix(2)
-    cm.update(torch.tensor([0, 7, 1, -1]), torch.tensor([0, 0, 1, 300]))  # target 300: outside [0, C), skipped
+    cm.update(
+        torch.tensor([0, 7, 1, -1]), torch.tensor([0, 0, 1, 300])
+    )  # target 300: outside [0, C), skipped
     r = cm.compute()
     assert cm.matrix.tolist() == [[1, 0], [0, 1]]
     assert r["iou"] == pytest.approx([1 / 2, 1.0])
@@ -63,7 +66,7 @@ def test_matches_torchmetrics(monkeypatch, use_bincount):
     target[torch.rand(pred.shape, generator=g) < 0.1] = 255
 
     cm = ConfusionMatrix(num_classes)
-    for p, t in zip(pred, target):  # accumulate over several updates
+    for p, t in zip(pred, target, strict=True):  # accumulate over several updates
         cm.update(p, t)
     r = cm.compute()
     flat_pred, flat_target = pred.reshape(2, -1), target.reshape(2, -1)
@@ -73,7 +76,9 @@ def test_matches_torchmetrics(monkeypatch, use_bincount):
 
     iou = ref(tm.MulticlassJaccardIndex(num_classes, average=None, ignore_index=255))
     assert r["iou"] == pytest.approx(iou.tolist(), abs=1e-6)
-    assert r["miou"] == pytest.approx(float(ref(tm.MulticlassJaccardIndex(num_classes, ignore_index=255))), abs=1e-6)
+    assert r["miou"] == pytest.approx(
+        float(ref(tm.MulticlassJaccardIndex(num_classes, ignore_index=255))), abs=1e-6
+    )
     acc = ref(tm.MulticlassAccuracy(num_classes, average=None, ignore_index=255))
     assert r["per_class_acc"] == pytest.approx(acc.tolist(), abs=1e-6)
     macro = ref(tm.MulticlassAccuracy(num_classes, average="macro", ignore_index=255))
@@ -129,7 +134,9 @@ def test_all_reduce_sums_over_ranks(tmp_path):
     mp = torch.multiprocessing.get_context("spawn")
     with mp.Manager() as manager:
         results = manager.dict()
-        procs = [mp.Process(target=_all_reduce_worker, args=(r, str(tmp_path / "pg"), results)) for r in range(2)]
+        procs = [
+            mp.Process(target=_all_reduce_worker, args=(r, str(tmp_path / "pg"), results)) for r in range(2)
+        ]
         for p in procs:
             p.start()
         for p in procs:

@@ -63,7 +63,10 @@ def test_ignore_edges_are_configurable():
 
     counted = BoundaryConfusion(2, width=0)
     counted.update(torch.zeros_like(target), target)
-    assert counted.matrix.tolist() == [[16, 0], [0, 0]]  # the ring around the block; ignore pixels never count
+    assert counted.matrix.tolist() == [
+        [16, 0],
+        [0, 0],
+    ]  # the ring around the block; ignore pixels never count
     not_counted = BoundaryConfusion(2, width=0, ignore_is_boundary=False)
     not_counted.update(torch.zeros_like(target), target)
     assert not_counted.matrix.sum() == 0

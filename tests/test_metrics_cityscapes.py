@@ -45,9 +45,18 @@ def reference(monkeypatch, tmp_path):
             Image.fromarray(pred.astype(np.uint8)).save(path)
             files.append(str(path))
         args = types.SimpleNamespace(
-            evalInstLevelScore=True, evalPixelAccuracy=False, evalLabels=[], printRow=5, normalized=True,
-            colorized=False, bold="", nocol="", JSONOutput=True, quiet=True,
-            exportFile=str(tmp_path / "result.json"), avgClassSize=dict(ev.args.avgClassSize),
+            evalInstLevelScore=True,
+            evalPixelAccuracy=False,
+            evalLabels=[],
+            printRow=5,
+            normalized=True,
+            colorized=False,
+            bold="",
+            nocol="",
+            JSONOutput=True,
+            quiet=True,
+            exportFile=str(tmp_path / "result.json"),
+            avgClassSize=dict(ev.args.avgClassSize),
         )
         with contextlib.redirect_stdout(io.StringIO()):
             result = ev.evaluateImgLists(files, [str(GT_LABELS)] * len(files), args)
@@ -62,14 +71,18 @@ def assert_same(ours: dict, ref: dict) -> None:
         return (math.isnan(a) and math.isnan(b)) or abs(a - b) < 1e-9
 
     pairs = [
-        ("miou", "averageScoreClasses"), ("iiou_class", "averageScoreInstClasses"),
-        ("iou_category", "averageScoreCategories"), ("iiou_category", "averageScoreInstCategories"),
+        ("miou", "averageScoreClasses"),
+        ("iiou_class", "averageScoreInstClasses"),
+        ("iou_category", "averageScoreCategories"),
+        ("iiou_category", "averageScoreInstCategories"),
     ]
     for key, ref_key in pairs:
         assert close(ours[key], ref[ref_key]), (key, ours[key], ref[ref_key])
     for key, ref_key in [
-        ("iou_per_class", "classScores"), ("iiou_per_class", "classInstScores"),
-        ("iou_per_category", "categoryScores"), ("iiou_per_category", "categoryInstScores"),
+        ("iou_per_class", "classScores"),
+        ("iiou_per_class", "classInstScores"),
+        ("iou_per_category", "categoryScores"),
+        ("iiou_per_category", "categoryInstScores"),
     ]:
         for name, value in ref[ref_key].items():
             # Entries we leave out (ignored classes, 'void', non-instance classes) are NaN in the script.
@@ -101,7 +114,9 @@ def test_single_image_matches_cityscapesscripts(frame, reference, case):
     labels, instances = frame
     pred = imperfect_predictions(labels, instances)[case]
     metric = CityscapesMetric()
-    metric.update(torch.from_numpy(pred), torch.from_numpy(labels), torch.from_numpy(instances), pred_is_train_ids=False)
+    metric.update(
+        torch.from_numpy(pred), torch.from_numpy(labels), torch.from_numpy(instances), pred_is_train_ids=False
+    )
     assert_same(metric.compute(), reference([pred]))
 
 
@@ -118,7 +133,9 @@ def test_multi_image_matches_cityscapesscripts(frame, reference):
     assert_same(one_by_one.compute(), ref)
 
     batched = CityscapesMetric()  # instance ids repeat across the batch and must stay per image
-    batched.update(np.stack(chosen), np.stack([labels] * 3), np.stack([instances] * 3), pred_is_train_ids=False)
+    batched.update(
+        np.stack(chosen), np.stack([labels] * 3), np.stack([instances] * 3), pred_is_train_ids=False
+    )
     assert_same(batched.compute(), ref)
 
     merged, other = CityscapesMetric(), CityscapesMetric()
@@ -144,7 +161,27 @@ def test_train_id_predictions_match_label_id_png(frame, reference):
 
 
 def test_train_id_table():
-    assert TRAIN_ID_TO_LABEL_ID.tolist() == [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33]
+    assert TRAIN_ID_TO_LABEL_ID.tolist() == [
+        7,
+        8,
+        11,
+        12,
+        13,
+        17,
+        19,
+        20,
+        21,
+        22,
+        23,
+        24,
+        25,
+        26,
+        27,
+        28,
+        31,
+        32,
+        33,
+    ]
 
 
 def test_without_instances_iiou_is_nan(frame):

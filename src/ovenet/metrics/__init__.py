@@ -1,4 +1,4 @@
-"""Evaluation metrics: confusion-matrix IoU/accuracy, boundary (trimap) IoU and the Cityscapes benchmark figures."""
+"""Evaluation metrics: confusion-matrix IoU/accuracy, boundary (trimap) IoU, Cityscapes benchmark figures."""
 
 from ovenet.metrics.boundary import BoundaryConfusion, boundary_band
 from ovenet.metrics.cityscapes import CityscapesMetric

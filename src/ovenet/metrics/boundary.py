@@ -5,8 +5,8 @@ Definitions used here:
 - A pixel is a *boundary pixel* when its 3x3 window (itself and its 8 neighbours) holds more than one label.
   Both sides of an edge are therefore boundary pixels. The image border is not an edge (the map is padded by
   replication).
-- With ``ignore_is_boundary=True`` (default) a change between a valid label and ``ignore_index`` is an edge too:
-  in Cityscapes and VOC the void pixels mostly outline objects, so those outlines are where boundaries are.
+- With ``ignore_is_boundary=True`` (default) a change between a valid label and ``ignore_index`` is an edge
+  too: in Cityscapes and VOC the void pixels mostly outline objects, so that is where boundaries are.
   With ``False`` only changes between two valid labels count. Two ignore pixels never make an edge.
 - The band holds every pixel within ``width`` pixels (Chebyshev distance, i.e. a square window) of a boundary
   pixel; ``width=0`` is the boundary pixels alone. Ignore pixels inside the band stay ignored.
@@ -98,7 +98,7 @@ class BoundaryConfusion:
     def reset(self) -> None:
         self.confusion.reset()
 
-    def merge(self, other: "BoundaryConfusion") -> None:
+    def merge(self, other: BoundaryConfusion) -> None:
         if other.width != self.width:
             raise ValueError(f"cannot merge band width {other.width} into band width {self.width}")
         self.confusion.merge(other.confusion)

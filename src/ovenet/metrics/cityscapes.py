@@ -1,10 +1,10 @@
-"""The Cityscapes benchmark figures, computed the way cityscapesScripts' ``evalPixelLevelSemanticLabeling`` does.
+"""Cityscapes benchmark figures, computed as cityscapesScripts' ``evalPixelLevelSemanticLabeling`` does.
 
 Everything is accumulated over the 34 Cityscapes *label ids* (not train ids), as the official script does:
 
 - IoU of a class: ``tp / (tp + fp + fn)`` where ``fn`` counts every other prediction on the class's pixels
-  (including predictions of ignored labels) and ``fp`` counts predictions of the class on pixels of *evaluated*
-  classes only (pixels of ignored labels are not false positives). NaN when the denominator is 0.
+  (including predictions of ignored labels) and ``fp`` counts predictions of the class on pixels of
+  *evaluated* classes only (pixels of ignored labels are not false positives). NaN when the denominator is 0.
 - iIoU of a class (instance classes only): ``tp`` and ``fn`` come from the ground-truth instances, each pixel
   weighted by ``avg_class_size[class] / instance_size``; ``fp`` is the unweighted one above.
 - IoU of a category: the same with the category's evaluated classes merged into one.
@@ -115,14 +115,16 @@ class CityscapesMetric:
     """Accumulates Cityscapes mIoU, iIoU class, IoU category and iIoU category over images.
 
     ``avg_class_size`` maps instance class names to the reference instance size (default: the benchmark's
-    values, calibrated for 1024x2048 frames, so iIoU on downscaled images is not comparable to published ones).
+    values, calibrated for 1024x2048 frames: iIoU on downscaled images is not comparable to published ones).
     """
 
     def __init__(self, avg_class_size: Mapping[str, float] | None = None):
         sizes = dict(DEFAULT_AVG_CLASS_SIZE if avg_class_size is None else avg_class_size)
         missing = [NAMES[lid] for lid in INSTANCE_IDS if NAMES[lid] not in sizes]
         if missing:
-            raise ConfigError(f"avg_class_size lacks {', '.join(missing)}; give a size for every instance class")
+            raise ConfigError(
+                f"avg_class_size lacks {', '.join(missing)}; give a size for every instance class"
+            )
         self.avg_class_size = sizes
         self.reset()
 
@@ -148,7 +150,9 @@ class CityscapesMetric:
         inst = None if gt_instance_ids is None else _to_numpy(gt_instance_ids).astype(np.int64)
         if pred.shape != gt.shape or (inst is not None and inst.shape != gt.shape) or gt.ndim < 2:
             shapes = [tuple(a.shape) for a in (pred, gt, inst) if a is not None]
-            raise ValueError(f"pred, gt_label_ids and gt_instance_ids must share one [..., H, W] shape, got {shapes}")
+            raise ValueError(
+                f"pred, gt_label_ids and gt_instance_ids must share one [..., H, W] shape, got {shapes}"
+            )
         if gt.size and (gt.min() < 0 or gt.max() >= NUM_LABEL_IDS):
             raise DataError(
                 f"ground truth holds label id {gt.min() if gt.min() < 0 else gt.max()}, outside 0..33; "
@@ -156,9 +160,13 @@ class CityscapesMetric:
             )
         if pred_is_train_ids:
             in_range = (pred >= 0) & (pred < len(TRAIN_ID_TO_LABEL_ID))
-            pred = np.where(in_range, TRAIN_ID_TO_LABEL_ID[np.clip(pred, 0, len(TRAIN_ID_TO_LABEL_ID) - 1)], 0)
+            pred = np.where(
+                in_range, TRAIN_ID_TO_LABEL_ID[np.clip(pred, 0, len(TRAIN_ID_TO_LABEL_ID) - 1)], 0
+            )
         elif pred.size and (pred.min() < 0 or pred.max() >= NUM_LABEL_IDS):
-            raise ValueError("pred holds values outside the label ids 0..33; pass pred_is_train_ids=True for train ids")
+            raise ValueError(
+                "pred holds values outside the label ids 0..33; pass pred_is_train_ids=True for train ids"
+            )
 
         self.matrix += np.bincount(
             (gt * NUM_LABEL_IDS + pred).ravel(), minlength=NUM_LABEL_IDS * NUM_LABEL_IDS
@@ -169,7 +177,7 @@ class CityscapesMetric:
         if inst is None:
             self.num_images_without_instances += len(images)
             return
-        for image_pred, image_inst in zip(images, inst.reshape(-1, height, width)):
+        for image_pred, image_inst in zip(images, inst.reshape(-1, height, width), strict=True):
             self._add_instances(image_pred, image_inst)
 
     def _add_instances(self, pred: np.ndarray, inst: np.ndarray) -> None:
@@ -193,7 +201,9 @@ class CityscapesMetric:
                 continue
             name = NAMES[label_id]
             if label_id not in INSTANCE_IDS:
-                raise DataError(f"instance id {instance_ids[i]} belongs to '{name}', a class without instances")
+                raise DataError(
+                    f"instance id {instance_ids[i]} belongs to '{name}', a class without instances"
+                )
             weight = self.avg_class_size[name] / float(sizes[i])
             self._class_tp[label_id] += float(hits[i]) * weight
             self._class_fn[label_id] += float(sizes[i] - hits[i]) * weight
@@ -204,7 +214,7 @@ class CityscapesMetric:
                 self._category_fn[c] += float(sizes[i] - category_hits[c][i]) * weight
 
     def compute(self) -> dict[str, Any]:
-        """Returns ``miou``, ``iiou_class``, ``iou_category``, ``iiou_category`` and the per-class/category dicts.
+        """Returns ``miou``, ``iiou_class``, ``iou_category``, ``iiou_category`` and per-class/category dicts.
 
         ``iou_per_class`` has the 19 classes, ``iiou_per_class`` the 8 instance classes, ``iou_per_category``
         the 7 categories and ``iiou_per_category`` human and vehicle; missing entries are NaN in the script.
@@ -244,21 +254,33 @@ class CityscapesMetric:
         }
 
     def _packed(self) -> np.ndarray:
-        return np.concatenate([
-            self.matrix.ravel().astype(np.float64),  # exact: counts stay far below 2**53
-            self._class_tp, self._class_fn, self._category_tp, self._category_fn,
-            [self.num_images, self.num_images_without_instances],
-        ])
+        return np.concatenate(
+            [
+                self.matrix.ravel().astype(np.float64),  # exact: counts stay far below 2**53
+                self._class_tp,
+                self._class_fn,
+                self._category_tp,
+                self._category_fn,
+                [self.num_images, self.num_images_without_instances],
+            ]
+        )
 
     def _unpack(self, packed: np.ndarray) -> None:
-        sizes = [NUM_LABEL_IDS**2, NUM_LABEL_IDS, NUM_LABEL_IDS, len(INSTANCE_CATEGORIES), len(INSTANCE_CATEGORIES), 2]
+        sizes = [
+            NUM_LABEL_IDS**2,
+            NUM_LABEL_IDS,
+            NUM_LABEL_IDS,
+            len(INSTANCE_CATEGORIES),
+            len(INSTANCE_CATEGORIES),
+            2,
+        ]
         matrix, class_tp, class_fn, cat_tp, cat_fn, counts = np.split(packed, np.cumsum(sizes)[:-1])
         self.matrix = np.rint(matrix).astype(np.int64).reshape(NUM_LABEL_IDS, NUM_LABEL_IDS)
         self._class_tp, self._class_fn = class_tp.copy(), class_fn.copy()
         self._category_tp, self._category_fn = cat_tp.copy(), cat_fn.copy()
-        self.num_images, self.num_images_without_instances = (int(round(v)) for v in counts)
+        self.num_images, self.num_images_without_instances = (round(v) for v in counts)
 
-    def merge(self, other: "CityscapesMetric") -> None:
+    def merge(self, other: CityscapesMetric) -> None:
         """Adds another metric's accumulated state (same ``avg_class_size`` assumed)."""
         self._unpack(self._packed() + other._packed())
 
@@ -277,6 +299,8 @@ class CityscapesMetric:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         packed = np.asarray(state.get("packed", ()), dtype=np.float64)
         if packed.shape != self._packed().shape:
-            raise CheckpointError("Cityscapes metric state has the wrong layout; save it with CityscapesMetric")
+            raise CheckpointError(
+                "Cityscapes metric state has the wrong layout; save it with CityscapesMetric"
+            )
         self.avg_class_size = dict(state.get("avg_class_size", self.avg_class_size))
         self._unpack(packed)

@@ -1,8 +1,8 @@
 """Confusion matrix accumulated on the device, with IoU / accuracy figures.
 
-Rows are ground-truth classes, columns are predicted classes. Pixels whose target is ``ignore_index`` or outside
-``[0, C)`` are skipped. A prediction outside ``[0, C)`` (e.g. 255 "no decision") on a valid pixel is kept in an
-extra, hidden column: it is a false negative of the true class and a false positive of nothing.
+Rows are ground-truth classes, columns are predicted classes. Pixels whose target is ``ignore_index`` or
+outside ``[0, C)`` are skipped. A prediction outside ``[0, C)`` (e.g. 255 "no decision") on a valid pixel is
+kept in an extra, hidden column: it is a false negative of the true class and a false positive of nothing.
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ class ConfusionMatrix:
         self.ignore_index = int(ignore_index)
         # Without an explicit device the counts follow the tensors given to update().
         self._follow_inputs = device is None
-        # Layout: C rows x (C + 1) columns (the last one = invalid predictions), then one trash bin that collects
-        # every skipped pixel. A fixed length lets the histogram run without knowing the data's range.
+        # Layout: C rows x (C + 1) columns (the last one = invalid predictions), then one trash bin that
+        # collects every skipped pixel. A fixed length lets the histogram run without the data's range.
         self._counts = torch.zeros(self._num_bins, dtype=torch.int64, device=device or "cpu")
 
     @property
@@ -94,17 +94,19 @@ class ConfusionMatrix:
             # A scatter-add into the fixed-size buffer is the same histogram without a host sync.
             self._counts.scatter_add_(0, bins, torch.ones_like(bins))
 
-    def merge(self, other: "ConfusionMatrix") -> None:
+    def merge(self, other: ConfusionMatrix) -> None:
         """Adds another matrix's counts (e.g. from a second evaluation pass or another worker)."""
         if other.num_classes != self.num_classes:
-            raise ValueError(f"cannot merge a {other.num_classes}-class matrix into a {self.num_classes}-class one")
+            raise ValueError(
+                f"cannot merge a {other.num_classes}-class matrix into a {self.num_classes}-class one"
+            )
         self._counts += other._counts.to(self.device)
 
     def all_reduce(self) -> None:
         """Sums the counts over all ranks; a no-op when torch.distributed is not initialised.
 
-        The official HRNet/OVeNet code divides the reduced matrix by the world size. The IoU ratios survive that,
-        but the counts become per-rank averages (and integer counts would be truncated), so we keep the sum.
+        The official HRNet/OVeNet code divides the reduced matrix by the world size. The IoU ratios survive
+        that, but the counts become per-rank averages (integer counts would be truncated); we keep the sum.
         Note that a DistributedSampler that pads the dataset still counts the duplicated samples twice.
         """
         if dist.is_available() and dist.is_initialized():
@@ -116,9 +118,9 @@ class ConfusionMatrix:
         - ``iou``: per class ``tp / (gt + pred - tp)``, NaN where the class is in neither ground truth nor
           prediction.
         - ``miou``: mean of ``iou`` over classes that are present (union > 0), the usual benchmark definition.
-        - ``miou_all``: mean over all C classes with absent ones counted as 0, as the official HRNet/OVeNet code
-          reports it (``tp / max(1, union)``). It is lower whenever a class never appears, e.g. on a small val
-          subset; the two agree when every class is present.
+        - ``miou_all``: mean over all C classes with absent ones counted as 0, as the official HRNet/OVeNet
+          code reports it (``tp / max(1, union)``). It is lower whenever a class never appears, e.g. on a
+          small val subset; the two agree when every class is present.
         - ``pixel_acc``: correct / valid pixels.
         - ``per_class_acc``: ``tp / gt`` per class, NaN where the class has no ground-truth pixel.
         - ``mean_acc``: mean of ``per_class_acc`` over classes with ground-truth pixels.
@@ -155,7 +157,8 @@ class ConfusionMatrix:
         expected = (self.num_classes, self.num_classes + 1)
         if state.get("num_classes") != self.num_classes or counts is None or tuple(counts.shape) != expected:
             raise CheckpointError(
-                f"confusion matrix state has num_classes={state.get('num_classes')}, expected {self.num_classes}; "
+                f"confusion matrix state has num_classes={state.get('num_classes')}, "
+                f"expected {self.num_classes}; "
                 "load it into a ConfusionMatrix built with the same num_classes"
             )
         self._counts.zero_()
