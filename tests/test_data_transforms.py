@@ -1,0 +1,146 @@
+"""TrainTransform / EvalTransform behaviour on small hand-built samples."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ovenet.data import EvalTransform, TrainTransform, denormalize, normalize
+from ovenet.data.transforms import CropParams
+
+# Distinct colours per class so a label can be read back from the image.
+COLOURS = np.array([(250, 10, 10), (10, 250, 10), (10, 10, 250), (250, 250, 10), (10, 250, 250)], dtype=np.uint8)
+
+
+def block_sample(height: int = 60, width: int = 90) -> dict:
+    """Labels in 15x15 blocks, image = the class colour: big uniform regions, known correspondence."""
+    rows, cols = np.meshgrid(np.arange(height) // 15, np.arange(width) // 15, indexing="ij")
+    label = ((rows * 3 + cols * 2) % len(COLOURS)).astype(np.uint8)
+    label[:5, :7] = 255  # some ignore pixels
+    image = COLOURS[np.where(label == 255, 0, label)]
+    return {"image": image, "label": label}
+
+
+def colour_to_class(image: torch.Tensor) -> np.ndarray:
+    pixels = denormalize(image).astype(np.int32)
+    distances = ((pixels[:, :, None, :] - COLOURS[None, None].astype(np.int32)) ** 2).sum(-1)
+    return distances.argmin(-1)
+
+
+def test_train_output_has_crop_shape_and_types():
+    random.seed(0)
+    transform = TrainTransform((32, 48), base_size=90, scale_range=(0.5, 2.0))
+    for _ in range(5):
+        out = transform(block_sample())
+        assert out["image"].shape == (3, 32, 48) and out["image"].dtype == torch.float32
+        assert out["label"].shape == (32, 48) and out["label"].dtype == torch.int64
+        assert set(out["label"].unique().tolist()) <= {0, 1, 2, 3, 4, 255}
+
+
+def test_train_image_and_label_stay_aligned_through_scale_crop_and_flip():
+    random.seed(1)
+    transform = TrainTransform((40, 40), base_size=90, scale_range=(0.7, 1.8))
+    flips = 0
+    for _ in range(10):
+        params = transform.sample_params(60, 90)
+        flips += params.flip
+        out = transform.apply(block_sample(), params)
+        label, predicted = out["label"].numpy(), colour_to_class(out["image"])
+        valid = label != 255
+        # Bilinear blends colours only on block borders; everywhere else the classes agree.
+        assert (predicted[valid] == label[valid]).mean() > 0.9
+    assert 0 < flips < 10
+
+
+def test_flip_mirrors_image_and_label_together():
+    sample = block_sample()
+    transform = TrainTransform((60, 90), scale_range=(1.0, 1.0))
+    out = transform.apply(sample, CropParams(60, 90, 0, 0, 60, 90, flip=True))
+    np.testing.assert_array_equal(out["label"].numpy(), sample["label"][:, ::-1])
+    np.testing.assert_array_equal(denormalize(out["image"]), sample["image"][:, ::-1])
+
+
+def test_crop_of_scaled_box_matches_full_resize_then_crop():
+    image = np.random.default_rng(0).integers(0, 256, (64, 128, 3), dtype=np.uint8)
+    label = np.random.default_rng(1).integers(0, 19, (64, 128), dtype=np.uint8)
+    transform = TrainTransform((48, 64), base_size=128)
+    rng = random.Random(3)
+    for _ in range(4):
+        params = transform.sample_params(64, 128, rng)
+        out = transform.apply({"image": image, "label": label}, params)
+        size = (params.scaled_w, params.scaled_h)
+        window = (slice(params.top, params.top + params.height), slice(params.left, params.left + params.width))
+        ref_image = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))[window]
+        # Nearest by pixel centres, like PIL NEAREST (which breaks exact ties the other way, hence no PIL here).
+        rows = ((np.arange(params.scaled_h) + 0.5) * 64 / params.scaled_h).astype(int)
+        cols = ((np.arange(params.scaled_w) + 0.5) * 128 / params.scaled_w).astype(int)
+        ref_label = label[rows[:, None], cols[None, :]][window]
+        if params.flip:
+            ref_image, ref_label = ref_image[:, ::-1], ref_label[:, ::-1]
+        got_image = denormalize(out["image"])[: params.height, : params.width].astype(int)
+        assert np.abs(got_image - ref_image).max() <= 2  # PIL fixed-point rounding
+        got_label = out["label"][: params.height, : params.width].numpy()
+        np.testing.assert_array_equal(got_label, ref_label)
+
+
+def test_image_smaller_than_crop_is_padded_with_ignore_and_zero():
+    sample = block_sample(20, 30)
+    out = TrainTransform((32, 40), scale_range=(1.0, 1.0), flip=False)(sample)
+    np.testing.assert_array_equal(out["label"][:20, :30].numpy(), sample["label"])
+    assert torch.all(out["label"][20:] == 255) and torch.all(out["label"][:, 30:] == 255)
+    assert torch.all(out["image"][:, 20:] == 0) and torch.all(out["image"][:, :, 30:] == 0)
+    np.testing.assert_array_equal(denormalize(out["image"][:, :20, :30]), sample["image"])
+
+
+def test_base_size_sets_the_long_side():
+    transform = TrainTransform((8, 8), base_size=200, scale_range=(1.5, 1.5))
+    params = transform.sample_params(60, 90)
+    assert (params.scaled_h, params.scaled_w) == (200, 300)
+    own_size = TrainTransform((8, 8), scale_range=(0.5, 0.5)).sample_params(60, 90)
+    assert (own_size.scaled_h, own_size.scaled_w) == (30, 45)
+
+
+def test_train_transform_is_reproducible_from_the_seed():
+    transform = TrainTransform((24, 24), base_size=90)
+    random.seed(7)
+    first = [transform(block_sample()) for _ in range(3)]
+    random.seed(7)
+    second = [transform(block_sample()) for _ in range(3)]
+    for a, b in zip(first, second):
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+
+
+def test_extra_maps_follow_the_geometry_with_their_own_padding():
+    sample = block_sample(20, 30)
+    sample["instance"] = (sample["label"].astype(np.int32) + 1) * 1000
+    out = TrainTransform((24, 32), scale_range=(1.0, 1.0), flip=False)(sample)
+    assert out["instance"].dtype == torch.int32
+    np.testing.assert_array_equal(out["instance"][:20, :30].numpy(), sample["instance"])
+    assert torch.all(out["instance"][20:] == 0)
+
+
+def test_normalize_uses_imagenet_statistics():
+    image = np.array([[[124, 116, 104], [255, 255, 255]]], dtype=np.uint8)
+    out = normalize(image)
+    expected = (np.array([[124, 116, 104], [255, 255, 255]]) / 255 - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]
+    np.testing.assert_allclose(out[:, 0].T.numpy(), expected, atol=1e-5)
+
+
+def test_eval_transform_resizes_image_only():
+    sample = block_sample(60, 90)
+    plain = EvalTransform()(sample)
+    np.testing.assert_array_equal(denormalize(plain["image"]), sample["image"])
+    resized = EvalTransform(resize_short=30)(sample)
+    assert resized["image"].shape == (3, 30, 45)
+    assert resized["label"].shape == (60, 90)  # metrics stay at annotation resolution
+    assert EvalTransform(size_divisor=32)(sample)["image"].shape == (3, 64, 96)
+
+
+@pytest.mark.parametrize("kwargs", [{"crop_size": (0, 8)}, {"crop_size": (8, 8), "scale_range": (2.0, 1.0)}])
+def test_bad_train_settings_raise(kwargs):
+    with pytest.raises(ValueError):
+        TrainTransform(**kwargs)
