@@ -2,13 +2,16 @@
 
 Conventions: logits are ``B x C x H x W``; offsets are ``B x 2 x H x W`` in normalised image coordinates
 (channel 0 = x, channel 1 = y, the range [-1, 1] spanning the first to the last pixel centre); the confidence is
-``B x 1 x H x W`` in [0, 1]. The base grid is built with ``torch.arange`` on the input's device, so it costs no
-host sync and stays dynamic in ONNX export.
+``B x 1 x H x W`` in [0, 1].
 
-``align_corners`` selects the sampling convention. ``True`` ("exact") reads pixel p itself at zero offset, so
-S_s == S_i when o == 0. ``False`` reproduces the official code on PyTorch >= 1.3: its grid is built for
-align_corners=True but sampled with the default False, which stretches the read position outward by up to half
-a pixel (the identity only under PyTorch 1.1, where the authors trained).
+The seed positions are sampled by a small gather-based bilinear sampler instead of ``F.grid_sample``: it works in
+pixel units, so a zero offset reads exactly the pixel itself (grid_sample's normalise/unnormalise round trip is
+off by ~1e-7), and it exports to ONNX at any opset with dynamic height and width.
+
+``align_corners`` selects the convention. ``True`` ("exact") reads pixel p itself at zero offset, so S_s == S_i
+when o == 0. ``False`` reproduces the official code on PyTorch >= 1.3: its grid is built for align_corners=True
+but sampled with the default False, which stretches the read position outward by up to half a pixel (the
+identity only under PyTorch 1.1, where the authors trained).
 """
 
 from __future__ import annotations
@@ -18,29 +21,54 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def base_grid(height: int, width: int, like: Tensor) -> Tensor:
-    """Normalised pixel-centre coordinates, ``1 x H x W x 2`` (x, y), first/last pixel at -1/+1."""
-    xs = torch.arange(width, device=like.device, dtype=like.dtype) * (2.0 / max(width - 1, 1)) - 1.0
-    ys = torch.arange(height, device=like.device, dtype=like.dtype) * (2.0 / max(height - 1, 1)) - 1.0
-    return torch.stack([xs.expand(height, width), ys.unsqueeze(1).expand(height, width)], dim=-1).unsqueeze(0)
+def seed_positions(offsets: Tensor, align_corners: bool = True) -> tuple[Tensor, Tensor]:
+    """Pixel coordinates (x, y), each ``B x H x W``, of the seeds p + o(p), clamped to the image (border).
+
+    Positions are built from ``torch.arange`` on the offsets' device: no host sync, and dynamic in ONNX export.
+    """
+    h, w = offsets.shape[-2:]
+    cols = torch.arange(w, device=offsets.device, dtype=offsets.dtype).view(1, 1, w)
+    rows = torch.arange(h, device=offsets.device, dtype=offsets.dtype).view(1, h, 1)
+    if align_corners:
+        # Exact: normalised -1..1 spans pixel centres 0..size-1, so o == 0 gives p itself, bit for bit.
+        px = cols + offsets[:, 0] * ((w - 1) / 2)
+        py = rows + offsets[:, 1] * ((h - 1) / 2)
+    else:
+        # Official on PyTorch >= 1.3: grid 2j/(W-1) - 1 (+ o, clamped to [-1, 1]) unnormalised as align_corners=False.
+        gx = (cols * (2.0 / max(w - 1, 1)) - 1.0 + offsets[:, 0]).clamp(-1.0, 1.0)
+        gy = (rows * (2.0 / max(h - 1, 1)) - 1.0 + offsets[:, 1]).clamp(-1.0, 1.0)
+        px = ((gx + 1.0) * w - 1.0) / 2.0
+        py = ((gy + 1.0) * h - 1.0) / 2.0
+    return px.clamp(0, w - 1), py.clamp(0, h - 1)
 
 
-def seed_grid(offsets: Tensor, clamp: bool = True) -> Tensor:
-    """Sampling positions p + o(p) as a ``B x H x W x 2`` grid (clamped to the image, as the official code)."""
-    grid = base_grid(offsets.shape[-2], offsets.shape[-1], offsets) + offsets.permute(0, 2, 3, 1)
-    return grid.clamp(-1.0, 1.0) if clamp else grid
+def _gather(values: Tensor, x: Tensor, y: Tensor) -> Tensor:
+    """values[b, :, y, x] for integer index maps ``B x H x W``; result ``B x C x H x W``."""
+    b, c, h, w = values.shape
+    index = (y * w + x).flatten(1).unsqueeze(1).expand(b, c, -1)
+    return values.flatten(2).gather(2, index).view(b, c, *x.shape[1:])
 
 
-def resample(values: Tensor, grid: Tensor, align_corners: bool = True) -> Tensor:
-    """Eq. 2-3: C_s(p) = C(p + o(p)), bilinear with border padding."""
-    return F.grid_sample(values, grid.to(values.dtype), mode="bilinear", padding_mode="border",
-                         align_corners=align_corners)
+def sample_bilinear(values: Tensor, px: Tensor, py: Tensor) -> Tensor:
+    """Bilinear interpolation of ``values`` at pixel positions inside the image (differentiable in px, py)."""
+    h, w = values.shape[-2:]
+    x0, y0 = px.floor(), py.floor()
+    wx, wy = (px - x0).unsqueeze(1).to(values.dtype), (py - y0).unsqueeze(1).to(values.dtype)
+    x0, y0 = x0.long(), y0.long()
+    x1, y1 = (x0 + 1).clamp(max=w - 1), (y0 + 1).clamp(max=h - 1)
+    top = _gather(values, x0, y0) * (1 - wx) + _gather(values, x1, y0) * wx
+    bottom = _gather(values, x0, y1) * (1 - wx) + _gather(values, x1, y1) * wx
+    return top * (1 - wy) + bottom * wy
 
 
-def refine_offsets(offsets: Tensor, grid: Tensor, align_corners: bool = True) -> Tensor:
+def resample(values: Tensor, offsets: Tensor, align_corners: bool = True) -> Tensor:
+    """Eq. 2-3: C_s(p) = C(p + o(p)), bilinear, border padding (sizes of values and offsets agree)."""
+    return sample_bilinear(values, *seed_positions(offsets, align_corners))
+
+
+def refine_offsets(offsets: Tensor, align_corners: bool = True) -> Tensor:
     """One iterative-refinement step (official ITERATIVE_REFINEMENT): o <- o(p) + o(p + o(p))."""
-    return offsets + F.grid_sample(offsets, grid.to(offsets.dtype), mode="bilinear", padding_mode="zeros",
-                                   align_corners=align_corners)
+    return offsets + resample(offsets, offsets, align_corners)
 
 
 def fuse(initial: Tensor, seed: Tensor, confidence: Tensor) -> Tensor:
@@ -54,14 +82,11 @@ def semantic_loss(loss_final: Tensor, loss_seed: Tensor, loss_initial: Tensor, k
     return loss_final + kappa * loss_seed + lam * loss_initial
 
 
-def seed_labels(offsets: Tensor, target: Tensor, ignore_index: int = 255) -> Tensor:
+def seed_labels(offsets: Tensor, target: Tensor) -> Tensor:
     """H(p + o(p)) at label resolution: nearest sampling, so no gradient reaches the offsets."""
-    h, w = target.shape[-2:]
-    off = F.interpolate(offsets.float(), size=(h, w), mode="bilinear", align_corners=True)
-    grid = seed_grid(off)
-    picked = F.grid_sample(target.unsqueeze(1).float(), grid, mode="nearest", padding_mode="border",
-                           align_corners=True)
-    return picked.squeeze(1).long()
+    off = F.interpolate(offsets.float(), size=target.shape[-2:], mode="bilinear", align_corners=True)
+    px, py = seed_positions(off, align_corners=True)
+    return _gather(target.unsqueeze(1), px.round().long(), py.round().long()).squeeze(1)
 
 
 def confidence_loss(confidence: Tensor, offsets: Tensor, target: Tensor, ignore_index: int = 255) -> Tensor:
@@ -71,7 +96,7 @@ def confidence_loss(confidence: Tensor, offsets: Tensor, target: Tensor, ignore_
     """
     h, w = target.shape[-2:]
     conf = F.interpolate(confidence.float(), size=(h, w), mode="bilinear", align_corners=True).squeeze(1)
-    seed = seed_labels(offsets.detach(), target, ignore_index)
+    seed = seed_labels(offsets.detach(), target)
     valid = (target != ignore_index) & (seed != ignore_index)
     agree = (seed == target).float()
     eps = 1e-7
@@ -86,10 +111,11 @@ def confidence_loss_official(confidence: Tensor, offsets: Tensor, target: Tensor
     h, w = target.shape[-2:]
     conf = F.interpolate(confidence.float(), size=(h, w), mode="bilinear", align_corners=False).squeeze(1)
     off = F.interpolate(offsets.float(), size=(h, w), mode="bilinear", align_corners=False)
-    labels = target.masked_fill(target == ignore_index, 0).float().unsqueeze(1)
-    picked = F.grid_sample(labels, seed_grid(off, clamp=False), mode="nearest", padding_mode="border",
-                           align_corners=False)
-    agree = (picked == labels).squeeze(1)
+    labels = target.masked_fill(target == ignore_index, 0)
+    # The official grid is not clamped here, but border padding clips the read position the same way.
+    px, py = seed_positions(off, align_corners=False)
+    picked = _gather(labels.unsqueeze(1), px.round().long(), py.round().long()).squeeze(1)
+    agree = picked == labels
     eps = 1e-7
     per_pixel = torch.where(agree, -torch.log(conf + eps), -torch.log(1.0 - conf + eps))
     return per_pixel.sum() / (h * w)

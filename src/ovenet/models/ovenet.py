@@ -144,10 +144,8 @@ class OVeNet(nn.Module):
         raw = self.offset_head(concat_resolutions(branch_feats, self.align_corners)).float()
         offsets = torch.tanh(raw[:, 0:2]) * self.tau
         confidence = torch.sigmoid(raw[:, 2:3])
-        grid = method.seed_grid(offsets)
         for _ in range(self.cfg.offset.iterative_refinement):
-            offsets = method.refine_offsets(offsets, grid, self.sampling_align_corners)
-            grid = method.seed_grid(offsets)
+            offsets = method.refine_offsets(offsets, self.sampling_align_corners)
 
         out = SegOutput(logits_initial=logits, logits_final=logits, offsets=offsets, confidence=confidence)
         for name, initial in (("logits", logits), ("aux_logits", aux)):
@@ -156,11 +154,11 @@ class OVeNet(nn.Module):
             if self.cfg.offset.fusion == "probs":
                 # Eq. 3 with h = softmax; log-probabilities are returned so that downstream CE/argmax still apply.
                 probs = torch.softmax(initial.float(), dim=1)
-                seed = method.resample(probs, grid, self.sampling_align_corners)
+                seed = method.resample(probs, offsets, self.sampling_align_corners)
                 final = method.fuse(probs, seed, confidence)
                 initial, seed, final = (torch.log(p.clamp_min(1e-8)) for p in (probs, seed, final))
             else:
-                seed = method.resample(initial, grid, self.sampling_align_corners)
+                seed = method.resample(initial, offsets, self.sampling_align_corners)
                 final = method.fuse(initial, seed, confidence.to(initial.dtype))
             setattr(out, f"{name}_initial", initial)
             setattr(out, f"{name}_seed", seed)

@@ -1,0 +1,26 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip(f"{SHARED} is absent (it holds the reference data and fixtures; CI has it)")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def official_fixture(shared_dir):
+    path = shared_dir / "fixtures" / "official_ovenet_ocr_tiny.pt"
+    if not path.is_file():
+        pytest.skip(f"{path} is absent")
+    return torch.load(path, weights_only=True)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
