@@ -1,0 +1,354 @@
+"""Test-time inference: whole image or sliding window, multi-scale and flip, and the Python ``predict`` API.
+
+How passes are combined (:func:`infer_logits`):
+
+- Inside one pass (one scale, one flip state) overlapping sliding windows average their *logits* through a
+  count map, as the official code and mmsegmentation do.
+- Passes (scales x flips) are combined by averaging *softmax probabilities* at the output size. The returned
+  ``logits`` are the raw logits for a single pass and ``log(mean probability)`` otherwise, so
+  ``softmax(logits)`` is always the averaged probability and ``argmax`` the prediction.
+- The official OVeNet/HRNet test code instead averaged the logits of the plain and flipped pass, took ``exp``
+  of that and summed over scales. Both are monotone mixtures of the same passes; the probability average is
+  the standard, scale-free choice (``exp`` of raw logits is not a probability) and rarely changes the argmax.
+
+Offsets are normalised image coordinates (x, y), so they survive resizing unchanged; a flipped pass negates the
+x component, and a sliding window's offsets (normalised to the window) are rescaled to the whole image. The
+returned offsets/confidence are the plain means over passes, meant for visualisation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+
+from ovenet.errors import OvenetError
+
+# The six test scales of the paper's Cityscapes/ADE20K results (used with flip).
+PAPER_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+OUTPUTS = ("final", "initial", "seed")
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _pair(value: Union[int, Sequence[int]], name: str) -> tuple[int, int]:
+    if isinstance(value, int):
+        value = (value, value)
+    if len(value) != 2 or any(int(v) < 1 for v in value):
+        raise OvenetError(f"{name} must be [height, width] with positive sides, got {value}")
+    return int(value[0]), int(value[1])
+
+
+def window_starts(size: int, crop: int, stride: int) -> list[int]:
+    """Start offsets of sliding windows along one axis; the last window is shifted to end at the border."""
+    if size <= crop:
+        return [0]
+    return list(range(0, size - crop, stride)) + [size - crop]
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision not in PRECISIONS:
+        raise OvenetError(f"precision '{precision}' is unknown; use one of {', '.join(PRECISIONS)}")
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _forward(model: nn.Module, x: Tensor, output: str, precision: str) -> tuple[Tensor, Optional[Tensor],
+                                                                                 Optional[Tensor]]:
+    """Logits of the chosen output, offsets and confidence at 1/4 resolution, all float32."""
+    with _autocast(x.device, precision):
+        out = model(x)
+    logits = getattr(out, f"logits_{output}")
+    if logits is None:
+        raise OvenetError(f"output '{output}' does not exist for this model (no offset head); use output='final'")
+    offsets = None if out.offsets is None else out.offsets.float()
+    confidence = None if out.confidence is None else out.confidence.float()
+    return logits.float(), offsets, confidence
+
+
+def _upsample(x: Tensor, size: tuple[int, int], align_corners: bool) -> Tensor:
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=align_corners)
+
+
+def _slide(model: nn.Module, image: Tensor, crop: tuple[int, int], stride: tuple[int, int], output: str,
+           precision: str, align_corners: bool) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """One sliding-window pass over ``image``; outputs at the image's own size."""
+    batch, _, height, width = image.shape
+    # Images smaller than the crop are padded (bottom/right, with 0 = the mean colour after normalisation).
+    pad_h, pad_w = max(crop[0] - height, 0), max(crop[1] - width, 0)
+    if pad_h or pad_w:
+        image = F.pad(image, (0, pad_w, 0, pad_h))
+    full_h, full_w = image.shape[-2:]
+    logits_sum = offsets_sum = confidence_sum = None
+    count = image.new_zeros((1, 1, full_h, full_w))
+    for top in window_starts(full_h, crop[0], stride[0]):
+        for left in window_starts(full_w, crop[1], stride[1]):
+            window = image[:, :, top:top + crop[0], left:left + crop[1]]
+            win_h, win_w = window.shape[-2:]
+            logits, offsets, confidence = _forward(model, window, output, precision)
+            region = (slice(None), slice(None), slice(top, top + win_h), slice(left, left + win_w))
+            if logits_sum is None:
+                logits_sum = image.new_zeros((batch, logits.shape[1], full_h, full_w))
+                if offsets is not None:
+                    offsets_sum = image.new_zeros((batch, 2, full_h, full_w))
+                    confidence_sum = image.new_zeros((batch, 1, full_h, full_w))
+            logits_sum[region] += _upsample(logits, (win_h, win_w), align_corners)
+            if offsets is not None:
+                # Normalised to the window -> normalised to the (padded) image: lengths scale by the size ratio.
+                ratio = offsets.new_tensor([(win_w - 1) / max(full_w - 1, 1), (win_h - 1) / max(full_h - 1, 1)])
+                offsets_sum[region] += _upsample(offsets, (win_h, win_w), align_corners) * ratio.view(1, 2, 1, 1)
+                confidence_sum[region] += _upsample(confidence, (win_h, win_w), align_corners)
+            count[region] += 1
+    crop_back = (slice(None), slice(None), slice(0, height), slice(0, width))
+    logits = (logits_sum / count)[crop_back]
+    if offsets_sum is None:
+        return logits, None, None
+    offsets = (offsets_sum / count)[crop_back]
+    if pad_h or pad_w:  # back from the padded image's normalisation to the real image's
+        offsets = offsets * offsets.new_tensor([(full_w - 1) / max(width - 1, 1),
+                                                (full_h - 1) / max(height - 1, 1)]).view(1, 2, 1, 1)
+    return logits, offsets, (confidence_sum / count)[crop_back]
+
+
+@torch.no_grad()
+def infer_logits(
+    model: nn.Module,
+    image: Tensor,
+    mode: str = "whole",
+    crop_size: Optional[Sequence[int]] = None,
+    stride: Optional[Sequence[int]] = None,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    output: str = "final",
+    size: Optional[Sequence[int]] = None,
+    precision: str = "fp32",
+) -> dict[str, Optional[Tensor]]:
+    """Segment a normalised batch ``[B, 3, H, W]``; see the module docstring for how passes are combined.
+
+    ``mode`` "whole" feeds each scaled image at once; "slide" runs windows of ``crop_size`` (h, w) with
+    ``stride`` (default 2/3 of the crop). ``output`` picks S_f ("final"), S_i ("initial") or S_s ("seed").
+    Returns ``{"logits": [B, C, h, w], "offsets": [B, 2, h, w] | None, "confidence": [B, 1, h, w] | None}`` at
+    ``size`` (default the input's ``H, W``). The caller sets eval mode.
+    """
+    if image.dim() != 4 or image.shape[1] != 3:
+        raise OvenetError(f"image must be a normalised [B, 3, H, W] tensor, got shape {tuple(image.shape)}")
+    if mode not in ("whole", "slide"):
+        raise OvenetError(f"inference mode '{mode}' is unknown; use 'whole' or 'slide'")
+    if output not in OUTPUTS:
+        raise OvenetError(f"output '{output}' is unknown; use one of {', '.join(OUTPUTS)}")
+    scales = [float(s) for s in scales]
+    if not scales or any(not (s > 0 and math.isfinite(s)) for s in scales):
+        raise OvenetError(f"scales must be a non-empty list of positive numbers, got {scales}")
+    height, width = image.shape[-2:]
+    out_size = (height, width) if size is None else _pair(size, "size")
+    if mode == "slide":
+        if crop_size is None:
+            raise OvenetError("sliding-window inference needs crop_size [height, width] (eval.crop_size)")
+        crop = _pair(crop_size, "crop_size")
+        strides = (max(1, crop[0] * 2 // 3), max(1, crop[1] * 2 // 3)) if stride is None else _pair(stride, "stride")
+    align = bool(getattr(model, "align_corners", True))
+
+    passes = [(s, f) for s in scales for f in ((False, True) if flip else (False,))]
+    prob_sum = logits_single = offsets_sum = confidence_sum = None
+    for scale, flipped in passes:
+        x = image
+        if scale != 1.0:
+            scaled = (max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5)))
+            # Resizing the input image follows PIL/OpenCV (half-pixel centres), as the official test code did.
+            x = F.interpolate(x, size=scaled, mode="bilinear", align_corners=False)
+        if flipped:
+            x = x.flip(-1)
+        if mode == "slide":
+            logits, offsets, confidence = _slide(model, x, crop, strides, output, precision, align)
+        else:
+            logits, offsets, confidence = _forward(model, x, output, precision)
+        logits = _upsample(logits, out_size, align)
+        if flipped:
+            logits = logits.flip(-1)
+        if offsets is not None:
+            offsets = _upsample(offsets, out_size, align)
+            confidence = _upsample(confidence, out_size, align)
+            if flipped:
+                # Mirroring the image mirrors the vector field: flip the map and negate its x component.
+                offsets = offsets.flip(-1) * offsets.new_tensor([-1.0, 1.0]).view(1, 2, 1, 1)
+                confidence = confidence.flip(-1)
+            offsets_sum = offsets if offsets_sum is None else offsets_sum + offsets
+            confidence_sum = confidence if confidence_sum is None else confidence_sum + confidence
+        if len(passes) == 1:
+            logits_single = logits
+        else:
+            probs = torch.softmax(logits, dim=1)
+            prob_sum = probs if prob_sum is None else prob_sum + probs
+
+    if logits_single is not None:
+        logits = logits_single
+    else:
+        logits = torch.log((prob_sum / len(passes)).clamp_min(1e-12))
+    n = len(passes)
+    return {
+        "logits": logits,
+        "offsets": None if offsets_sum is None else offsets_sum / n,
+        "confidence": None if confidence_sum is None else confidence_sum / n,
+    }
+
+
+# --- the Python predict API ---------------------------------------------------------------------------------------
+
+@dataclass
+class Prediction:
+    """One image's result, at the input image's size.
+
+    ``labels``: HxW class indices (uint8 when the model has <= 256 classes, else int64).
+    ``probs`` / ``logits``: CxHxW float32, only when requested. ``offsets``: 2xHxW float32 in normalised image
+    coordinates (x, y; [-1, 1] spans the image) and ``confidence``: HxW float32 in [0, 1], for OVeNet only.
+    """
+
+    labels: np.ndarray
+    probs: Optional[np.ndarray] = None
+    logits: Optional[np.ndarray] = None
+    offsets: Optional[np.ndarray] = None
+    confidence: Optional[np.ndarray] = None
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return int(self.labels.shape[0]), int(self.labels.shape[1])
+
+
+ImageInput = Union[str, Path, Image.Image, np.ndarray, Tensor]
+
+
+def _describe(obj: Any) -> str:
+    shape = getattr(obj, "shape", None)
+    return f"{type(obj).__name__}" + (f" of shape {tuple(shape)} and dtype {obj.dtype}" if shape is not None else "")
+
+
+def to_float_image(image: ImageInput) -> Tensor:
+    """Any supported single image -> float32 ``[3, H, W]`` RGB in [0, 1] (not yet normalised)."""
+    if isinstance(image, (str, Path)):
+        from ovenet.data.base import read_image  # DataError naming the file when missing or corrupt
+
+        image = read_image(image)
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    if isinstance(image, np.ndarray):
+        array = image
+        if array.ndim == 2:
+            array = np.repeat(array[..., None], 3, axis=2)
+        if array.ndim != 3 or array.shape[2] not in (3, 4):
+            raise OvenetError(f"numpy images must be HxWx3 (RGB) or HxW, got {_describe(image)}")
+        array = np.ascontiguousarray(array[..., :3])
+        if array.dtype == np.uint8:
+            return torch.from_numpy(array).permute(2, 0, 1).float().div_(255.0)
+        if array.dtype.kind == "f":
+            return _checked_unit_range(torch.from_numpy(array).permute(2, 0, 1).float(), image)
+        raise OvenetError(f"numpy images must be uint8 (0-255) or float (0-1), got {_describe(image)}")
+    if isinstance(image, Tensor):
+        tensor = image.detach()
+        if tensor.dim() != 3 or tensor.shape[0] != 3:
+            raise OvenetError(f"tensor images must be [3, H, W] RGB, got {_describe(image)}")
+        if tensor.dtype == torch.uint8:
+            return tensor.float().div_(255.0)
+        if tensor.is_floating_point():
+            return _checked_unit_range(tensor.float(), image)
+        raise OvenetError(f"tensor images must be uint8 (0-255) or float (0-1), got {_describe(image)}")
+    raise OvenetError(f"cannot read an image from {_describe(image)}; pass a path, PIL image, HxWx3 uint8 array "
+                      "or a [3, H, W] tensor")
+
+
+def _checked_unit_range(tensor: Tensor, original: Any) -> Tensor:
+    if tensor.numel() and (float(tensor.min()) < -1e-3 or float(tensor.max()) > 1 + 1e-3):
+        raise OvenetError(f"float images must hold values in [0, 1] (got {float(tensor.min()):.3g}.."
+                          f"{float(tensor.max()):.3g} in a {_describe(original)}); pass uint8 for 0-255 data and do "
+                          "not normalise it yourself")
+    return tensor
+
+
+def normalize_image(image: Tensor) -> Tensor:
+    """ImageNet mean/std normalisation of ``[..., 3, H, W]`` values in [0, 1]."""
+    mean = image.new_tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = image.new_tensor(IMAGENET_STD).view(3, 1, 1)
+    return (image - mean) / std
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def predict(
+    model: nn.Module,
+    image: Union[ImageInput, Sequence[ImageInput]],
+    device: Union[str, torch.device, None] = None,
+    precision: str = "fp32",
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    mode: str = "whole",
+    batch_size: int = 4,
+    crop_size: Optional[Sequence[int]] = None,
+    stride: Optional[Sequence[int]] = None,
+    output: str = "final",
+    return_probs: bool = False,
+    return_logits: bool = False,
+) -> Union[Prediction, list[Prediction]]:
+    """Segment one image (-> :class:`Prediction`) or a list of images / a ``[B, 3, H, W]`` tensor (-> list).
+
+    Images may be paths, PIL images, HxWx3 uint8 arrays or ``[3, H, W]`` tensors (uint8, or float in [0, 1]);
+    the ImageNet normalisation is done here. Same-size images run ``batch_size`` at a time. ``device`` moves the
+    model there (default: where the model is). The model's train/eval mode is restored afterwards.
+    """
+    batched = isinstance(image, (list, tuple)) or (isinstance(image, Tensor) and image.dim() == 4)
+    items = list(image) if batched else [image]
+    if batch_size < 1:
+        raise OvenetError(f"batch_size must be >= 1, got {batch_size}")
+    if device is not None:
+        model.to(device)
+    device = _model_device(model)
+    if mode == "slide" and crop_size is None:
+        cfg = getattr(model, "config", None)
+        crop_size = cfg.eval.crop_size if cfg is not None else None
+    with_outputs = return_probs or return_logits
+
+    was_training = model.training
+    model.eval()
+    results: list[Optional[Prediction]] = [None] * len(items)
+    try:
+        with torch.inference_mode():
+            images = [to_float_image(item) for item in items]
+            start = 0
+            while start < len(images):
+                # Group consecutive same-size images into one batch.
+                end = start + 1
+                while end < len(images) and end - start < batch_size and images[end].shape == images[start].shape:
+                    end += 1
+                batch = normalize_image(torch.stack(images[start:end]).to(device))
+                out = infer_logits(model, batch, mode=mode, crop_size=crop_size, stride=stride, scales=scales,
+                                   flip=flip, output=output, precision=precision)
+                labels = out["logits"].argmax(dim=1)
+                labels = labels.to(torch.uint8 if out["logits"].shape[1] <= 256 else torch.int64).cpu().numpy()
+                logits = out["logits"].cpu() if with_outputs else None
+                for k in range(end - start):
+                    results[start + k] = Prediction(
+                        labels=labels[k],
+                        probs=torch.softmax(logits[k], dim=0).numpy() if return_probs else None,
+                        logits=logits[k].numpy() if return_logits else None,
+                        offsets=None if out["offsets"] is None else out["offsets"][k].cpu().numpy(),
+                        confidence=None if out["confidence"] is None else out["confidence"][k, 0].cpu().numpy(),
+                    )
+                start = end
+    finally:
+        model.train(was_training)
+    return results if batched else results[0]

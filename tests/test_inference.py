@@ -1,0 +1,171 @@
+"""infer_logits: whole vs sliding window, window placement, flip equivariance, multi-scale combination."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from ovenet.config import ModelConfig
+from ovenet.engine.inference import PAPER_SCALES, infer_logits, window_starts
+from ovenet.errors import OvenetError
+from ovenet.models import build_model
+
+
+def lively(model: nn.Module, seed: int = 0) -> nn.Module:
+    """He-initialise every conv and rescale the class/offset output convs to unit std, so that a random tiny model
+    gives spatially varied logits, offsets of visible length and confidences away from 0/1."""
+    g = torch.Generator().manual_seed(seed)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    for conv in convs:
+        conv.weight.data = torch.randn(conv.weight.shape, generator=g) * (2.0 / conv.weight[0].numel()) ** 0.5
+    x = torch.randn(1, 3, 64, 96, generator=g)
+    for conv in convs:
+        if conv.out_channels in (model.num_classes, 3):
+            seen = {}
+            hook = conv.register_forward_hook(lambda m, i, o: seen.update(std=o.std()))  # returns None: keeps o
+            with torch.no_grad():
+                model(x)
+            hook.remove()
+            conv.weight.data /= seen["std"]
+            if conv.bias is not None:
+                conv.bias.data.zero_()
+    return model.eval()
+
+
+def tiny(ovenet: bool = True, head: str = "ocr") -> nn.Module:
+    cfg = ModelConfig(arch="hrnetv2_w18_small_v1", head=head, num_classes=5, ocr_mid_channels=16, ocr_key_channels=8)
+    cfg.offset.enabled = ovenet
+    torch.manual_seed(0)
+    return lively(build_model(cfg))
+
+
+@pytest.fixture(scope="module")
+def ovenet_model():
+    return tiny(True)
+
+
+@pytest.fixture(scope="module")
+def image():
+    return torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(1))
+
+
+class PixelModel(nn.Module):
+    """A per-pixel model at full resolution: its output at a pixel depends on that pixel only, so any window
+    layout must reproduce the whole-image result exactly. Offsets are a constant (0.1, -0.2) per window."""
+
+    align_corners = True
+    num_classes = 4
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        logits = self.conv(x)
+        offsets = x.new_tensor([0.1, -0.2]).view(1, 2, 1, 1).expand(x.shape[0], 2, *x.shape[-2:])
+        conf = torch.sigmoid(x[:, :1])
+        return SimpleNamespace(logits_final=logits, logits_initial=logits, logits_seed=None, offsets=offsets,
+                               confidence=conf)
+
+
+def test_window_starts_cover_the_axis_and_end_at_the_border():
+    assert window_starts(100, 64, 43) == [0, 36]
+    assert window_starts(150, 64, 43) == [0, 43, 86]
+    assert window_starts(64, 64, 43) == [0]
+    assert window_starts(50, 64, 43) == [0]  # smaller than the crop: one (padded) window
+
+
+def test_slide_on_an_image_of_crop_size_equals_whole(ovenet_model, image):
+    whole = infer_logits(ovenet_model, image)
+    slide = infer_logits(ovenet_model, image, mode="slide", crop_size=(64, 96))
+    for key in ("logits", "offsets", "confidence"):
+        assert slide[key].shape == whole[key].shape
+        torch.testing.assert_close(slide[key], whole[key], rtol=0, atol=1e-6)
+    assert whole["logits"].shape == (1, 5, 64, 96)
+    assert whole["offsets"].shape == (1, 2, 64, 96) and whole["confidence"].shape == (1, 1, 64, 96)
+
+
+@pytest.mark.parametrize("size,crop,stride", [((64, 96), (32, 40), (20, 25)), ((30, 50), (40, 64), None),
+                                              ((70, 45), (32, 64), (16, 30))])
+def test_slide_windows_padding_and_count_map_reproduce_a_per_pixel_model(size, crop, stride):
+    torch.manual_seed(0)
+    model = PixelModel().eval()
+    x = torch.randn(2, 3, *size)
+    whole = infer_logits(model, x)
+    slide = infer_logits(model, x, mode="slide", crop_size=crop, stride=stride)
+    torch.testing.assert_close(slide["logits"], whole["logits"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(slide["confidence"], whole["confidence"], rtol=0, atol=1e-6)
+
+
+def test_slide_rescales_window_offsets_to_image_coordinates():
+    model = PixelModel().eval()
+    x = torch.randn(1, 3, 64, 96)
+    # Two windows side by side, 48 px wide each: an x offset of 0.1 window-widths is 0.1 * 47 / 95 image-widths.
+    out = infer_logits(model, x, mode="slide", crop_size=(64, 48), stride=(64, 48))
+    torch.testing.assert_close(out["offsets"][0, 0], torch.full((64, 96), 0.1 * 47 / 95))
+    torch.testing.assert_close(out["offsets"][0, 1], torch.full((64, 96), -0.2))
+    # A window larger than the image pads it; offsets come back in the real image's coordinates.
+    out = infer_logits(model, x[:, :, :40, :60], mode="slide", crop_size=(64, 96))
+    torch.testing.assert_close(out["offsets"][0, 0], torch.full((40, 60), 0.1 * 95 / 59))
+    torch.testing.assert_close(out["offsets"][0, 1], torch.full((40, 60), -0.2 * 63 / 39))
+
+
+def test_flip_averages_probabilities_of_the_plain_and_mirrored_pass(ovenet_model, image):
+    plain = infer_logits(ovenet_model, image)
+    mirrored = infer_logits(ovenet_model, image.flip(-1))
+    both = infer_logits(ovenet_model, image, flip=True)
+    expected = (plain["logits"].softmax(1) + mirrored["logits"].flip(-1).softmax(1)) / 2
+    torch.testing.assert_close(both["logits"].softmax(1), expected, rtol=0, atol=1e-6)
+    sign = torch.tensor([-1.0, 1.0]).view(1, 2, 1, 1)
+    expected_offsets = (plain["offsets"] + mirrored["offsets"].flip(-1) * sign) / 2
+    torch.testing.assert_close(both["offsets"], expected_offsets, rtol=0, atol=1e-6)
+    assert plain["offsets"].abs().mean() > 0.01  # the check above is not vacuous
+
+
+def test_flip_averaged_prediction_is_flip_equivariant(ovenet_model, image):
+    out = infer_logits(ovenet_model, image, flip=True)
+    out_mirrored = infer_logits(ovenet_model, image.flip(-1), flip=True)
+    torch.testing.assert_close(out_mirrored["logits"], out["logits"].flip(-1), rtol=0, atol=1e-5)
+    torch.testing.assert_close(out_mirrored["confidence"], out["confidence"].flip(-1), rtol=0, atol=1e-6)
+    # Mirroring the image mirrors the vector field: x components change sign, y components do not.
+    torch.testing.assert_close(out_mirrored["offsets"][:, 0], -out["offsets"][:, 0].flip(-1), rtol=0, atol=1e-6)
+    torch.testing.assert_close(out_mirrored["offsets"][:, 1], out["offsets"][:, 1].flip(-1), rtol=0, atol=1e-6)
+
+
+def test_multi_scale_is_the_mean_of_per_scale_probabilities(ovenet_model, image):
+    combined = infer_logits(ovenet_model, image, scales=PAPER_SCALES, flip=True)
+    assert combined["logits"].shape == (1, 5, 64, 96)
+    assert combined["offsets"].shape == (1, 2, 64, 96)
+    per_scale = [infer_logits(ovenet_model, image, scales=(s,), flip=True)["logits"].softmax(1) for s in PAPER_SCALES]
+    torch.testing.assert_close(combined["logits"].softmax(1), torch.stack(per_scale).mean(0), rtol=0, atol=1e-5)
+    assert not torch.allclose(per_scale[0], per_scale[-1], atol=1e-3)  # the scales really differ
+
+
+def test_multi_scale_slide_and_output_size(ovenet_model):
+    x = torch.randn(2, 3, 67, 101)
+    out = infer_logits(ovenet_model, x, mode="slide", crop_size=(48, 64), scales=(0.75, 1.25), size=(30, 40))
+    assert out["logits"].shape == (2, 5, 30, 40) and out["confidence"].shape == (2, 1, 30, 40)
+    assert torch.isfinite(out["logits"]).all()
+
+
+def test_baseline_and_output_choice(ovenet_model, image):
+    baseline = tiny(False, head="fcn")
+    out = infer_logits(baseline, image, flip=True)
+    assert out["logits"].shape == (1, 5, 64, 96) and out["offsets"] is None and out["confidence"] is None
+    with pytest.raises(OvenetError, match="output 'seed'"):
+        infer_logits(baseline, image, output="seed")
+    initial = infer_logits(ovenet_model, image, output="initial")["logits"]
+    final = infer_logits(ovenet_model, image)["logits"]
+    assert not torch.allclose(initial, final)
+
+
+def test_bad_arguments_raise_clear_errors(ovenet_model, image):
+    with pytest.raises(OvenetError, match="crop_size"):
+        infer_logits(ovenet_model, image, mode="slide")
+    with pytest.raises(OvenetError, match="mode"):
+        infer_logits(ovenet_model, image, mode="tiles")
+    with pytest.raises(OvenetError, match="scales"):
+        infer_logits(ovenet_model, image, scales=(0.0,))
+    with pytest.raises(OvenetError, match=r"\[B, 3, H, W\]"):
+        infer_logits(ovenet_model, image[0])
