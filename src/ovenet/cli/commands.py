@@ -1,0 +1,327 @@
+"""The ``ovenet`` subcommands. Each ``cmd_*`` takes the parsed arguments and returns an exit code.
+
+Heavy imports (torch, the engine) happen inside the commands so that ``ovenet --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from ovenet.config import CONFIG_DIR, Config, from_dict, load_config, parse_override
+from ovenet.errors import CheckpointError, ConfigError, DataError, OvenetError
+
+from .main import PAPER_SCALES, is_override
+
+
+# --- helpers --------------------------------------------------------------------------------------------------
+
+def resolve_device(name: Optional[str]) -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; a CUDA device that does not exist is an error."""
+    import torch
+
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return "cpu"
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            build = "a CPU-only PyTorch build" if torch.version.cuda is None else f"CUDA {torch.version.cuda} build"
+            raise OvenetError(f"device '{name}' requested but no CUDA GPU is available (torch "
+                              f"{torch.__version__}, {build}); use --device cpu or --device auto")
+        index = name.partition(":")[2]
+        if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+            raise OvenetError(f"device '{name}' does not exist: {torch.cuda.device_count()} GPU(s) visible "
+                              f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+        return name
+    raise OvenetError(f"device '{name}' is unknown; use auto, cpu, cuda or cuda:N")
+
+
+def require_file(path: str | Path, what: str = "checkpoint") -> Path:
+    path = Path(path)
+    if not path.exists():
+        cls = CheckpointError if what == "checkpoint" else DataError
+        raise cls(f"{what} '{path}' does not exist")
+    if not path.is_file():
+        raise OvenetError(f"{what} '{path}' is a folder, not a file")
+    return path
+
+
+def config_from_checkpoint(checkpoint: str | Path, overrides: list[str]) -> Config:
+    """The config stored in an ovenet checkpoint, with overrides applied (as ``load_config`` does for YAML)."""
+    from ovenet.checkpoint import read
+
+    data = read(checkpoint)["config"]
+    data.setdefault("model", {})["pretrained"] = None  # weights come from the checkpoint, not ImageNet
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{text}': '{k}' is a value, not a section")
+        node[keys[-1]] = value
+    return from_dict(data)
+
+
+def inference_overrides(args: argparse.Namespace) -> list[str]:
+    """``--scales/--paper-scales/--flip/--mode`` as config overrides (they win over key=value overrides)."""
+    out = []
+    if getattr(args, "paper_scales", False):
+        out += [f"eval.scales={PAPER_SCALES}", "eval.flip=true"]
+    elif getattr(args, "scales", None):
+        out.append(f"eval.scales={list(args.scales)}")
+    if getattr(args, "flip", None):
+        out.append("eval.flip=true")
+    if getattr(args, "mode", None):
+        out.append(f"eval.mode={args.mode}")
+    return out
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _format_number(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{100 * value:.2f}" if 0.0 <= value <= 1.0 else f"{value:.4g}"
+    return str(value)
+
+
+def print_metrics(result: Any) -> None:
+    """The scalar entries of an evaluation result (percentages for values in [0, 1]), then where files went."""
+    if not isinstance(result, dict):
+        print(result)
+        return
+    scalars = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    paths = {k: v for k, v in result.items() if isinstance(v, (str, Path)) and k not in scalars}
+    width = max((len(k) for k in (*scalars, *paths)), default=0)
+    for k, v in scalars.items():
+        print(f"{k:<{width}}  {_format_number(v)}")
+    for k, v in paths.items():
+        print(f"{k:<{width}}  {v}")
+
+
+# --- commands -------------------------------------------------------------------------------------------------
+
+def cmd_train(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides) + ([f"device={args.device}"] if args.device else [])
+    cfg = load_config(args.config, overrides)
+    args.loaded_config = cfg  # for the out-of-memory message
+    resolve_device(cfg.device)
+    if args.resume and args.resume != "auto":
+        require_file(args.resume)
+    from ovenet.engine.train import train
+
+    result = train(cfg, resume=args.resume, run_dir=args.run_dir)
+    if _is_main_process():
+        print(f"training finished: {result}")
+    return 0
+
+
+def _split_eval_paths(paths: list[str]) -> tuple[Optional[str], str, list[str]]:
+    overrides = [p for p in paths if is_override(p)]
+    files = [p for p in paths if not is_override(p)]
+    if len(files) == 1:
+        return None, files[0], overrides
+    if len(files) == 2:
+        return files[0], files[1], overrides
+    raise OvenetError(f"eval takes [CONFIG] CHECKPOINT [key=value ...], got {len(files)} paths: {' '.join(files)}")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    config_path, checkpoint, overrides = _split_eval_paths(args.paths)
+    require_file(checkpoint)
+    overrides += inference_overrides(args)
+    if args.data_root:
+        overrides.append(f"data.root={args.data_root}")
+    if args.device:
+        overrides.append(f"device={args.device}")
+    cfg = load_config(config_path, overrides) if config_path else config_from_checkpoint(checkpoint, overrides)
+    args.loaded_config = cfg
+    resolve_device(cfg.device)
+    from ovenet.engine.evaluate import evaluate
+
+    result = evaluate(cfg, checkpoint, out_dir=args.out, split=args.split, overwrite=args.overwrite)
+    print_metrics(result)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    overrides = [p for p in args.inputs if is_override(p)]
+    inputs = [Path(p) for p in args.inputs if not is_override(p)]
+    if not inputs:
+        raise OvenetError("predict needs at least one INPUT image or folder")
+    require_file(args.checkpoint)
+    for p in inputs:
+        if not p.exists():
+            raise DataError(f"input '{p}' does not exist")
+    device = resolve_device(args.device)
+    from ovenet import checkpoint
+    from ovenet.data import dataset_info
+    from ovenet.engine.predict import predict_files
+
+    model = checkpoint.load(args.checkpoint, device, overrides=overrides or None)
+    cfg: Config = model.config
+    _, class_names, palette = dataset_info(cfg.data.name, cfg.data.num_classes or cfg.model.num_classes)
+    scales = PAPER_SCALES if args.paper_scales else (args.scales or cfg.eval.scales)
+    options: dict[str, Any] = {
+        "overwrite": args.overwrite,
+        "scales": list(scales),
+        "flip": bool(args.flip or args.paper_scales or cfg.eval.flip),
+        "mode": args.mode or cfg.eval.mode,
+        "device": device,
+    }
+    if args.save:
+        options["save"] = args.save
+    if args.precision:
+        options["precision"] = args.precision
+    written = predict_files(model, inputs, Path(args.out), palette, class_names, cfg.data.name, **options)
+    count = len(written) if hasattr(written, "__len__") else None
+    print(f"wrote predictions{f' for {count} image(s)' if count is not None else ''} to {args.out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    checkpoint = require_file(args.checkpoint)
+    if (args.height is None) != (args.width is None):
+        raise OvenetError("give both --height and --width, or neither")
+    out = Path(args.out) if args.out else checkpoint.with_suffix(".onnx")
+    from ovenet.export import export_onnx
+
+    options: dict[str, Any] = {"opset": args.opset}
+    if args.height is not None:
+        options["input_size"] = (args.height, args.width)
+    path = export_onnx(str(checkpoint), out, **options)
+    print(f"wrote {path or out}")
+    return 0
+
+
+def cmd_convert_official(args: argparse.Namespace) -> int:
+    from ovenet.official import convert_official
+
+    out = convert_official(args.official_yaml, args.state, args.out, sampling=args.sampling)
+    other = "exact" if args.sampling == "official" else "official"
+    print(f"wrote {out} (sampling={args.sampling}); to compare, evaluate it with model.offset.sampling={other} too")
+    return 0
+
+
+def cmd_check_data(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    from ovenet.data import build_dataset, check_dataset
+
+    splits = {"train": [cfg.data.train_split], "val": [cfg.data.val_split],
+              "both": [cfg.data.train_split, cfg.data.val_split]}[args.split]
+    problems_total = 0
+    for split in dict.fromkeys(splits):  # train_split == val_split checks once
+        try:
+            dataset = build_dataset(cfg.data, split, train=False)
+        except DataError as e:
+            print(f"[{split}] {e}")
+            problems_total += 1
+            continue
+        problems = check_dataset(dataset, progress=sys.stderr.isatty())
+        for problem in problems:
+            print(f"[{split}] {problem}")
+        problems_total += len(problems)
+        status = "OK" if not problems else f"{len(problems)} problem(s)"
+        print(f"[{split}] {len(dataset)} samples of {cfg.data.name} at {cfg.data.root}: {status}")
+    if problems_total:
+        raise DataError(f"check-data found {problems_total} problem(s); see the list above")
+    return 0
+
+
+def shipped_configs() -> list[Path]:
+    """Shipped config files meant to be used directly (``_base_*`` files are building blocks)."""
+    return sorted(p for p in CONFIG_DIR.rglob("*.yaml") if not p.name.startswith("_"))
+
+
+def _first_comment(path: Path) -> str:
+    for line in path.read_text().splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+    return ""
+
+
+def cmd_configs(args: argparse.Namespace) -> int:
+    if args.name:
+        cfg = load_config(args.name, args.overrides)
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return 0
+    if args.overrides:
+        raise OvenetError("overrides need a config NAME: ovenet configs NAME key=value ...")
+    groups: dict[str, list[Path]] = {}
+    for p in shipped_configs():
+        group = p.parent.name if p.parent != CONFIG_DIR else "general"
+        groups.setdefault(group, []).append(p)
+    width = max(len(p.stem) for ps in groups.values() for p in ps)
+    for group, paths in groups.items():
+        print(f"{group}:")
+        for p in paths:
+            print(f"  {p.stem:<{width}}  {_first_comment(p)}")
+    print(f"\nfiles under {CONFIG_DIR}; `ovenet configs NAME` prints one fully resolved")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    checkpoint = require_file(args.checkpoint)
+    from ovenet import checkpoint as ckpt_io
+    from ovenet.data import dataset_info
+
+    raw = ckpt_io.read(checkpoint)
+    model = ckpt_io.load(checkpoint, "cpu")
+    cfg: Config = model.config
+    m, off = cfg.model, cfg.model.offset
+    arch = "custom stages" if m.stages else m.arch
+    head = "OCR" if m.head == "ocr" else "FCN"
+    if off.enabled:
+        kind = (f"OVeNet (offset branch at stage {off.branch_stage}, tau {off.tau}, fusion {off.fusion}, "
+                f"sampling {off.sampling})")
+    else:
+        kind = "baseline (no offset head)"
+    total = sum(p.numel() for p in model.parameters())
+    branch = sum(p.numel() for part in (model.offset_branch, model.offset_head) if part is not None
+                 for p in part.parameters())
+    try:
+        _, names, _ = dataset_info(cfg.data.name, cfg.data.num_classes or m.num_classes)
+    except OvenetError:
+        names = []
+    rows = [
+        ("checkpoint", f"{checkpoint} ({checkpoint.stat().st_size / 2**20:.1f} MiB)"),
+        ("name", cfg.name),
+        ("model", f"HRNetV2 {arch} + {head} head, {kind}"),
+        ("classes", f"{m.num_classes} ({cfg.data.name})" + _class_list(names, m.num_classes)),
+        ("parameters", f"{total / 1e6:.2f} M" + (f" (offset branch + head {branch / 1e6:.2f} M)" if branch else "")),
+    ]
+    state = {k: v for k, v in raw.items() if k not in ("format", "version", "config", "model")
+             and isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+    if state:
+        rows.append(("training", ", ".join(f"{k} {_format_state(v)}" for k, v in state.items())))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    return 0
+
+
+def _class_list(names: list[str], num_classes: int) -> str:
+    if len(names) != num_classes:
+        return f", the dataset has {len(names)}" if names else ""
+    return f": {', '.join(names)}" if num_classes <= 40 else ""
+
+
+def _format_state(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from ovenet.quickstart import run_quickstart
+
+    device = resolve_device(args.device)
+    run_quickstart(args.out, minutes=args.minutes, iters=args.iters, device=device, overwrite=args.overwrite)
+    return 0

@@ -1,0 +1,302 @@
+"""The ``ovenet`` command line: argument parsing, dispatch and the mapping of errors to one-line messages.
+
+Every subcommand lives in :mod:`ovenet.cli.commands` and imports the heavy machinery (torch, the engine) only
+when it runs, so ``ovenet --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+from ovenet.errors import OvenetError
+
+PROG = "ovenet"
+PAPER_SCALES = [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
+OVERRIDE_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=")
+COMMANDS_TAKING_OVERRIDES = ("train", "eval", "predict", "check-data", "configs")
+
+
+def is_override(text: str) -> bool:
+    """``key.sub=value`` (as opposed to a file path)."""
+    return bool(OVERRIDE_PATTERN.match(text))
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keep the hand-made line breaks of descriptions/epilogs; show defaults that say something."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS) \
+                and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def _add_device(p: argparse.ArgumentParser, default: str | None = "auto") -> None:
+    p.add_argument("--device", default=default, metavar="DEV",
+                   help="auto (GPU when present), cpu, cuda or cuda:N")
+
+
+def _add_inference_options(p: argparse.ArgumentParser) -> None:
+    scales = p.add_mutually_exclusive_group()
+    scales.add_argument("--scales", type=float, nargs="+", metavar="S",
+                        help="test scales, e.g. 0.75 1.0 1.25 (default: the config's eval.scales)")
+    scales.add_argument("--paper-scales", action="store_true",
+                        help=f"the paper's test protocol: scales {' '.join(map(str, PAPER_SCALES))} plus flipping")
+    p.add_argument("--flip", action="store_true", default=None, help="also average the horizontally flipped image")
+    p.add_argument("--mode", choices=("whole", "slide"), help="whole image or sliding window (default: config)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        formatter_class=_Formatter,
+        description="OVeNet (offset vector network) semantic segmentation on HRNetV2 / HRNetV2+OCR.",
+        epilog=(
+            "first steps:\n"
+            "  ovenet quickstart                  # train + evaluate a tiny OVeNet on synthetic scenes (CPU, ~3 min)\n"
+            "  ovenet configs                     # the shipped training recipes\n"
+            "  ovenet train camvid_hrnetv2_w18s_ovenet data.root=path/to/CamVid\n"
+            "\n"
+            "Run `ovenet COMMAND --help` for the options and examples of each command.\n"
+            "Config values are changed on the command line with dotted overrides: train.lr=0.02 model.offset.tau=0.2"
+        ),
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    # --debug is accepted after the command too; SUPPRESS keeps it from overwriting the global value.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+
+    def command(name: str, help: str, description: str, epilog: str, **kw: Any) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=description, epilog="examples:\n" + epilog,
+                              parents=[common], formatter_class=_Formatter, **kw)
+
+    # -- train -------------------------------------------------------------------------------------------------
+    p = command(
+        "train", "train a model from a config",
+        "Train from a YAML config (a path or a shipped config name, see `ovenet configs`), with optional\n"
+        "dotted overrides. Writes checkpoints (last, best), the resolved config and logs to the run folder.\n"
+        "Under torchrun every process runs this same command; the engine reads the distributed environment.",
+        "  ovenet train camvid_hrnetv2_w18s_ovenet data.root=data/CamVid\n"
+        "  ovenet train cityscapes_hrnetv2_w48_ocr_ovenet train.batch_size=2 model.offset.tau=0.2\n"
+        "  ovenet train my_config.yaml --resume auto            # continue the run's last checkpoint\n"
+        "  torchrun --nproc_per_node 4 -m ovenet.cli train cityscapes_hrnetv2_w48_ovenet",
+    )
+    p.add_argument("config", help="YAML config path or shipped config name")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    p.add_argument("--resume", metavar="PATH|auto",
+                   help="checkpoint to resume from, or 'auto' for the run folder's last checkpoint")
+    _add_device(p, default=None)
+    p.add_argument("--run-dir", metavar="DIR", help="run folder (default: OUTPUT_DIR/NAME from the config)")
+
+    # -- eval --------------------------------------------------------------------------------------------------
+    p = command(
+        "eval", "evaluate a checkpoint (mIoU, boundary mIoU, per class)",
+        "Evaluate CHECKPOINT on the validation split. CONFIG is optional: without it the checkpoint's own\n"
+        "config is used (point it at your data with --data-root). Command-line flags win over overrides,\n"
+        "which win over the config.",
+        "  ovenet eval cityscapes_hrnetv2_w48_ocr_ovenet runs/cs/best.pth\n"
+        "  ovenet eval runs/cs/best.pth --data-root data/cityscapes --paper-scales\n"
+        "  ovenet eval converted.pth --data-root data/cityscapes model.offset.sampling=exact\n"
+        "  ovenet eval camvid_hrnetv2_w18s_ovenet runs/camvid/best.pth --split val --out results/ --overwrite",
+        usage=f"{PROG} eval [CONFIG] CHECKPOINT [key.sub=value ...] [options]",
+    )
+    p.add_argument("paths", nargs="+", metavar="[CONFIG] CHECKPOINT [key.sub=value ...]",
+                   help="optional config, the checkpoint, then optional overrides")
+    p.add_argument("--split", help="dataset split (default: the config's data.val_split)")
+    _add_inference_options(p)
+    p.add_argument("--data-root", metavar="DIR", help="dataset root (sets data.root)")
+    p.add_argument("--out", metavar="DIR", help="where to write the metrics JSON and table")
+    p.add_argument("--overwrite", action="store_true", help="replace existing results in --out")
+    _add_device(p, default=None)
+
+    # -- predict -----------------------------------------------------------------------------------------------
+    p = command(
+        "predict", "segment images (label PNGs, colour, offsets, confidence)",
+        "Run CHECKPOINT on images or folders of images and write, per image, the label-index PNG, a colour\n"
+        "rendering and, for OVeNet models, the offset field (colour wheel) and the confidence map.",
+        "  ovenet predict runs/cs/best.pth street.jpg --out preds/\n"
+        "  ovenet predict runs/cs/best.pth frames/ --out preds/ --flip --scales 0.75 1.0 1.25 --device cuda\n"
+        "  ovenet predict converted.pth img.png --out preds/ model.offset.sampling=exact",
+    )
+    p.add_argument("checkpoint", help="ovenet checkpoint (.pth)")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders (overrides key=value too)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    _add_inference_options(p)
+    p.add_argument("--save", nargs="+", metavar="KIND",
+                   help="what to write (default: the engine's set), e.g. label color offsets confidence")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="inference precision (GPU only)")
+    _add_device(p)
+
+    # -- export ------------------------------------------------------------------------------------------------
+    p = command(
+        "export", "export a checkpoint to ONNX",
+        "Export CHECKPOINT's network to ONNX (needs the optional `onnx` package; onnxruntime is used to check\n"
+        "the export when installed). The graph takes a normalised 1x3xHxW image and returns logits.",
+        "  ovenet export runs/cs/best.pth --format onnx\n"
+        "  ovenet export runs/cs/best.pth --out model.onnx --opset 17 --height 1024 --width 2048",
+    )
+    p.add_argument("checkpoint", help="ovenet checkpoint (.pth)")
+    p.add_argument("--format", choices=("onnx",), default="onnx", help="export format")
+    p.add_argument("--out", metavar="PATH", help="output file (default: CHECKPOINT with .onnx suffix)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset version")
+    p.add_argument("--height", type=int, help="example input height (default: the training crop)")
+    p.add_argument("--width", type=int, help="example input width (default: the training crop)")
+
+    # -- convert-official --------------------------------------------------------------------------------------
+    p = command(
+        "convert-official", "convert an official OVeNet checkpoint",
+        "Convert a checkpoint of the official OVeNet code (final_state.pth / best.pth / checkpoint.pth.tar)\n"
+        "and its experiment YAML into one ovenet checkpoint, usable by eval, predict, export and info.\n"
+        "\n"
+        "--sampling chooses how the seed logits are resampled at zero offset:\n"
+        "  official  what the official code computes on PyTorch >= 1.3 (grid built for align_corners=True,\n"
+        "            sampled with align_corners=False: zero offset reads up to half a pixel outwards). The\n"
+        "            shared reference fixture was recorded this way.\n"
+        "  exact     zero offset samples the pixel itself, as the authors' PyTorch 1.1 did at training time.\n"
+        "            Pick exact for checkpoints trained under PyTorch 1.1 (the released ones probably were).\n"
+        "If unsure, evaluate the val mIoU both ways (or convert once and pass model.offset.sampling=... to eval).",
+        "  ovenet convert-official seg_offset_hrnet_ocr_w48_cityscapes.yaml final_state.pth ovenet_cs.pth\n"
+        "  ovenet convert-official cfg.yaml final_state.pth ovenet_cs_exact.pth --sampling exact\n"
+        "  ovenet eval ovenet_cs.pth --data-root data/cityscapes model.offset.sampling=exact",
+    )
+    p.add_argument("official_yaml", metavar="OFFICIAL.yaml", help="the official experiment YAML")
+    p.add_argument("state", metavar="final_state.pth", help="the official checkpoint")
+    p.add_argument("out", metavar="OUT", help="ovenet checkpoint to write")
+    p.add_argument("--sampling", choices=("official", "exact"), default="official",
+                   help="seed resampling convention (see above)")
+
+    # -- check-data --------------------------------------------------------------------------------------------
+    p = command(
+        "check-data", "check every sample of a dataset",
+        "Read every image and label of the config's dataset and list all problems at once (missing or\n"
+        "unreadable files, size mismatches, label values outside the class range). Exit code 2 if any.",
+        "  ovenet check-data cityscapes_hrnetv2_w48_ovenet data.root=data/cityscapes\n"
+        "  ovenet check-data my_config.yaml --split val",
+    )
+    p.add_argument("config", help="YAML config path or shipped config name")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    p.add_argument("--split", choices=("train", "val", "both"), default="both", help="which split to check")
+
+    # -- configs, info -----------------------------------------------------------------------------------------
+    p = command(
+        "configs", "list the shipped configs, or print one fully resolved",
+        "Without NAME: list the shipped configs by dataset. With NAME (a shipped name or a path): print the\n"
+        "config with its _base_ chain and overrides applied, as the trainer will see it.",
+        "  ovenet configs\n"
+        "  ovenet configs cityscapes_hrnetv2_w48_ocr_ovenet\n"
+        "  ovenet configs camvid_hrnetv2_w18s_ovenet model.offset.tau=0.2",
+    )
+    p.add_argument("name", nargs="?", help="config to print")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+
+    p = command(
+        "info", "describe a checkpoint",
+        "Print a checkpoint's architecture, offset head settings, classes, parameter count and training state.",
+        "  ovenet info runs/cs/best.pth",
+    )
+    p.add_argument("checkpoint", help="ovenet checkpoint (.pth)")
+
+    # -- quickstart --------------------------------------------------------------------------------------------
+    p = command(
+        "quickstart", "train, evaluate and run a tiny OVeNet on synthetic scenes",
+        "No dataset needed: trains a small OVeNet on procedural SyntheticScenes (about 3 minutes on 2 CPU\n"
+        "cores), evaluates it (mIoU, boundary mIoU) and writes predictions with offset and confidence images\n"
+        "for a few validation scenes, using the same code as train/eval/predict.",
+        "  ovenet quickstart\n"
+        "  ovenet quickstart --out /tmp/qs --minutes 1\n"
+        "  ovenet quickstart --iters 50           # a smoke test",
+    )
+    p.add_argument("--out", default="runs/quickstart", metavar="DIR", help="output folder")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--minutes", type=float, default=3.0, help="approximate total time budget")
+    budget.add_argument("--iters", type=int, help="training iterations (instead of --minutes)")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous quickstart in --out")
+    _add_device(p, default="cpu")
+    return parser
+
+
+def _parse(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """parse_known_args, then accept leftover ``key=value`` words as overrides wherever they appear
+    (argparse alone rejects positionals given after an option)."""
+    args, extra = parser.parse_known_args(argv)
+    overrides = [e for e in extra if is_override(e)]
+    rest = [e for e in extra if not is_override(e)]
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if overrides:
+        if args.command not in COMMANDS_TAKING_OVERRIDES:
+            parser.error(f"'{args.command}' takes no config overrides: {' '.join(overrides)}")
+        if args.command == "eval":
+            args.paths += overrides
+        elif args.command == "predict":
+            args.inputs += overrides
+        else:
+            args.overrides += overrides
+    return args
+
+
+def _error(message: str) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _oom_message(args: argparse.Namespace) -> str:
+    cfg = getattr(args, "loaded_config", None)
+    if args.command == "train" and cfg is not None:
+        b = cfg.train.batch_size
+        h, w = cfg.data.crop_size
+        return (f"CUDA out of memory at batch size {b}, crop {h}x{w}: lower train.batch_size or data.crop_size "
+                f"(e.g. train.batch_size={max(1, b // 2)} or data.crop_size=[{h // 2},{w // 2}]), or enable "
+                "train.amp=bf16")
+    if args.command in ("eval", "predict", "quickstart"):
+        return ("CUDA out of memory during inference: use --mode slide, fewer --scales, --precision bf16 "
+                "or --device cpu")
+    return "CUDA out of memory: free GPU memory or use --device cpu"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``ovenet`` console script; returns the exit code."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = _parse(parser, argv)
+    except SystemExit as e:  # --help, usage errors: keep argparse's messages, return its code in-process
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+
+    from ovenet.cli import commands
+
+    handler = getattr(commands, "cmd_" + args.command.replace("-", "_"))
+    try:
+        return int(handler(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `ovenet configs | head`: the reader left, nothing to report
+        sys.stderr.close()
+        return 0
+    except OvenetError as e:
+        if args.debug:
+            traceback.print_exc()
+        return _error(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
+        if args.debug:
+            traceback.print_exc()
+        where = f"'{e.filename}'" if e.filename else "a file"
+        return _error(f"cannot open {where}: {e.strerror or e}")
+    except Exception as e:
+        if type(e).__name__ == "OutOfMemoryError" and "torch" in type(e).__module__:
+            if args.debug:
+                traceback.print_exc()
+            return _error(_oom_message(args))
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
