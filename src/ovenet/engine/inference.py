@@ -251,6 +251,8 @@ def to_float_image(image: ImageInput) -> Tensor:
         if array.ndim != 3 or array.shape[2] not in (3, 4):
             raise OvenetError(f"numpy images must be HxWx3 (RGB) or HxW, got {_describe(image)}")
         array = np.ascontiguousarray(array[..., :3])
+        if not array.flags.writeable:  # PIL-backed arrays are read-only; torch.from_numpy wants writable memory
+            array = array.copy()
         if array.dtype == np.uint8:
             return torch.from_numpy(array).permute(2, 0, 1).float().div_(255.0)
         if array.dtype.kind == "f":
