@@ -1,0 +1,275 @@
+"""Evaluation over a dataset: mIoU and accuracies from one confusion matrix, boundary (trimap) mIoU, ACDC
+per-condition results and the Cityscapes benchmark figures; ``evaluate`` writes them as JSON and Markdown.
+
+Distributed evaluation: each rank takes the samples ``rank, rank + world, ...`` (no padding, so nothing is
+counted twice, unlike a padded ``DistributedSampler``) and the metric states are summed with ``all_reduce``;
+every rank returns the same result.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ovenet.config import Config, EvalConfig
+from ovenet.engine.inference import infer_logits
+from ovenet.errors import ConfigError, DataError, OvenetError
+from ovenet.metrics import BoundaryConfusion, CityscapesMetric, ConfusionMatrix
+
+
+def _dist_info(distributed: bool) -> tuple[int, int]:
+    if distributed and dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_conditions(local: set[str], world: int) -> list[str]:
+    """The union of condition names over ranks, so every rank reduces the same matrices in the same order."""
+    if world == 1:
+        return sorted(local)
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, sorted(local))
+    return sorted({c for names in gathered for c in names})
+
+
+def _class_names(dataset: Any, num_classes: int) -> list[str]:
+    names = list(getattr(dataset, "class_names", None) or [])
+    return names if len(names) == num_classes else [f"class_{i}" for i in range(num_classes)]
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: nn.Module,
+    dataset: Any,
+    eval_cfg: EvalConfig,
+    device: Union[str, torch.device],
+    num_classes: int,
+    ignore_index: int = 255,
+    cityscapes: bool = False,
+    distributed: bool = False,
+    precision: str = "fp32",
+    output: str = "final",
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Evaluate ``model`` on every sample of ``dataset`` (batch 1; label maps at their own resolution).
+
+    Returns ``miou``, ``miou_all``, ``iou`` (per class), ``pixel_acc``, ``mean_acc``, ``per_class_acc``, the
+    boundary band figures ``boundary_miou``/``boundary_iou``, ``per_condition`` (when samples carry a
+    ``condition``) and ``cityscapes`` (iIoU/category figures; needs samples with ``label_ids`` and ``instance``).
+    """
+    device = torch.device(device)
+    if getattr(model, "num_classes", num_classes) != num_classes:
+        raise ConfigError(f"the model predicts {model.num_classes} classes but the dataset has {num_classes}; "
+                          "evaluate with a checkpoint trained for this dataset")
+    rank, world = _dist_info(distributed)
+    confusion = ConfusionMatrix(num_classes, ignore_index, device=device)
+    boundary = BoundaryConfusion(num_classes, eval_cfg.boundary_width, ignore_index, device=device)
+    per_condition: dict[str, ConfusionMatrix] = {}
+    city = CityscapesMetric() if cityscapes else None
+
+    was_training = model.training
+    model.eval()
+    indices = range(rank, len(dataset), world)
+    if progress and rank == 0:
+        from tqdm import tqdm
+
+        indices = tqdm(indices, desc="eval", unit="img")
+    start = time.perf_counter()
+    try:
+        for index in indices:
+            sample = dataset[index]
+            if "label" not in sample:
+                raise DataError(f"sample '{sample.get('name', index)}' has no label; evaluation needs a labelled split")
+            label = sample["label"].to(device)
+            image = sample["image"].unsqueeze(0).to(device)
+            out = infer_logits(model, image, mode=eval_cfg.mode, crop_size=eval_cfg.crop_size,
+                               stride=eval_cfg.stride, scales=eval_cfg.scales, flip=eval_cfg.flip, output=output,
+                               size=label.shape[-2:], precision=precision)
+            pred = out["logits"].argmax(dim=1)[0]
+            confusion.update(pred, label)
+            boundary.update(pred, label)
+            condition = sample.get("condition")
+            if condition is not None:
+                if condition not in per_condition:
+                    per_condition[condition] = ConfusionMatrix(num_classes, ignore_index, device=device)
+                per_condition[condition].update(pred, label)
+            if city is not None:
+                if "label_ids" not in sample or "instance" not in sample:
+                    raise DataError(f"sample '{sample.get('name', index)}' lacks label_ids/instance maps; build the "
+                                    "Cityscapes dataset with with_instances=True for the iIoU figures")
+                city.update(pred, sample["label_ids"], sample["instance"])
+    finally:
+        model.train(was_training)
+    seconds = time.perf_counter() - start
+
+    num_images = torch.tensor([len(range(rank, len(dataset), world))], dtype=torch.int64)
+    conditions = _all_conditions(set(per_condition), world)
+    if world > 1:
+        confusion.all_reduce()
+        boundary.all_reduce()
+        for name in conditions:
+            per_condition.setdefault(name, ConfusionMatrix(num_classes, ignore_index, device=device)).all_reduce()
+        if city is not None:
+            city.all_reduce()
+        counts = num_images.to(confusion.device)
+        dist.all_reduce(counts)
+        num_images = counts.cpu()
+
+    result = confusion.compute()
+    band = boundary.compute()
+    out: dict[str, Any] = {
+        "num_images": int(num_images.item()),
+        "class_names": _class_names(dataset, num_classes),
+        **result,
+        "boundary_width": eval_cfg.boundary_width,
+        "boundary_miou": band["miou"],
+        "boundary_iou": band["iou"],
+        "eval": {"mode": eval_cfg.mode, "scales": list(eval_cfg.scales), "flip": eval_cfg.flip,
+                 "crop_size": list(eval_cfg.crop_size) if eval_cfg.mode == "slide" else None,
+                 "stride": eval_cfg.stride, "output": output, "precision": precision},
+        "seconds": seconds,
+    }
+    if conditions:
+        out["per_condition"] = {}
+        for name in conditions:
+            figures = per_condition[name].compute()
+            out["per_condition"][name] = {k: figures[k] for k in ("miou", "pixel_acc", "mean_acc", "iou")}
+    if city is not None:
+        out["cityscapes"] = city.compute()
+    return out
+
+
+# --- evaluate a checkpoint and write result files -----------------------------------------------------------------
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` -> the first CUDA GPU when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device '{name}' is not valid; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device '{name}' was requested but CUDA is not available; use device=cpu")
+    return device
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN/inf -> null (strict JSON); tuples -> lists."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _pct(value: Optional[float]) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}"
+
+
+def results_markdown(result: dict[str, Any], title: str = "Evaluation") -> str:
+    """A readable report: summary figures, then per-class IoU / boundary IoU / accuracy tables (in percent)."""
+    lines = [f"# {title}", ""]
+    for key in ("checkpoint", "dataset", "split"):
+        if key in result:
+            lines.append(f"- {key}: `{result[key]}`")
+    setting = result.get("eval", {})
+    lines.append(f"- images: {result['num_images']}; mode {setting.get('mode')}, scales {setting.get('scales')}, "
+                 f"flip {setting.get('flip')}")
+    lines += ["", "| metric | value (%) |", "|---|---:|"]
+    summary = [("mIoU", "miou"), ("mIoU over all classes", "miou_all"), ("pixel accuracy", "pixel_acc"),
+               ("mean class accuracy", "mean_acc"), (f"boundary mIoU ({result['boundary_width']} px)", "boundary_miou")]
+    lines += [f"| {label} | {_pct(result.get(key))} |" for label, key in summary]
+    city = result.get("cityscapes")
+    if city:
+        for label, key in (("Cityscapes mIoU (label ids)", "miou"), ("iIoU class", "iiou_class"),
+                           ("IoU category", "iou_category"), ("iIoU category", "iiou_category")):
+            lines.append(f"| {label} | {_pct(city.get(key))} |")
+    lines += ["", "| class | IoU | boundary IoU | accuracy |", "|---|---:|---:|---:|"]
+    for i, name in enumerate(result["class_names"]):
+        lines.append(f"| {name} | {_pct(result['iou'][i])} | {_pct(result['boundary_iou'][i])} | "
+                     f"{_pct(result['per_class_acc'][i])} |")
+    if result.get("per_condition"):
+        lines += ["", "| condition | mIoU | pixel accuracy | mean accuracy |", "|---|---:|---:|---:|"]
+        for name, figures in result["per_condition"].items():
+            lines.append(f"| {name} | {_pct(figures['miou'])} | {_pct(figures['pixel_acc'])} | "
+                         f"{_pct(figures['mean_acc'])} |")
+    if city:
+        lines += ["", "| Cityscapes category | IoU | iIoU |", "|---|---:|---:|"]
+        for name, value in city["iou_per_category"].items():
+            lines.append(f"| {name} | {_pct(value)} | {_pct(city['iiou_per_category'].get(name))} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def result_paths(out_dir: Union[str, Path], split: str) -> tuple[Path, Path]:
+    out_dir = Path(out_dir)
+    return out_dir / f"eval_{split}.json", out_dir / f"eval_{split}.md"
+
+
+def evaluate(
+    cfg: Optional[Config],
+    checkpoint: Union[str, Path],
+    out_dir: Union[str, Path, None] = None,
+    split: Optional[str] = None,
+    overwrite: bool = False,
+    device: Union[str, torch.device, None] = None,
+    precision: str = "fp32",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate a checkpoint on ``cfg.data``'s ``split`` (default ``val_split``) with ``cfg.eval`` settings.
+
+    ``cfg`` None uses the checkpoint's own config. Writes ``eval_<split>.json`` and ``eval_<split>.md`` into
+    ``out_dir`` (default: the checkpoint's folder) and refuses to replace existing ones unless ``overwrite``.
+    """
+    from ovenet import checkpoint as ckpt_io
+    from ovenet.data import build_dataset
+
+    checkpoint = Path(checkpoint)
+    split_name = split or (cfg.data.val_split if cfg is not None else None)
+    # Refuse before loading anything, so a forgotten --overwrite costs nothing.
+    if split_name is not None:
+        _check_free(out_dir or checkpoint.parent, split_name, overwrite)
+    device = resolve_device(str(device) if device is not None else (cfg.device if cfg is not None else "auto"))
+    model = ckpt_io.load(checkpoint, device)
+    cfg = cfg if cfg is not None else model.config
+    split_name = split or cfg.data.val_split
+    out_dir = Path(out_dir) if out_dir is not None else checkpoint.parent
+    _check_free(out_dir, split_name, overwrite)
+
+    cityscapes = cfg.data.name == "cityscapes"
+    data = asdict(cfg.data)
+    data["with_instances"] = cityscapes  # instance maps for iIoU; read only for Cityscapes
+    dataset = build_dataset(data, split_name, train=False)
+    if len(dataset) == 0:
+        raise DataError(f"split '{split_name}' of dataset '{cfg.data.name}' at {cfg.data.root} has no samples")
+    distributed = dist.is_available() and dist.is_initialized()
+    result = evaluate_model(model, dataset, cfg.eval, device, dataset.num_classes,
+                            getattr(dataset, "ignore_index", 255), cityscapes=cityscapes,
+                            distributed=distributed, precision=precision, progress=progress)
+    result = {"checkpoint": str(checkpoint), "dataset": cfg.data.name, "split": split_name, **result}
+    if not distributed or dist.get_rank() == 0:
+        json_path, md_path = result_paths(out_dir, split_name)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(_json_safe(result), indent=2) + "\n")
+        md_path.write_text(results_markdown(result, f"{cfg.name}: {cfg.data.name} {split_name}"))
+    return result
+
+
+def _check_free(out_dir: Union[str, Path], split: str, overwrite: bool) -> None:
+    if overwrite:
+        return
+    for path in result_paths(out_dir, split):
+        if path.exists():
+            raise OvenetError(f"result file {path} already exists; pass --overwrite (overwrite=True) to replace it "
+                              "or choose another output folder")
