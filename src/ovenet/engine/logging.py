@@ -1,0 +1,123 @@
+"""Training output: console lines (written around the tqdm bar), a plain-text ``train.log`` in the run folder,
+and TensorBoard scalars/images when the optional ``tensorboard`` package is installed.
+
+Only rank 0 writes anything; the other ranks get loggers that drop everything but warnings.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+from tqdm import tqdm
+
+LOGGER_NAME = "ovenet.train"
+_tensorboard_notice_shown = False
+
+
+class _TqdmHandler(logging.Handler):
+    """Console output that does not tear the progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # logging must never kill training
+            self.handleError(record)
+
+
+def setup_logger(run_dir: Optional[Path], is_main: bool = True) -> logging.Logger:
+    """The ``ovenet.train`` logger, writing to the console and (rank 0) appending to ``run_dir/train.log``.
+
+    Calling it again replaces the handlers, so successive runs in one process do not write into each other's logs.
+    """
+    logger = logging.getLogger(LOGGER_NAME)
+    close_logger(logger)
+    logger.setLevel(logging.INFO if is_main else logging.WARNING)
+    logger.propagate = False
+    console = _TqdmHandler()
+    console.setFormatter(logging.Formatter("%(message)s" if is_main else "[rank warning] %(message)s"))
+    logger.addHandler(console)
+    if is_main and run_dir is not None:
+        file = logging.FileHandler(Path(run_dir) / "train.log", mode="a", encoding="utf-8")
+        file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        logger.addHandler(file)
+    return logger
+
+
+def close_logger(logger: Optional[logging.Logger] = None) -> None:
+    logger = logger or logging.getLogger(LOGGER_NAME)
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+
+
+def progress_bar(total: int, initial: int, enabled: bool) -> tqdm:
+    """Iteration bar with tqdm's own rate and ETA; the loop adds loss, lr and images/s as postfix."""
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="it", dynamic_ncols=True,
+                file=sys.stderr, smoothing=0.05)
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    return f"{h}:{rem // 60:02d}:{rem % 60:02d}"
+
+
+class TensorBoard:
+    """A SummaryWriter when enabled, on rank 0 and the package is installed; otherwise every call is a no-op."""
+
+    def __init__(self, log_dir: Path, enabled: bool, logger: Optional[logging.Logger] = None):
+        self.writer = None
+        if not enabled:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            global _tensorboard_notice_shown
+            if not _tensorboard_notice_shown and logger is not None:
+                logger.info("tensorboard is not installed: TensorBoard logging is off (pip install tensorboard, "
+                            "or set train.tensorboard=false to silence this)")
+            _tensorboard_notice_shown = True
+            return
+        self.writer = SummaryWriter(log_dir=str(log_dir))
+
+    def scalars(self, values: dict[str, float], step: int, prefix: str = "") -> None:
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(f"{prefix}{key}", value, step)
+
+    def image(self, tag: str, image_hwc: np.ndarray, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_image(tag, image_hwc, step, dataformats="HWC")
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def visualise_sample(prediction: Any, label: Any, offsets: Any, confidence: Any, palette: Any,
+                     ignore_index: int = 255) -> dict[str, np.ndarray]:
+    """HWC uint8 images of one validation sample: prediction and ground truth in the dataset palette, offsets in
+    optical-flow colours and confidence in viridis (each only if ``ovenet.vis`` provides the function)."""
+    try:
+        from .. import vis
+    except ImportError:
+        return {}
+    images: dict[str, np.ndarray] = {}
+    colorize = getattr(vis, "colorize", None)
+    if colorize is not None and palette:
+        images["prediction"] = colorize(prediction, palette, ignore_index)
+        images["ground_truth"] = colorize(label, palette, ignore_index)
+    if offsets is not None and hasattr(vis, "flow_to_color"):
+        images["offsets"] = vis.flow_to_color(offsets)
+    if confidence is not None and hasattr(vis, "confidence_to_color"):
+        images["confidence"] = vis.confidence_to_color(confidence)
+    return images

@@ -1,0 +1,658 @@
+"""Training: one function, :func:`train`, readable top to bottom, plus :func:`train_step` and :func:`validate`.
+
+Single process: ``train(cfg)``. Several GPUs: ``torchrun --nproc_per_node=N -m ovenet.cli train ...``; every
+process runs the same ``train`` and :mod:`ovenet.engine.distributed` joins them.
+
+What a run folder holds: ``config.yaml``, ``train.log``, ``last.pth`` (every ``ckpt_every`` iterations, on a
+stop request and at the end), ``best.pth`` (best validation mIoU) and TensorBoard events under ``tb/``.
+
+Exact resume: a checkpoint holds the model, optimizer, scheduler, grad scaler, iteration and per-rank RNG states.
+The data order is a pure function of (seed, epoch) and each sample's augmentation a pure function of
+(seed, epoch, index), so a run resumed mid-epoch sees the same remaining batches, augmented the same way, as the
+run that never stopped.
+
+Stopping: the first SIGINT/SIGTERM lets the current step finish, saves ``last.pth`` and raises
+:class:`TrainingInterrupted`, a ``SystemExit`` with code 128 + signal (130 for SIGINT, 143 for SIGTERM), so the
+process exits with the conventional "killed by signal" status that schedulers read as "not finished, requeue".
+A second signal aborts at once (``last.pth`` is written atomically, so the previous one survives).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .. import checkpoint
+from ..config import Config, save_config
+from ..data import build_dataset, build_loader, collate_samples, seed_worker
+from ..errors import CheckpointError, ConfigError, DataError, OvenetError
+from ..losses import build_loss
+from ..metrics import ConfusionMatrix
+from ..models import build_model
+from ..models.hrnet import HighResolutionModule
+from . import distributed as D
+from .logging import TensorBoard, close_logger, format_seconds, progress_bar, setup_logger, visualise_sample
+from .optim import build_optimizer, build_scheduler
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
+_MAX_SKIPS_IN_A_ROW = 16
+
+
+class TrainingInterrupted(SystemExit):
+    """Training stopped on SIGINT/SIGTERM after saving ``last.pth``; ``code`` is 128 + the signal number."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(128 + signum)
+        self.signum = signum
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+# --- data: seeded per-sample augmentation, bad-sample policy, resumable order ---------------------------------
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+
+
+class TrainingSet(Dataset):
+    """Wraps a dataset for training: item ``(epoch, index)`` is sample ``index`` augmented with RNGs seeded from
+    (seed, epoch, index), so augmentation does not depend on worker count, batch order or where a run resumed.
+
+    ``bad_sample="skip"``: a sample that raises :class:`DataError` is replaced by the next index and the error text
+    travels with the batch under ``"skipped"`` (so the main process can log it, whichever worker hit it).
+    """
+
+    def __init__(self, dataset: Dataset, seed: int, bad_sample: str = "stop"):
+        self.dataset = dataset
+        self.seed = seed
+        self.bad_sample = bad_sample
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        epoch, index = key
+        failures: list[str] = []
+        for _ in range(_MAX_SKIPS_IN_A_ROW):
+            try:
+                sample = self._augmented(epoch, index)
+                break
+            except DataError as exc:
+                if self.bad_sample == "stop":
+                    raise
+                failures.append(str(exc))
+                index = (index + 1) % len(self.dataset)
+        else:
+            raise DataError(f"{len(failures)} training samples in a row could not be read (last: {failures[-1]}); "
+                            "the dataset looks broken, check it with `ovenet check-data`")
+        sample["skipped"] = "\n".join(failures)
+        return sample
+
+    def _augmented(self, epoch: int, index: int) -> dict:
+        # Transforms draw from the global `random`/numpy RNGs; seed them for this sample and put the caller's
+        # state back, so that loading data never disturbs the main process's RNG streams.
+        py_state, np_state = random.getstate(), np.random.get_state()
+        seed = sample_seed(self.seed, epoch, index)
+        random.seed(seed)
+        np.random.seed(seed)
+        try:
+            return self.dataset[index]
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+class ResumableSampler(Sampler):
+    """``(epoch, index)`` keys of this rank's share of a seeded permutation, optionally starting mid-epoch.
+
+    Like ``DistributedSampler(shuffle=True, drop_last=True)``: the permutation depends only on (seed, epoch) and
+    is identical on all ranks, and rank r takes every world_size-th entry from r.
+    """
+
+    def __init__(self, num_samples: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.num_samples = num_samples
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.per_rank = num_samples // world_size
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Next iteration yields epoch ``epoch``'s order from its ``start``-th entry on (a mid-epoch resume)."""
+        self.epoch = epoch
+        self.start = start
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.num_samples, generator=generator)[: self.per_rank * self.world_size]
+        mine = order[self.rank :: self.world_size].tolist()
+        return iter([(self.epoch, index) for index in mine[self.start :]])
+
+    def __len__(self) -> int:
+        return max(0, self.per_rank - self.start)
+
+
+def epoch_batches(loader: DataLoader, sampler: ResumableSampler, iteration: int,
+                  iters_per_epoch: int) -> Iterator[dict]:
+    """Endless batches, epoch after epoch, starting at global ``iteration`` (mid-epoch if need be)."""
+    while True:
+        epoch, done = divmod(iteration, iters_per_epoch)
+        sampler.set_epoch(epoch, start=done * loader.batch_size)
+        for batch in loader:
+            yield batch
+            iteration += 1
+
+
+def loader_error(exc: BaseException) -> Optional[OvenetError]:
+    """The user-facing error behind a DataLoader exception, or None if it is not one.
+
+    A worker's exception is re-raised in the main process with the worker's whole traceback as its message;
+    the original one-line message is the traceback's last line.
+    """
+    if not isinstance(exc, OvenetError):
+        return None
+    text = str(exc)
+    if "\n" not in text:
+        return exc
+    for line in reversed(text.strip().splitlines()):
+        head, sep, message = line.partition(": ")
+        if sep and head.rsplit(".", 1)[-1] == type(exc).__name__:
+            return type(exc)(message)
+    return type(exc)(text.strip().splitlines()[-1])
+
+
+# --- one optimisation step and validation -------------------------------------------------------------------
+
+def autocast(device: torch.device, amp_dtype: Optional[torch.dtype]) -> contextlib.AbstractContextManager:
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=amp_dtype)
+
+
+def train_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
+               batch: dict[str, Tensor], scaler: Optional[torch.amp.GradScaler] = None,
+               amp_dtype: Optional[torch.dtype] = None, grad_clip: Optional[float] = None,
+               channels_last: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+    """Forward, loss, backward and optimizer step on one batch (``image`` [B,3,H,W], ``label`` [B,H,W]).
+
+    Returns the detached loss and the loss terms as device tensors: nothing here waits for the GPU (except the
+    fp16 GradScaler, which must read its overflow flag).
+    """
+    device = next(model.parameters()).device
+    images = batch["image"].to(device, non_blocking=True)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    labels = batch["label"].to(device, non_blocking=True)
+    with autocast(device, amp_dtype):
+        output = model(images)
+        loss, terms = criterion(output, labels)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None and scaler.is_enabled():
+        scaler.scale(loss).backward()
+        if grad_clip:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        if grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+    return loss.detach(), terms
+
+
+@torch.no_grad()
+def validate(model: nn.Module, loader: DataLoader, num_classes: int, device: torch.device,
+             amp_dtype: Optional[torch.dtype] = None, align_corners: bool = True, ignore_index: int = 255,
+             channels_last: bool = False) -> tuple[dict[str, Any], Optional[dict[str, Tensor]]]:
+    """Single-scale whole-image mIoU of ``logits_final`` upsampled to the label size (summed over ranks).
+
+    Returns the metrics and, for visualisation, the first sample's prediction, label, offsets and confidence.
+    """
+    was_training = model.training
+    model.eval()
+    matrix = ConfusionMatrix(num_classes, ignore_index, device=device)
+    first = None
+    for batch in loader:
+        images = batch["image"].to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        labels = batch["label"].to(device, non_blocking=True)
+        with autocast(device, amp_dtype):
+            output = model(images)
+        logits = F.interpolate(output.logits_final.float(), size=labels.shape[-2:], mode="bilinear",
+                               align_corners=align_corners)
+        prediction = logits.argmax(1)
+        matrix.update(prediction, labels)
+        if first is None:
+            first = {"prediction": prediction[0], "label": labels[0],
+                     "offsets": None if output.offsets is None else output.offsets[0].float(),
+                     "confidence": None if output.confidence is None else output.confidence[0, 0].float()}
+    matrix.all_reduce()
+    model.train(was_training)
+    return matrix.compute(), first
+
+
+# --- state that checkpoints carry -----------------------------------------------------------------------------
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's RNG states in types that ``torch.load(weights_only=True)`` accepts."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "python": random.getstate(),
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+    }
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+
+
+class NonFiniteWatch:
+    """Remembers, on the device, the first iteration whose loss was NaN/inf, so each step adds no host sync;
+    :meth:`check` (one sync) runs before logging, validation and every checkpoint write."""
+
+    def __init__(self, device: torch.device):
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+        self.bad_value = torch.zeros((), dtype=torch.float32, device=device)
+
+    def update(self, loss: Tensor, iteration: int) -> None:
+        newly_bad = (self.first_bad < 0) & ~torch.isfinite(loss)
+        self.first_bad = torch.where(newly_bad, iteration, self.first_bad)
+        self.bad_value = torch.where(newly_bad, loss.float(), self.bad_value)
+
+    def check(self, info: D.DistInfo, last_ckpt: Path) -> None:
+        # Ranks agree on the earliest bad iteration (any rank's NaN poisons everyone's weights through DDP).
+        never = torch.iinfo(torch.int64).max
+        first = D.min_over_ranks(info, torch.where(self.first_bad < 0, never, self.first_bad))
+        first = int(first)
+        if first == never:
+            return
+        # This rank's value if the first bad step was its own (nan, inf or -inf), else another rank's: say nan.
+        value = float(self.bad_value) if int(self.first_bad) == first else math.nan
+        kept = (f"the last good checkpoint is kept at {last_ckpt}" if last_ckpt.is_file()
+                else "no checkpoint had been written yet")
+        raise OvenetError(f"loss is {value} at iteration {first}; {kept}; lower train.lr or check the data")
+
+
+# --- signals --------------------------------------------------------------------------------------------------
+
+class StopSignals:
+    """While active, the first SIGINT/SIGTERM only sets ``signum`` (the loop stops after the current step);
+    a second one aborts immediately. Handlers can only be installed from the main thread."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.signum is not None:
+            os.write(2, f"\nreceived {name} again: aborting now\n".encode())
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise SystemExit(128 + signum)
+        self.signum = signum
+        # os.write, not logging or print: it is safe inside a signal handler.
+        os.write(2, f"\nreceived {name}: finishing the current step, then saving last.pth "
+                    f"(send {name} again to abort at once)\n".encode())
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+
+# --- setup helpers --------------------------------------------------------------------------------------------
+
+def prepare_run_dir(run_dir: Path) -> None:
+    """Create the run folder and prove it is writable, before any work is done."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write_test_", dir=run_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OvenetError(f"cannot write to the output folder {run_dir} ({exc.strerror or exc}); set output_dir "
+                          "(or name) to a writable folder or fix its permissions") from None
+
+
+def check_free_space(run_dir: Path, model: nn.Module) -> None:
+    """Fail before training when the disk cannot hold the checkpoints (model + momentum, ~3 files at once)."""
+    state_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    needed = 3 * 2 * state_bytes + 64 * 2**20
+    free = shutil.disk_usage(run_dir).free
+    if free < needed:
+        raise OvenetError(f"only {free / 2**20:.0f} MiB free in {run_dir} but checkpoints need about "
+                          f"{needed / 2**20:.0f} MiB; free some space or set output_dir to another disk")
+
+
+def configure_determinism(deterministic: bool) -> None:
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS needs it
+        # warn_only: bilinear-upsample and grid_sample backward have no deterministic CUDA kernels.
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True  # fixed crop sizes: let cuDNN pick its fastest kernels
+
+
+def compile_regions(model: nn.Module) -> int:
+    """Compile each repeated HRNet module in place (``train.compile=regional``): a short compile for most of the
+    gain of compiling the whole model. Returns how many modules were compiled."""
+    modules = [m for m in model.modules() if isinstance(m, HighResolutionModule)]
+    for module in modules:
+        module.compile()
+    return len(modules)
+
+
+def write_checkpoint(path: Path, model: nn.Module, cfg: Config, info: D.DistInfo, device: torch.device,
+                     **state: Any) -> None:
+    """Every rank contributes its RNG state (a collective); rank 0 writes the file atomically."""
+    rngs = D.gather_objects(info, rng_state(device))
+    if not info.is_main:
+        return
+    try:
+        checkpoint.save(path, model, cfg, rng=rngs, world_size=info.world_size, **state)
+    except OSError as exc:
+        raise OvenetError(f"cannot write checkpoint {path} ({exc.strerror or exc}); the previous file is kept; "
+                          "free disk space and resume with --resume auto") from None
+
+
+# --- the training run ----------------------------------------------------------------------------------------
+
+def train(cfg: Config, resume: Union[str, Path, None] = None, run_dir: Optional[Path] = None) -> Path:
+    """Train ``cfg`` (optionally resuming from a checkpoint, or ``"auto"`` = ``run_dir/last.pth`` if present).
+
+    Returns the run folder (default ``output_dir/name``). Raises :class:`OvenetError` for user-caused failures
+    and :class:`TrainingInterrupted` (exit code 130/143) after a SIGINT/SIGTERM stop.
+    """
+    run_dir = Path(run_dir) if run_dir is not None else Path(cfg.output_dir) / cfg.name
+    info = D.init_distributed(cfg.device)
+    deterministic_before = torch.are_deterministic_algorithms_enabled()
+    try:
+        return _train(cfg, resume, run_dir, info)
+    finally:
+        close_logger()
+        torch.use_deterministic_algorithms(deterministic_before)
+        D.cleanup(info)
+
+
+def _train(cfg: Config, resume: Union[str, Path, None], run_dir: Path, info: D.DistInfo) -> Path:
+    t = cfg.train
+    device = D.resolve_device(cfg.device, info.local_rank)
+    on_cuda = device.type == "cuda"
+    amp_dtype = AMP_DTYPES[t.amp] if on_cuda else None  # CPU trains in fp32
+    channels_last = t.channels_last and on_cuda
+
+    # Output folder first: an unwritable one must fail before anything slow happens.
+    def prepare() -> None:
+        prepare_run_dir(run_dir)
+        save_config(cfg, run_dir / "config.yaml")
+
+    _on_main_rank(info, prepare)
+    log = setup_logger(run_dir, info.is_main)
+    tb = TensorBoard(run_dir / "tb", t.tensorboard and info.is_main, log)
+
+    # Reproducibility: each rank its own stream (DDP broadcasts rank 0's initial weights anyway).
+    configure_determinism(t.deterministic)
+    torch.manual_seed(t.seed + info.rank)
+    random.seed(t.seed + info.rank)
+    np.random.seed(t.seed + info.rank)
+
+    # Data.
+    dataset = build_dataset(cfg.data, train=True)
+    if dataset.num_classes != cfg.model.num_classes:
+        raise ConfigError(f"model.num_classes is {cfg.model.num_classes} but the {cfg.data.name} training set has "
+                          f"{dataset.num_classes} classes; set model.num_classes={dataset.num_classes}")
+    train_set = TrainingSet(dataset, t.seed, t.bad_sample)
+    sampler = ResumableSampler(len(train_set), t.seed, info.rank, info.world_size)
+    iters_per_epoch = sampler.per_rank // t.batch_size
+    if iters_per_epoch == 0:
+        raise DataError(f"the training set has {len(train_set)} samples, fewer than one batch "
+                        f"({t.batch_size} per GPU x {info.world_size} processes); lower train.batch_size or add data")
+    loader = DataLoader(train_set, batch_size=t.batch_size, sampler=sampler, num_workers=cfg.data.num_workers,
+                        collate_fn=collate_samples, pin_memory=on_cuda, drop_last=True,
+                        persistent_workers=cfg.data.num_workers > 0, worker_init_fn=seed_worker,
+                        # Own generator: creating loader iterators must not draw from the global torch RNG.
+                        generator=torch.Generator().manual_seed(t.seed + info.rank))
+    total_iters = t.iters if t.iters is not None else t.epochs * iters_per_epoch
+    val_loader = None
+    try:
+        val_set = build_dataset(cfg.data, train=False)
+        val_loader = build_loader(val_set, 1, train=False, num_workers=min(cfg.data.num_workers, 2),
+                                  distributed=info.distributed, seed=t.seed)
+    except DataError as exc:
+        log.warning(f"validation is off, the validation split cannot be loaded: {exc}")
+
+    # Model, loss, optimiser.
+    model = build_model(cfg.model)
+    ckpt = _read_resume(resume, run_dir, log)
+    if ckpt is not None:
+        checkpoint.load_state(model, ckpt["model"], f"checkpoint {ckpt['path']}")
+    elif cfg.model.pretrained:
+        report = checkpoint.load_pretrained_backbone(model, cfg.model.pretrained)
+        log.info(f"ImageNet weights {cfg.model.pretrained}: {len(report['loaded'])} tensors loaded, "
+                 f"{len(report['skipped'])} skipped (classifier), {len(report['missing'])} missing")
+    _on_main_rank(info, lambda: check_free_space(run_dir, model))
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    if info.distributed and t.sync_bn:
+        if on_cuda:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:
+            log.info("train.sync_bn: SyncBatchNorm needs CUDA; keeping per-process BatchNorm on the CPU")
+    criterion = build_loss(cfg.loss, cfg.model.num_classes, dataset.ignore_index, cfg.model.align_corners)
+    criterion.to(device)
+    optimizer = build_optimizer(model, t)
+    scheduler = build_scheduler(optimizer, total_iters, t.poly_power, t.warmup_iters)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+    iteration, best_miou, skipped = 0, None, []
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        iteration, best_miou, skipped = ckpt["iteration"], ckpt.get("best_miou"), list(ckpt.get("skipped", []))
+        rngs = ckpt["rng"]
+        if len(rngs) == info.world_size:
+            set_rng_state(rngs[info.rank], device)
+        else:
+            log.warning(f"checkpoint was written by {len(rngs)} processes, this run has {info.world_size}: "
+                        "weights and schedule resume exactly, random streams do not")
+        log.info(f"resumed from {ckpt['path']} at iteration {iteration}/{total_iters}")
+
+    raw_model = model  # what checkpoints and validation use (no DDP hooks, no compile wrapper)
+    if t.compile == "regional":
+        log.info(f"train.compile=regional: compiled {compile_regions(model)} HRNet modules")
+    if info.distributed:
+        model = DistributedDataParallel(model, device_ids=[device.index] if on_cuda else None)
+    if t.compile == "full":
+        model = torch.compile(model)
+
+    n_params = sum(p.numel() for p in raw_model.parameters())
+    log.info(f"run folder {run_dir} | {cfg.model.arch} {cfg.model.head} offset={cfg.model.offset.enabled} "
+             f"{n_params / 1e6:.2f}M params | {len(train_set)} train samples, {iters_per_epoch} it/epoch, "
+             f"{total_iters} iterations | device {device}, {info.world_size} process(es), amp {amp_dtype}")
+
+    def save(name: str, **extra: Any) -> None:
+        write_checkpoint(run_dir / name, raw_model, cfg, info, device, optimizer=optimizer.state_dict(),
+                         scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
+                         epoch=iteration // iters_per_epoch, iteration=iteration, best_miou=best_miou,
+                         skipped=list(skipped), **extra)
+
+    # The loop.
+    model.train()
+    watch = NonFiniteWatch(device)
+    sums: dict[str, Tensor] = {}
+    window_steps, window_start = 0, time.perf_counter()
+    signal_seen, data_failed, data_problem = False, False, None
+    stream = epoch_batches(loader, sampler, iteration, iters_per_epoch)
+    with contextlib.closing(tb), StopSignals() as signals, progress_bar(total_iters, iteration, info.is_main) as bar:
+        while iteration < total_iters:
+            batch, data_problem = _next_batch(stream)
+            # Ranks agree before each step, so that they all stop at the same one (else DDP would hang).
+            signal_seen, data_failed = D.any_rank(info, signals.signum is not None, data_problem is not None)
+            if signal_seen or data_failed:
+                break
+
+            loss, terms = train_step(model, criterion, optimizer, batch, scaler, amp_dtype, t.grad_clip,
+                                     channels_last)
+            scheduler.step()
+            iteration += 1
+            watch.update(loss, iteration)
+            for key, value in terms.items():
+                sums[key] = sums[key] + value if key in sums else value.clone()
+            window_steps += 1
+            bar.update(1)
+            for failure in filter(None, batch["skipped"]):
+                for line in failure.splitlines():
+                    log.warning(f"skipped unreadable training sample: {line}")
+                    skipped.append(line)
+
+            finished = iteration == total_iters
+            if iteration % t.log_every == 0 or finished:
+                watch.check(info, run_dir / "last.pth")
+                means = dict(zip(sums, (torch.stack(list(sums.values())) / window_steps).tolist()))
+                elapsed = time.perf_counter() - window_start
+                images_per_s = window_steps * t.batch_size * info.world_size / max(elapsed, 1e-9)
+                lr = scheduler.get_last_lr()[0]
+                eta = (total_iters - iteration) * elapsed / window_steps
+                memory = f" mem {torch.cuda.max_memory_allocated(device) / 2**30:.1f}G" if on_cuda else ""
+                log.info(f"iter {iteration}/{total_iters} epoch {iteration // iters_per_epoch} | "
+                         + " ".join(f"{k} {v:.4f}" for k, v in means.items())
+                         + f" | lr {lr:.6f} | {images_per_s:.1f} img/s | eta {format_seconds(eta)}{memory}")
+                bar.set_postfix_str(f"loss {means['loss']:.4f} lr {lr:.2e} {images_per_s:.1f} img/s")
+                tb.scalars({**means, "lr": lr, "images_per_s": images_per_s}, iteration, "train/")
+                sums, window_steps, window_start = {}, 0, time.perf_counter()
+
+            end_of_epoch = iteration % iters_per_epoch == 0
+            if val_loader is not None and (finished or (t.val_every > 0 and iteration % t.val_every == 0)
+                                           or (t.val_every == 0 and t.iters is None and end_of_epoch)):
+                watch.check(info, run_dir / "last.pth")
+                metrics, first = validate(raw_model, val_loader, cfg.model.num_classes, device, amp_dtype,
+                                          cfg.model.align_corners, dataset.ignore_index, channels_last)
+                improved = best_miou is None or metrics["miou"] > best_miou
+                if improved:
+                    best_miou = metrics["miou"]
+                log.info(f"val iter {iteration}: mIoU {100 * metrics['miou']:.2f} pixel acc "
+                         f"{100 * metrics['pixel_acc']:.2f} (best {100 * best_miou:.2f})")
+                tb.scalars({"miou": metrics["miou"], "pixel_acc": metrics["pixel_acc"],
+                            "mean_acc": metrics["mean_acc"]}, iteration, "val/")
+                if first is not None and tb.writer is not None:
+                    images = visualise_sample(first["prediction"], first["label"], first["offsets"],
+                                              first["confidence"], getattr(dataset, "palette", None),
+                                              dataset.ignore_index)
+                    for name, image in images.items():
+                        tb.image(f"val/{name}", image, iteration)
+                if improved:
+                    save("best.pth", val_metrics={k: metrics[k] for k in ("miou", "pixel_acc", "mean_acc")})
+
+            if iteration % t.ckpt_every == 0 or finished:
+                watch.check(info, run_dir / "last.pth")
+                save("last.pth")
+
+    # Stopped early: keep the progress, then say why.
+    if signal_seen or data_failed:
+        watch.check(info, run_dir / "last.pth")  # never write NaN weights over a good checkpoint
+        save("last.pth")
+        D.barrier(info)
+        if data_failed:
+            if data_problem is None:
+                raise DataError("another process hit an unreadable training sample (see its error); "
+                                f"progress is saved in {run_dir / 'last.pth'}")
+            raise DataError(f"{data_problem}; progress is saved in {run_dir / 'last.pth'}; fix or remove the "
+                            "file and resume with --resume auto, or set train.bad_sample=skip")
+        signum = signals.signum or signal.SIGTERM  # None here when only another rank received it
+        message = (f"stopped by {signal.Signals(signum).name} at iteration {iteration}/{total_iters}; saved "
+                   f"{run_dir / 'last.pth'}; continue with --resume auto")
+        log.info(message)
+        raise TrainingInterrupted(signum, message)
+
+    D.barrier(info)
+    best = f", best val mIoU {100 * best_miou:.2f}" if best_miou is not None else ""
+    log.info(f"training finished: {total_iters} iterations{best}; checkpoints in {run_dir}")
+    return run_dir
+
+
+def _on_main_rank(info: D.DistInfo, check: Any) -> None:
+    """Run a check on rank 0 only and raise its OvenetError on every rank (so no rank waits forever)."""
+    problem = None
+    if info.is_main:
+        try:
+            check()
+        except OvenetError as exc:
+            problem = str(exc)
+        except OSError as exc:
+            problem = f"cannot write to the output folder ({exc.strerror or exc}); check its permissions and space"
+    problem = D.broadcast_object(info, problem)
+    if problem:
+        raise OvenetError(problem)
+
+
+def _next_batch(stream: Iterator[dict]) -> tuple[Optional[dict], Optional[OvenetError]]:
+    try:
+        return next(stream), None
+    except Exception as exc:
+        problem = loader_error(exc)
+        if problem is None:
+            raise
+        return None, problem
+
+
+def _read_resume(resume: Union[str, Path, None], run_dir: Path, log: Any) -> Optional[dict]:
+    """The checkpoint dict to resume from (with its ``path``), or None to start fresh."""
+    if resume is None:
+        return None
+    path = run_dir / "last.pth" if str(resume) == "auto" else Path(resume)
+    if str(resume) == "auto" and not path.is_file():
+        log.info(f"--resume auto: no {path} yet, starting from scratch")
+        return None
+    ckpt = checkpoint.read(path)
+    missing = [k for k in ("optimizer", "scheduler", "iteration", "rng") if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} has no training state ({', '.join(missing)} missing): it holds "
+                              "weights only; use it as model.pretrained or for evaluation, not for --resume")
+    ckpt["path"] = path
+    return ckpt
