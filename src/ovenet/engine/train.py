@@ -49,7 +49,7 @@ from ..models import build_model
 from ..models.hrnet import HighResolutionModule
 from . import distributed as D
 from .logging import TensorBoard, close_logger, format_seconds, progress_bar, setup_logger, visualise_sample
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, step_unless_nonfinite
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 _MAX_SKIPS_IN_A_ROW = 16
@@ -196,8 +196,8 @@ def train_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Op
                channels_last: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
     """Forward, loss, backward and optimizer step on one batch (``image`` [B,3,H,W], ``label`` [B,H,W]).
 
-    Returns the detached loss and the loss terms as device tensors: nothing here waits for the GPU (except the
-    fp16 GradScaler, which must read its overflow flag).
+    A NaN/inf loss skips the parameter update on the device (fp16: GradScaler skips it). Returns the detached
+    loss and the loss terms as device tensors: nothing here waits for the GPU.
     """
     device = next(model.parameters()).device
     images = batch["image"].to(device, non_blocking=True)
@@ -219,7 +219,7 @@ def train_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Op
         loss.backward()
         if grad_clip:
             nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
+        step_unless_nonfinite(optimizer, loss.detach())
     return loss.detach(), terms
 
 
@@ -282,7 +282,8 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
 
 class NonFiniteWatch:
     """Remembers, on the device, the first iteration whose loss was NaN/inf, so each step adds no host sync;
-    :meth:`check` (one sync) runs before logging, validation and every checkpoint write."""
+    :meth:`check` (one sync) runs before logging, validation and every checkpoint write. Meanwhile the weights
+    stay finite because :func:`train_step` skips updates with a non-finite loss on the device."""
 
     def __init__(self, device: torch.device):
         self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
@@ -413,7 +414,8 @@ def train(cfg: Config, resume: Union[str, Path, None] = None, run_dir: Optional[
         return _train(cfg, resume, run_dir, info)
     finally:
         close_logger()
-        torch.use_deterministic_algorithms(deterministic_before)
+        if torch.are_deterministic_algorithms_enabled() != deterministic_before:  # leave the process as found
+            torch.use_deterministic_algorithms(deterministic_before)
         D.cleanup(info)
 
 
@@ -560,7 +562,7 @@ def _train(cfg: Config, resume: Union[str, Path, None], run_dir: Path, info: D.D
                 lr = scheduler.get_last_lr()[0]
                 eta = (total_iters - iteration) * elapsed / window_steps
                 memory = f" mem {torch.cuda.max_memory_allocated(device) / 2**30:.1f}G" if on_cuda else ""
-                log.info(f"iter {iteration}/{total_iters} epoch {iteration // iters_per_epoch} | "
+                log.info(f"iter {iteration}/{total_iters} epoch {iteration / iters_per_epoch:.2f} | "
                          + " ".join(f"{k} {v:.4f}" for k, v in means.items())
                          + f" | lr {lr:.6f} | {images_per_s:.1f} img/s | eta {format_seconds(eta)}{memory}")
                 bar.set_postfix_str(f"loss {means['loss']:.4f} lr {lr:.2e} {images_per_s:.1f} img/s")
