@@ -88,24 +88,22 @@ def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def _format_number(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{100 * value:.2f}" if 0.0 <= value <= 1.0 else f"{value:.4g}"
-    return str(value)
+def _pct(value: Any) -> str:
+    return "n/a" if not isinstance(value, (int, float)) or value != value else f"{100 * value:.2f}"
 
 
-def print_metrics(result: Any) -> None:
-    """The scalar entries of an evaluation result (percentages for values in [0, 1]), then where files went."""
-    if not isinstance(result, dict):
-        print(result)
-        return
-    scalars = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    paths = {k: v for k, v in result.items() if isinstance(v, (str, Path)) and k not in scalars}
-    width = max((len(k) for k in (*scalars, *paths)), default=0)
-    for k, v in scalars.items():
-        print(f"{k:<{width}}  {_format_number(v)}")
-    for k, v in paths.items():
-        print(f"{k:<{width}}  {v}")
+def print_metrics(result: dict) -> None:
+    """The headline figures of an evaluation result, in percent."""
+    rows = [("mIoU", result.get("miou")), ("pixel accuracy", result.get("pixel_acc")),
+            ("mean class accuracy", result.get("mean_acc")),
+            (f"boundary mIoU ({result.get('boundary_width', '?')} px)", result.get("boundary_miou"))]
+    city = result.get("cityscapes") or {}
+    rows += [(label, city[key]) for label, key in (("iIoU class", "iiou_class"), ("IoU category", "iou_category"),
+                                                   ("iIoU category", "iiou_category")) if key in city]
+    width = max(len(label) for label, _ in rows)
+    print(f"{result.get('dataset', '?')} {result.get('split', '?')}: {result.get('num_images', '?')} images")
+    for label, value in rows:
+        print(f"  {label:<{width}}  {_pct(value)}")
 
 
 # --- commands -------------------------------------------------------------------------------------------------
@@ -119,9 +117,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         require_file(args.resume)
     from ovenet.engine.train import train
 
-    result = train(cfg, resume=args.resume, run_dir=args.run_dir)
+    run_dir = train(cfg, resume=args.resume, run_dir=args.run_dir)
     if _is_main_process():
-        print(f"training finished: {result}")
+        print(f"training finished; run folder {run_dir} (best.pth, last.pth, config.yaml, train.log)")
     return 0
 
 
@@ -143,13 +141,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
         overrides.append(f"data.root={args.data_root}")
     if args.device:
         overrides.append(f"device={args.device}")
+    model_keys = [o for o in overrides if o.startswith("model.")]
+    if model_keys:
+        raise ConfigError(f"eval takes the network from the checkpoint, so {model_keys[0].split('=')[0]} would be "
+                          "ignored; for a converted official checkpoint run convert-official again with --sampling")
     cfg = load_config(config_path, overrides) if config_path else config_from_checkpoint(checkpoint, overrides)
     args.loaded_config = cfg
-    resolve_device(cfg.device)
-    from ovenet.engine.evaluate import evaluate
+    device = resolve_device(cfg.device)
+    from ovenet.engine.evaluate import evaluate, result_paths
 
-    result = evaluate(cfg, checkpoint, out_dir=args.out, split=args.split, overwrite=args.overwrite)
+    result = evaluate(cfg, checkpoint, out_dir=args.out, split=args.split, overwrite=args.overwrite,
+                      device=device, precision=args.precision, progress=sys.stderr.isatty())
     print_metrics(result)
+    json_path, md_path = result_paths(args.out or Path(checkpoint).parent, result.get("split", args.split))
+    print(f"wrote {json_path} and {md_path}")
     return 0
 
 
@@ -193,13 +198,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     if (args.height is None) != (args.width is None):
         raise OvenetError("give both --height and --width, or neither")
     out = Path(args.out) if args.out else checkpoint.with_suffix(".onnx")
+    from ovenet.checkpoint import read
     from ovenet.export import export_onnx
 
-    options: dict[str, Any] = {"opset": args.opset}
-    if args.height is not None:
-        options["input_size"] = (args.height, args.width)
-    path = export_onnx(str(checkpoint), out, **options)
-    print(f"wrote {path or out}")
+    if args.height is None:
+        args.height, args.width = read(checkpoint)["config"].get("data", {}).get("crop_size", [512, 1024])
+    path = export_onnx(checkpoint, out, opset=args.opset, height=int(args.height), width=int(args.width),
+                       outputs=args.outputs, full_resolution=args.full_resolution, overwrite=args.overwrite)
+    print(f"wrote {path}")
     return 0
 
 
@@ -323,5 +329,6 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     from ovenet.quickstart import run_quickstart
 
     device = resolve_device(args.device)
-    run_quickstart(args.out, minutes=args.minutes, iters=args.iters, device=device, overwrite=args.overwrite)
+    run_quickstart(args.out, minutes=args.minutes, iters=args.iters, device=device, overwrite=args.overwrite,
+                   overrides=args.overrides)
     return 0

@@ -18,7 +18,7 @@ from ovenet.errors import OvenetError
 PROG = "ovenet"
 PAPER_SCALES = [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
 OVERRIDE_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=")
-COMMANDS_TAKING_OVERRIDES = ("train", "eval", "predict", "check-data", "configs")
+COMMANDS_TAKING_OVERRIDES = ("train", "eval", "predict", "check-data", "configs", "quickstart")
 
 
 def is_override(text: str) -> bool:
@@ -98,12 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
     # -- eval --------------------------------------------------------------------------------------------------
     p = command(
         "eval", "evaluate a checkpoint (mIoU, boundary mIoU, per class)",
-        "Evaluate CHECKPOINT on the validation split. CONFIG is optional: without it the checkpoint's own\n"
-        "config is used (point it at your data with --data-root). Command-line flags win over overrides,\n"
+        "Evaluate CHECKPOINT on the validation split: mIoU, pixel and class accuracy, boundary mIoU, per-class\n"
+        "tables (and the Cityscapes benchmark figures on Cityscapes). CONFIG is optional: without it the\n"
+        "checkpoint's own config is used (point it at your data with --data-root). CONFIG and overrides give\n"
+        "the data and eval settings; the network always comes from the checkpoint. Flags win over overrides,\n"
         "which win over the config.",
         "  ovenet eval cityscapes_hrnetv2_w48_ocr_ovenet runs/cs/best.pth\n"
         "  ovenet eval runs/cs/best.pth --data-root data/cityscapes --paper-scales\n"
-        "  ovenet eval converted.pth --data-root data/cityscapes model.offset.sampling=exact\n"
+        "  ovenet eval converted.pth --data-root data/cityscapes eval.mode=slide eval.crop_size=[512,1024]\n"
         "  ovenet eval camvid_hrnetv2_w18s_ovenet runs/camvid/best.pth --split val --out results/ --overwrite",
         usage=f"{PROG} eval [CONFIG] CHECKPOINT [key.sub=value ...] [options]",
     )
@@ -112,8 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", help="dataset split (default: the config's data.val_split)")
     _add_inference_options(p)
     p.add_argument("--data-root", metavar="DIR", help="dataset root (sets data.root)")
-    p.add_argument("--out", metavar="DIR", help="where to write the metrics JSON and table")
+    p.add_argument("--out", metavar="DIR",
+                   help="where to write eval_SPLIT.json and eval_SPLIT.md (default: the checkpoint's folder)")
     p.add_argument("--overwrite", action="store_true", help="replace existing results in --out")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="inference precision (bf16/fp16 on GPU only)")
     _add_device(p, default=None)
 
     # -- predict -----------------------------------------------------------------------------------------------
@@ -138,8 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     # -- export ------------------------------------------------------------------------------------------------
     p = command(
         "export", "export a checkpoint to ONNX",
-        "Export CHECKPOINT's network to ONNX (needs the optional `onnx` package; onnxruntime is used to check\n"
-        "the export when installed). The graph takes a normalised 1x3xHxW image and returns logits.",
+        "Export CHECKPOINT's network to ONNX (needs the optional `onnx` package). The graph takes an\n"
+        "ImageNet-normalised float32 Bx3xHxW RGB image (B, H, W dynamic) and returns the final logits and, for\n"
+        "OVeNet, the offsets and the confidence, at 1/4 of the input size unless --full-resolution.",
         "  ovenet export runs/cs/best.pth --format onnx\n"
         "  ovenet export runs/cs/best.pth --out model.onnx --opset 17 --height 1024 --width 2048",
     )
@@ -147,8 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("onnx",), default="onnx", help="export format")
     p.add_argument("--out", metavar="PATH", help="output file (default: CHECKPOINT with .onnx suffix)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset version")
-    p.add_argument("--height", type=int, help="example input height (default: the training crop)")
+    p.add_argument("--height", type=int, help="example input height; H and W stay dynamic (default: training crop)")
     p.add_argument("--width", type=int, help="example input width (default: the training crop)")
+    p.add_argument("--outputs", nargs="+", choices=("logits", "offsets", "confidence"),
+                   help="graph outputs (default: logits, plus offsets and confidence for OVeNet)")
+    p.add_argument("--full-resolution", action="store_true",
+                   help="upsample the outputs to the input size inside the graph (default: 1/4 resolution)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
     # -- convert-official --------------------------------------------------------------------------------------
     p = command(
@@ -162,10 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
         "            shared reference fixture was recorded this way.\n"
         "  exact     zero offset samples the pixel itself, as the authors' PyTorch 1.1 did at training time.\n"
         "            Pick exact for checkpoints trained under PyTorch 1.1 (the released ones probably were).\n"
-        "If unsure, evaluate the val mIoU both ways (or convert once and pass model.offset.sampling=... to eval).",
+        "If unsure, convert both ways and compare the val mIoU of the two checkpoints.",
         "  ovenet convert-official seg_offset_hrnet_ocr_w48_cityscapes.yaml final_state.pth ovenet_cs.pth\n"
         "  ovenet convert-official cfg.yaml final_state.pth ovenet_cs_exact.pth --sampling exact\n"
-        "  ovenet eval ovenet_cs.pth --data-root data/cityscapes model.offset.sampling=exact",
+        "  ovenet eval ovenet_cs.pth --data-root data/cityscapes; ovenet eval ovenet_cs_exact.pth --data-root ...",
     )
     p.add_argument("official_yaml", metavar="OFFICIAL.yaml", help="the official experiment YAML")
     p.add_argument("state", metavar="final_state.pth", help="the official checkpoint")
@@ -212,8 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
         "for a few validation scenes, using the same code as train/eval/predict.",
         "  ovenet quickstart\n"
         "  ovenet quickstart --out /tmp/qs --minutes 1\n"
-        "  ovenet quickstart --iters 50           # a smoke test",
+        "  ovenet quickstart --iters 50 data.num_samples=64     # a smoke test",
     )
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                   help="changes to the quickstart config, e.g. data.num_samples=128")
     p.add_argument("--out", default="runs/quickstart", metavar="DIR", help="output folder")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--minutes", type=float, default=3.0, help="approximate total time budget")
@@ -278,6 +291,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(handler(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except SystemExit as e:  # TrainingInterrupted (SIGINT/SIGTERM): the engine has already said where last.pth is
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except BrokenPipeError:  # `ovenet configs | head`: the reader left, nothing to report
         sys.stderr.close()
         return 0

@@ -1,0 +1,170 @@
+"""``ovenet quickstart``: a first OVeNet run on a fresh machine, no dataset, a few minutes of CPU.
+
+It trains the shipped ``quickstart`` config (a tiny OVeNet on procedural :class:`~ovenet.data.SyntheticScenes`),
+evaluates the checkpoint (mIoU, boundary mIoU) and writes predictions with offset and confidence images for a
+few validation scenes, through the same ``train``/``evaluate``/``predict_files`` functions as the real commands.
+The number of training iterations is sized to the time budget by timing a few steps of the same model first.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from collections.abc import Sequence
+from typing import Callable, Optional
+
+from ovenet.config import Config, load_config
+from ovenet.errors import OvenetError
+
+CONFIG_NAME = "quickstart"
+MARKER = "quickstart.json"  # written last; its presence makes a folder safe to replace with overwrite=True
+TRAIN_SHARE = 0.8  # of the budget; the rest pays for start-up, validation, evaluation and predictions
+FIXED_SECONDS = 15.0  # start-up, end-of-training validation, evaluation and predictions on 2 CPU cores
+MIN_ITERS, MAX_ITERS = 20, 20000
+
+
+def quickstart_config(out_dir: Path, iters: int, device: str, overrides: Sequence[str] = ()) -> Config:
+    return load_config(CONFIG_NAME, [*overrides, f"device={device}", f"train.iters={iters}",
+                                     f"output_dir={out_dir}", "name=run"])
+
+
+def seconds_per_iteration(cfg: Config, device: str, steps: int = 3) -> float:
+    """Time ``steps`` training steps (forward, loss, backward, SGD) of the config's model on random data."""
+    import torch
+
+    from ovenet.losses import build_loss
+    from ovenet.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(cfg.model).to(device).train()
+    criterion = build_loss(cfg.loss, cfg.model.num_classes, align_corners=cfg.model.align_corners)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    h, w = cfg.data.crop_size
+    images = torch.randn(cfg.train.batch_size, 3, h, w, device=device)
+    labels = torch.randint(0, cfg.model.num_classes, (cfg.train.batch_size, h, w), device=device)
+
+    def step() -> None:
+        loss, _ = criterion(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    step()  # warm-up: allocator, kernel selection
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
+def plan_iterations(minutes: float, seconds_per_iter: float) -> int:
+    """Training iterations that fit ``minutes`` in total, leaving time for everything else."""
+    if minutes <= 0:
+        raise OvenetError(f"--minutes must be > 0, got {minutes}")
+    budget = minutes * 60 * TRAIN_SHARE - FIXED_SECONDS
+    return int(min(MAX_ITERS, max(MIN_ITERS, budget / max(seconds_per_iter, 1e-6))))
+
+
+def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OvenetError(f"--out {out_dir} is a file; choose a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise OvenetError(f"{out_dir} already exists and is not empty; pass --overwrite to replace an earlier "
+                              "quickstart or choose another --out")
+        if not (out_dir / MARKER).is_file():
+            raise OvenetError(f"{out_dir} is not empty and holds no earlier quickstart ({MARKER} missing); "
+                              "refusing to delete it, choose another --out")
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def write_scenes(cfg: Config, folder: Path, count: int) -> list[tuple[Path, object]]:
+    """The first ``count`` validation scenes as PNG files (the predictor reads files) with their labels."""
+    from ovenet.data import build_dataset
+    from ovenet.vis import save_png
+
+    dataset = build_dataset(cfg.data, cfg.data.val_split, train=False)
+    scenes = []
+    for index in range(min(count, len(dataset))):
+        raw = dataset.load(index)  # uint8 image and label, before normalisation
+        path = save_png(folder / f"scene_{index:02d}.png", raw["image"])
+        scenes.append((path, raw["label"]))
+    return scenes
+
+
+def run_quickstart(out_dir: str | Path = "runs/quickstart", minutes: float = 3.0, iters: Optional[int] = None,
+                   device: str = "cpu", overwrite: bool = False, num_predictions: int = 4,
+                   overrides: Sequence[str] = (), log: Callable[[str], None] = print) -> dict:
+    """Train, evaluate and predict; returns a summary with the metrics and the paths written.
+
+    ``overrides`` change the quickstart config (e.g. ``data.num_samples=32`` for a smaller run).
+    """
+    import torch
+
+    from ovenet import checkpoint
+    from ovenet.data import dataset_info
+    from ovenet.engine.evaluate import evaluate, result_paths
+    from ovenet.engine.predict import predict_files
+    from ovenet.vis import colorize, save_png
+
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    quickstart_config(out_dir, 1, device, overrides)  # bad overrides fail before anything is touched
+    _prepare_out_dir(out_dir, overwrite)
+    if iters is None:
+        per_iter = seconds_per_iteration(quickstart_config(out_dir, 1, device, overrides), device)
+        iters = plan_iterations(minutes, per_iter)
+        log(f"quickstart: {per_iter:.2f} s per training step on {device} ({torch.get_num_threads()} threads): "
+            f"{iters} iterations fit about {minutes:g} min")
+    elif iters < 1:
+        raise OvenetError(f"--iters must be >= 1, got {iters}")
+    cfg = quickstart_config(out_dir, iters, device, overrides)
+    log(f"quickstart: training {cfg.model.arch} OVeNet on synthetic {cfg.data.image_size[0]}x"
+        f"{cfg.data.image_size[1]} scenes for {iters} iterations")
+
+    from ovenet.engine.train import train
+
+    run_dir = train(cfg, run_dir=out_dir / "run")
+    ckpt = run_dir / "best.pth" if (run_dir / "best.pth").is_file() else run_dir / "last.pth"
+
+    result = evaluate(cfg, ckpt, out_dir=out_dir / "eval", overwrite=True, device=device, progress=False)
+    eval_json, eval_md = result_paths(out_dir / "eval", result["split"])
+
+    model = checkpoint.load(ckpt, device)
+    num_classes, class_names, palette = dataset_info("synthetic", cfg.model.num_classes)
+    scenes = write_scenes(cfg, out_dir / "scenes", num_predictions)
+    pred_dir = out_dir / "predictions"
+    written = predict_files(model, [path for path, _ in scenes], pred_dir, palette, class_names, "synthetic",
+                            save=("color", "overlay", "offsets", "confidence"), overwrite=True, device=device)
+    for path, label in scenes:  # the ground truth beside each prediction, for a side-by-side look
+        written.append(save_png(pred_dir / f"{path.stem}_truth.png", colorize(label, palette)))
+
+    summary = {
+        "iterations": iters,
+        "device": device,
+        "seconds": round(time.perf_counter() - start, 1),
+        "miou": result["miou"],
+        "boundary_miou": result["boundary_miou"],
+        "pixel_acc": result["pixel_acc"],
+        "run_dir": str(run_dir),
+        "checkpoint": str(ckpt),
+        "eval_json": str(eval_json),
+        "eval_table": str(eval_md),
+        "predictions": sorted(str(p) for p in written),
+    }
+    (out_dir / MARKER).write_text(json.dumps(summary, indent=2) + "\n")
+    log("")
+    log(f"quickstart done in {summary['seconds']:.0f} s: mIoU {100 * result['miou']:.1f}, boundary mIoU "
+        f"{100 * result['boundary_miou']:.1f} ({result['boundary_width']} px band), pixel accuracy "
+        f"{100 * result['pixel_acc']:.1f} on {result['num_images']} validation scenes")
+    log(f"  run folder (config, log, checkpoints): {run_dir}")
+    log(f"  evaluation:  {eval_md} (per-class table), {eval_json}")
+    log(f"  predictions: {pred_dir}/scene_XX_{{color,overlay,offsets,confidence,truth}}.png")
+    log(f"  next: ovenet predict {ckpt} your_image.png --out preds/   |   ovenet info {ckpt}")
+    return summary

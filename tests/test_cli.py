@@ -1,0 +1,323 @@
+"""The ``ovenet`` command line: exit codes, one-line errors, and each subcommand end to end on tiny models."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from ovenet import checkpoint
+from ovenet.cli import commands
+from ovenet.cli.main import main
+from ovenet.config import load_config
+from ovenet.models import build_model
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+FIXTURE = SHARED / "fixtures" / "official_ovenet_ocr_tiny.pt"
+# A tiny synthetic setup: 2 validation scenes of 48x64.
+TINY = ["data.num_samples=8", "data.image_size=[48,64]", "data.crop_size=[48,64]", "eval.crop_size=[48,64]"]
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(err: str, *fragments: str) -> None:
+    assert err.startswith("ovenet: error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """An untrained quickstart-sized OVeNet saved as an ovenet checkpoint with a tiny synthetic data config."""
+    cfg = load_config("quickstart", TINY)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
+    checkpoint.save(path, build_model(cfg.model), cfg, iteration=7)
+    return path
+
+
+# --- help and parsing -------------------------------------------------------------------------------------------
+
+def test_module_entry_point_runs_in_a_subprocess():
+    result = subprocess.run([sys.executable, "-m", "ovenet.cli", "--help"], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    for command in ("train", "eval", "predict", "export", "convert-official", "check-data", "configs", "info",
+                    "quickstart"):
+        assert command in result.stdout
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "predict", "export", "convert-official", "check-data",
+                                     "configs", "info", "quickstart"])
+def test_every_command_has_help_with_examples(capsys, command):
+    code, out, _ = run(capsys, command, "--help")
+    assert code == 0 and "examples:" in out and f"ovenet {command}" in out
+
+
+def test_usage_errors_exit_2(capsys):
+    assert run(capsys, "no-such-command")[0] == 2
+    assert run(capsys)[0] == 2  # a command is required
+    code, _, err = run(capsys, "info", "a.pth", "--no-such-flag")
+    assert code == 2 and "unrecognized arguments: --no-such-flag" in err
+    code, _, err = run(capsys, "info", "a.pth", "train.lr=1")
+    assert code == 2 and "takes no config overrides" in err
+
+
+def test_overrides_may_follow_options(capsys):
+    code, out, _ = run(capsys, "configs", "quickstart", "--debug", "model.offset.tau=0.3", "train.lr=0.02")
+    assert code == 0
+    printed = yaml.safe_load(out)
+    assert printed["model"]["offset"]["tau"] == 0.3 and printed["train"]["lr"] == 0.02
+    assert printed == load_config("quickstart", ["model.offset.tau=0.3", "train.lr=0.02"]).to_dict()
+
+
+def test_configs_lists_usable_configs_only(capsys):
+    code, out, _ = run(capsys, "configs")
+    assert code == 0
+    assert "cityscapes_hrnetv2_w48_ocr_ovenet" in out and "camvid_ablation_tau0.2" in out and "quickstart" in out
+    assert "_base_" not in out
+
+
+# --- errors -------------------------------------------------------------------------------------------------------
+
+def test_unknown_override_key_suggests_the_nearest(capsys):
+    code, out, err = run(capsys, "train", "quickstart", "model.offset.taux=0.3")
+    assert code == 2 and out == ""
+    assert_one_line_error(err, "unknown config key 'model.offset.taux'", "did you mean 'model.offset.tau'?")
+
+
+def test_bad_value_exits_2(capsys):
+    code, _, err = run(capsys, "train", "quickstart", "model.offset.tau=0")
+    assert code == 2
+    assert_one_line_error(err, "model.offset.tau", "must be > 0")
+    code, _, err = run(capsys, "train", "quickstart", "train.lr=fast")
+    assert code == 2
+    assert_one_line_error(err, "train.lr", "wrong type")
+
+
+@pytest.mark.parametrize("argv", [["eval", "MISSING"], ["eval", "quickstart", "MISSING"],
+                                  ["predict", "MISSING", "x.png", "--out", "o"], ["info", "MISSING"],
+                                  ["export", "MISSING"]])
+def test_missing_checkpoint_names_the_path(capsys, tmp_path, argv):
+    missing = str(tmp_path / "nope" / "best.pth")
+    code, _, err = run(capsys, *[missing if a == "MISSING" else a for a in argv])
+    assert code == 2
+    assert_one_line_error(err, missing, "does not exist")
+
+
+def test_debug_shows_the_traceback(capsys, tmp_path):
+    code, _, err = run(capsys, "--debug", "info", str(tmp_path / "missing.pth"))
+    assert code == 2 and "Traceback" in err and err.rstrip().endswith("does not exist")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_device_cuda_without_gpu_is_a_clear_error(capsys, tiny_checkpoint, tmp_path):
+    for argv in (["train", "quickstart", "--device", "cuda"],
+                 ["eval", str(tiny_checkpoint), "--device", "cuda:1"],
+                 ["predict", str(tiny_checkpoint), str(tiny_checkpoint), "--out", str(tmp_path), "--device", "cuda"],
+                 ["train", "quickstart", "device=cuda"]):
+        code, _, err = run(capsys, *argv)
+        assert code == 2
+        assert_one_line_error(err, "no CUDA GPU is available", "--device cpu")
+
+
+def test_engine_failures_map_to_one_line(capsys, monkeypatch):
+    import ovenet.engine.train as engine_train
+
+    def oom(cfg, resume=None, run_dir=None):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(engine_train, "train", oom)
+    code, _, err = run(capsys, "train", "quickstart", "train.batch_size=6")
+    assert code == 2
+    assert_one_line_error(err, "CUDA out of memory at batch size 6, crop 96x160", "train.batch_size=3")
+
+    def missing_file(cfg, resume=None, run_dir=None):
+        raise FileNotFoundError(2, "No such file or directory", "data/x.png")
+
+    monkeypatch.setattr(engine_train, "train", missing_file)
+    code, _, err = run(capsys, "train", "quickstart")
+    assert code == 2
+    assert_one_line_error(err, "cannot open 'data/x.png'", "No such file")
+
+    def interrupted(cfg, resume=None, run_dir=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine_train, "train", interrupted)
+    assert run(capsys, "train", "quickstart") == (130, "", "")
+
+    def bug(cfg, resume=None, run_dir=None):
+        raise ValueError("a bug keeps its traceback")
+
+    monkeypatch.setattr(engine_train, "train", bug)
+    with pytest.raises(ValueError):
+        main(["train", "quickstart"])
+
+
+def test_train_passes_config_resume_and_run_dir(capsys, monkeypatch, tmp_path):
+    import ovenet.engine.train as engine_train
+
+    seen = {}
+
+    def fake_train(cfg, resume=None, run_dir=None):
+        seen.update(cfg=cfg, resume=resume, run_dir=run_dir)
+        return Path(run_dir)
+
+    monkeypatch.setattr(engine_train, "train", fake_train)
+    code, out, _ = run(capsys, "train", "quickstart", "train.lr=0.02", "--resume", "auto", "--run-dir",
+                       str(tmp_path), "--device", "cpu")
+    assert code == 0 and str(tmp_path) in out
+    assert seen["cfg"].train.lr == 0.02 and seen["cfg"].device == "cpu"
+    assert seen["resume"] == "auto" and seen["run_dir"] == str(tmp_path)
+    code, _, err = run(capsys, "train", "quickstart", "--resume", str(tmp_path / "last.pth"))
+    assert code == 2 and "last.pth' does not exist" in err
+
+
+# --- convert-official -----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def official_files(tmp_path_factory):
+    if not FIXTURE.is_file():
+        pytest.skip(f"shared fixture {FIXTURE} is absent")
+    fixture = torch.load(FIXTURE, weights_only=True)
+    folder = tmp_path_factory.mktemp("official")
+    (folder / "official.yaml").write_text(fixture["official_yaml"])
+    torch.save(fixture["checkpoint"], folder / "final_state.pth")
+    return folder, fixture
+
+
+@pytest.mark.parametrize("sampling", ["official", "exact"])
+def test_convert_official_writes_a_loadable_checkpoint(capsys, official_files, sampling):
+    folder, fixture = official_files
+    out = folder / f"converted_{sampling}.pth"
+    args = ["convert-official", str(folder / "official.yaml"), str(folder / "final_state.pth"), str(out)]
+    code, stdout, err = run(capsys, *args, *(["--sampling", sampling] if sampling == "exact" else []))
+    assert code == 0, err
+    assert str(out) in stdout
+    model = checkpoint.load(out, "cpu")
+    assert model.config.model.offset.sampling == sampling and model.config.model.offset.tau == 0.2
+    with torch.no_grad():
+        result = model(fixture["input"])
+    expected = fixture["eval_outputs"]["s_f"][1]  # fused OCR logits of the official code
+    error = (result.logits_final - expected).abs().max().item()
+    if sampling == "official":
+        assert error < 1e-4  # what the official code computes today
+    else:
+        assert error > 1e-3  # a different resampling convention, so visibly different outputs
+
+    code, stdout, _ = run(capsys, "info", str(out))
+    assert code == 0 and f"sampling {sampling}" in stdout and "OCR head" in stdout
+    params = sum(p.numel() for p in model.parameters())
+    assert f"{params / 1e6:.2f} M" in stdout
+
+
+def test_convert_official_errors(capsys, official_files, tmp_path):
+    folder, _ = official_files
+    code, _, err = run(capsys, "convert-official", str(folder / "official.yaml"), str(tmp_path / "nope.pth"),
+                       str(tmp_path / "o.pth"))
+    assert code == 2
+    assert_one_line_error(err, "nope.pth", "does not exist")
+    code, _, err = run(capsys, "convert-official", str(folder / "official.yaml"), str(folder / "final_state.pth"),
+                       str(tmp_path / "o.pth"), "--sampling", "bilinear")
+    assert code == 2 and "invalid choice" in err
+
+
+# --- info, eval, predict, export, check-data on a tiny checkpoint --------------------------------------------
+
+def test_info(capsys, tiny_checkpoint):
+    code, out, _ = run(capsys, "info", str(tiny_checkpoint))
+    assert code == 0
+    assert "hrnetv2_w18_small_v1 + FCN head, OVeNet" in out and "tau 0.5" in out
+    assert "8 (synthetic): sky, building" in out and "iteration 7" in out
+
+
+def test_eval_with_and_without_config(capsys, tiny_checkpoint, tmp_path):
+    code, out, err = run(capsys, "eval", str(tiny_checkpoint), "--out", str(tmp_path / "a"), "--device", "cpu")
+    assert code == 0, err
+    result = json.loads((tmp_path / "a" / "eval_val.json").read_text())
+    assert result["num_images"] == 2 and 0 <= result["miou"] <= 1 and "boundary_miou" in result
+    assert "mIoU" in out and "eval_val.md" in out
+
+    # Refuses to overwrite, then does with --overwrite; CONFIG + overrides + flags all apply.
+    code, _, err = run(capsys, "eval", str(tiny_checkpoint), "--out", str(tmp_path / "a"))
+    assert code == 2 and "--overwrite" in err
+    code, _, err = run(capsys, "eval", "quickstart", str(tiny_checkpoint), *TINY, "--out", str(tmp_path / "a"),
+                       "--overwrite", "--scales", "0.75", "1.0", "--flip")
+    assert code == 0, err
+    result = json.loads((tmp_path / "a" / "eval_val.json").read_text())
+    assert result["eval"]["scales"] == [0.75, 1.0] and result["eval"]["flip"] is True
+
+
+def test_eval_refuses_what_it_would_ignore(capsys, tiny_checkpoint):
+    code, _, err = run(capsys, "eval", str(tiny_checkpoint), "model.offset.sampling=official")
+    assert code == 2
+    assert_one_line_error(err, "model.offset.sampling", "checkpoint")
+    code, _, err = run(capsys, "eval", "a.yaml", "b.pth", "c.pth")
+    assert code == 2
+    assert_one_line_error(err, "[CONFIG] CHECKPOINT")
+
+
+def test_predict_writes_labels_offsets_and_confidence(capsys, tiny_checkpoint, tmp_path):
+    image = tmp_path / "in" / "street.png"
+    image.parent.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(image)
+    out = tmp_path / "out"
+    code, stdout, err = run(capsys, "predict", str(tiny_checkpoint), str(image), "--out", str(out), "--device", "cpu")
+    assert code == 0, err
+    for kind in ("color", "overlay", "labels", "offsets", "confidence"):
+        assert Image.open(out / f"street_{kind}.png").size == (56, 40)
+    assert "1 image" not in stdout or "wrote" in stdout
+    code, _, err = run(capsys, "predict", str(tiny_checkpoint), str(tmp_path / "none.png"), "--out", str(out))
+    assert code == 2
+    assert_one_line_error(err, "none.png", "does not exist")
+
+
+def test_export_onnx(capsys, tiny_checkpoint, tmp_path):
+    pytest.importorskip("onnx")
+    out = tmp_path / "tiny.onnx"
+    code, stdout, err = run(capsys, "export", str(tiny_checkpoint), "--out", str(out), "--height", "48",
+                            "--width", "64")
+    assert code == 0, err
+    assert out.is_file() and out.stat().st_size > 1000 and str(out) in stdout
+    code, _, err = run(capsys, "export", str(tiny_checkpoint), "--out", str(out), "--height", "48")
+    assert code == 2 and "both --height and --width" in err
+
+
+def test_check_data_lists_every_problem(capsys, tmp_path):
+    code, out, err = run(capsys, "check-data", "quickstart", *TINY)
+    assert code == 0, err
+    assert out.count("OK") == 2  # train and val splits
+
+    root = tmp_path / "data"
+    (root / "val" / "images").mkdir(parents=True)
+    (root / "val" / "labels").mkdir(parents=True)
+    for i in range(4):
+        Image.fromarray(np.zeros((8, 10, 3), np.uint8)).save(root / "val" / "images" / f"im{i}.png")
+    label = np.zeros((8, 10), np.uint8)
+    Image.fromarray(label).save(root / "val" / "labels" / "im0.png")  # good
+    Image.fromarray(label + 7).save(root / "val" / "labels" / "im1.png")  # class 7 of 3
+    Image.fromarray(np.zeros((5, 5), np.uint8)).save(root / "val" / "labels" / "im2.png")  # wrong size
+    (root / "val" / "labels" / "im3.png").write_bytes(b"not a png")  # corrupt
+    config = tmp_path / "folder.yaml"
+    config.write_text(yaml.safe_dump({
+        "_base_": "quickstart", "model": {"num_classes": 3},
+        "data": {"name": "folder", "root": str(root), "image_dir": "{split}/images", "label_dir": "{split}/labels",
+                 "num_classes": 3}}))
+    code, out, err = run(capsys, "check-data", str(config), "--split", "val")
+    assert code == 2
+    assert_one_line_error(err, "3 problem(s)")
+    lines = [line for line in out.splitlines() if line.startswith("[val]")]
+    assert any("im1" in line for line in lines) and any("im2" in line for line in lines)
+    assert any("im3" in line for line in lines) and not any("im0" in line for line in lines[:-1])
