@@ -14,6 +14,7 @@ from ovenet.models import build_model
 
 def lively(model: nn.Module, seed: int = 0) -> nn.Module:
     """He-initialised convs and unit-std output convs: varied predictions from a random tiny model."""
+    model.eval()  # calibrate with running BN statistics, as used at inference (and without updating them)
     g = torch.Generator().manual_seed(seed)
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     for conv in convs:

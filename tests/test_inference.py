@@ -15,6 +15,7 @@ from ovenet.models import build_model
 def lively(model: nn.Module, seed: int = 0) -> nn.Module:
     """He-initialise every conv and rescale the class/offset output convs to unit std, so that a random tiny model
     gives spatially varied logits, offsets of visible length and confidences away from 0/1."""
+    model.eval()  # calibrate with running BN statistics, as used at inference (and without updating them)
     g = torch.Generator().manual_seed(seed)
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     for conv in convs:

@@ -1,0 +1,148 @@
+"""ONNX export with dynamic batch, height and width.
+
+The exported graph takes ``image``: float32 ``[B, 3, H, W]``, ImageNet-normalised RGB (as
+:func:`ovenet.engine.inference.normalize_image` makes it) and returns, in this order, whichever of
+
+- ``logits``: ``[B, C, h, w]`` the final prediction S_f (the plain logits for the baseline);
+- ``offsets``: ``[B, 2, h, w]`` offset vectors in normalised image coordinates (x, y), OVeNet only;
+- ``confidence``: ``[B, 1, h, w]`` the fusion confidence F in [0, 1], OVeNet only;
+
+were asked for, at 1/4 of the input size (``h = ceil(H / 4)``), or at ``H x W`` with ``full_resolution=True``
+(bilinear, the model's ``align_corners``). Argmax over ``logits`` gives the label map.
+
+We use the TorchScript-based exporter (``dynamo=False``): the torch.export-based one needs the optional
+``onnxscript`` package and adds nothing for this model, whose control flow does not depend on the data.
+
+Opset: the seed resampling is a gather-based bilinear sampler (``ovenet.method``), not ``grid_sample`` (which
+would need opset 16), but it clamps int64 indices, and ONNX ``Clip`` accepts integers only from opset 12; lower
+opsets are refused. Opsets 12, 13, 16 and 17 were checked against onnxruntime.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ovenet.errors import OvenetError
+
+OUTPUT_NAMES = ("logits", "offsets", "confidence")
+MIN_OPSET = 12
+
+
+class ExportWrapper(nn.Module):
+    """The model as a function of the image returning plain tensors (ONNX cannot return a dataclass)."""
+
+    def __init__(self, model: nn.Module, outputs: Sequence[str], full_resolution: bool = False):
+        super().__init__()
+        self.model = model
+        self.outputs = tuple(outputs)
+        self.full_resolution = full_resolution
+        self.align_corners = bool(getattr(model, "align_corners", True))
+
+    def forward(self, image: Tensor) -> tuple[Tensor, ...]:
+        out = self.model(image)
+        tensors = {"logits": out.logits_final, "offsets": out.offsets, "confidence": out.confidence}
+        result = []
+        for name in self.outputs:
+            tensor = tensors[name].float()
+            if self.full_resolution:
+                tensor = F.interpolate(tensor, size=image.shape[-2:], mode="bilinear",
+                                       align_corners=self.align_corners)
+            result.append(tensor)
+        return tuple(result)
+
+
+def _load_model(model_or_checkpoint: Union[nn.Module, str, Path]) -> nn.Module:
+    if isinstance(model_or_checkpoint, nn.Module):
+        return model_or_checkpoint
+    from ovenet.checkpoint import load
+
+    return load(model_or_checkpoint, "cpu")
+
+
+def export_onnx(
+    model_or_checkpoint: Union[nn.Module, str, Path],
+    out_path: Union[str, Path],
+    opset: int = 17,
+    height: int = 512,
+    width: int = 1024,
+    outputs: Optional[Sequence[str]] = None,
+    full_resolution: bool = False,
+    overwrite: bool = False,
+) -> Path:
+    """Export a model (or an ovenet checkpoint file) to ONNX; returns ``out_path``.
+
+    ``height``/``width`` only size the example input used for tracing: batch, height and width stay dynamic.
+    ``outputs`` defaults to ``("logits",)`` for the baseline and ``("logits", "offsets", "confidence")`` for
+    OVeNet. The model is exported on the CPU in eval mode; its own mode and device are left as they were.
+    """
+    out_path = Path(out_path)
+    if opset < MIN_OPSET:
+        raise OvenetError(f"ONNX opset {opset} is too old: the model needs opset >= {MIN_OPSET} (integer Clip in "
+                          f"the seed sampler); use --opset 17")
+    if height < 4 or width < 4:
+        raise OvenetError(f"export size {height}x{width} is too small; use at least 4x4 (e.g. 512x1024)")
+    if out_path.exists() and not overwrite:
+        raise OvenetError(f"{out_path} already exists; pass --overwrite (overwrite=True) to replace it")
+    model = _load_model(model_or_checkpoint)
+    is_ovenet = bool(getattr(model, "is_ovenet", False))
+    if outputs is None:
+        outputs = OUTPUT_NAMES if is_ovenet else ("logits",)
+    outputs = tuple(outputs)
+    unknown = [o for o in outputs if o not in OUTPUT_NAMES]
+    if unknown or not outputs or len(set(outputs)) != len(outputs):
+        raise OvenetError(f"export outputs {list(outputs)} are invalid; choose distinct names from {OUTPUT_NAMES}")
+    if not is_ovenet and set(outputs) - {"logits"}:
+        raise OvenetError("offsets/confidence outputs need an OVeNet model; this one is the baseline "
+                          "(model.offset.enabled: false), export outputs=('logits',)")
+
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    was_training = model.training
+    wrapper = ExportWrapper(model.cpu().eval(), outputs, full_resolution)
+    example = torch.zeros(1, 3, int(height), int(width))
+    out_axes = {0: "batch", 2: "height", 3: "width"} if full_resolution else \
+        {0: "batch", 2: "out_height", 3: "out_width"}
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer warnings
+            torch.onnx.export(
+                wrapper,
+                (example,),
+                str(out_path),
+                opset_version=int(opset),
+                input_names=["image"],
+                output_names=list(outputs),
+                dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"}, **{o: out_axes for o in outputs}},
+                do_constant_folding=True,
+                dynamo=False,
+            )
+    finally:
+        model.to(device).train(was_training)
+    return out_path
+
+
+def onnx_max_abs_diff(onnx_path: Union[str, Path], model: nn.Module, image: Tensor,
+                      full_resolution: bool = False) -> dict[str, float]:
+    """Run the ONNX file with onnxruntime (optional dependency) and PyTorch on ``image``; max |diff| per output."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise OvenetError("checking an ONNX export needs onnxruntime: pip install onnxruntime") from None
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    got = session.run(None, {"image": image.detach().cpu().float().numpy()})
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            expected = ExportWrapper(model.eval(), names, full_resolution)(image)
+    finally:
+        model.train(was_training)
+    return {name: float((torch.from_numpy(g) - e.cpu()).abs().max()) for name, g, e in zip(names, got, expected)}
