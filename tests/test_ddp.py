@@ -52,17 +52,32 @@ def _free_port() -> int:
 
 
 def test_two_gloo_ranks_train_to_identical_weights(tmp_path):
-    cfg = tiny_config("train.iters=4", "train.log_every=1")  # 8 samples / (2 ranks x 2) = 2 iterations per epoch
+    cfg = tiny_config(
+        "train.iters=4", "train.log_every=1"
+    )  # 8 samples / (2 ranks x 2) = 2 iterations per epoch
     save_config(cfg, tmp_path / "config.yaml")
     (tmp_path / "rank.py").write_text(RANK_SCRIPT)
     port = _free_port()
     procs = []
     for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, str(tmp_path / "rank.py"), str(tmp_path / "config.yaml"),
-                                       str(tmp_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True))
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(tmp_path / "rank.py"), str(tmp_path / "config.yaml"), str(tmp_path)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     for proc in procs:
         try:
             _, stderr = proc.communicate(timeout=90)
@@ -80,7 +95,7 @@ def test_two_gloo_ranks_train_to_identical_weights(tmp_path):
     names = [json.loads((tmp_path / f"names{r}.json").read_text()) for r in range(2)]
     assert len(names[0]) == len(names[1]) == 4
     for epoch in range(2):
-        shares = [sum(names[r][2 * epoch : 2 * epoch + 2], []) for r in range(2)]
+        shares = [[n for batch in names[r][2 * epoch : 2 * epoch + 2] for n in batch] for r in range(2)]
         assert not set(shares[0]) & set(shares[1])  # a sample goes to one rank only
         assert len(set(shares[0]) | set(shares[1])) == 8  # together they see the whole set once
 

@@ -25,7 +25,9 @@ TOTAL = 6  # 4 iterations per epoch: the run crosses an epoch boundary
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     torch.set_num_threads(1)
-    return checkpoint.read(train(tiny_config(), run_dir=tmp_path_factory.mktemp("straight") / "run") / "last.pth")
+    return checkpoint.read(
+        train(tiny_config(), run_dir=tmp_path_factory.mktemp("straight") / "run") / "last.pth"
+    )
 
 
 def _sigterm_after(monkeypatch, steps: int) -> list:

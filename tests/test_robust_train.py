@@ -56,8 +56,13 @@ def _start(tmp_path: Path, cfg, run_dir: Path, *extra: str) -> subprocess.Popen:
     script.write_text(RUNNER)
     save_config(cfg, config)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, str(script), str(config), str(run_dir), *extra], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(script), str(config), str(run_dir), *extra],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _wait_for(condition, proc: subprocess.Popen, timeout: float = 40.0) -> None:
@@ -72,22 +77,22 @@ def _wait_for(condition, proc: subprocess.Popen, timeout: float = 40.0) -> None:
 
 
 def test_sigterm_saves_last_checkpoint_exits_143_and_resumes(tmp_path):
-    cfg = tiny_config("train.iters=40", "train.log_every=1")
+    cfg = tiny_config("train.iters=20", "train.log_every=1")
     run_dir = tmp_path / "run"
     proc = _start(tmp_path, cfg, run_dir)
     log = run_dir / "train.log"
-    _wait_for(lambda: log.is_file() and "iter 5/40" in log.read_text(), proc)
+    _wait_for(lambda: log.is_file() and "iter 3/20" in log.read_text(), proc)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=60)
 
     assert proc.returncode == 143, stderr[-2000:]
     assert "received SIGTERM: finishing the current step" in stderr
     stopped = checkpoint.read(run_dir / "last.pth")  # ckpt_every=100: this one comes from the stop
-    assert 5 <= stopped["iteration"] < 40
-    assert f"stopped by SIGTERM at iteration {stopped['iteration']}/40" in log.read_text()
+    assert 3 <= stopped["iteration"] < 20
+    assert f"stopped by SIGTERM at iteration {stopped["iteration"]}/20" in log.read_text()
 
     train(cfg, resume="auto", run_dir=run_dir)
-    assert checkpoint.read(run_dir / "last.pth")["iteration"] == 40
+    assert checkpoint.read(run_dir / "last.pth")["iteration"] == 20
 
 
 def test_kill_9_during_checkpoint_writes_keeps_previous_last_readable(tmp_path):
@@ -100,7 +105,7 @@ def test_kill_9_during_checkpoint_writes_keeps_previous_last_readable(tmp_path):
         _wait_for(last.is_file, proc)
         temporaries: list[Path] = []
 
-        def writing() -> bool:
+        def writing(run_dir: Path = run_dir, temporaries: list = temporaries) -> bool:
             temporaries[:] = list(run_dir.glob(".last.pth.*.tmp"))
             return bool(temporaries)
 
@@ -121,8 +126,9 @@ def test_kill_9_during_checkpoint_writes_keeps_previous_last_readable(tmp_path):
 
 
 @pytest.mark.parametrize("poison, ckpt_every, log_every", [("nan", 2, 3), ("inf", 1, 100)])
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, poison, ckpt_every,
-                                                             log_every):
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(
+    tmp_path, monkeypatch, poison, ckpt_every, log_every
+):
     real_build_loss = train_mod.build_loss
 
     class PoisonAtStep5(nn.Module):
@@ -140,8 +146,11 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
     monkeypatch.setattr(train_mod, "build_loss", lambda *a, **k: PoisonAtStep5(real_build_loss(*a, **k)))
     run_dir = tmp_path / "run"
     cfg = tiny_config("train.iters=8", f"train.ckpt_every={ckpt_every}", f"train.log_every={log_every}")
-    with pytest.raises(OvenetError, match=rf"^loss is {poison} at iteration 5; the last good checkpoint is kept "
-                                          rf"at {run_dir / 'last.pth'}; lower train.lr or check the data$"):
+    with pytest.raises(
+        OvenetError,
+        match=rf"^loss is {poison} at iteration 5; the last good checkpoint is kept "
+        rf"at {run_dir / 'last.pth'}; lower train.lr or check the data$",
+    ):
         train(cfg, run_dir=run_dir)
     last = checkpoint.read(run_dir / "last.pth")
     assert last["iteration"] == 4
@@ -156,7 +165,7 @@ def test_output_folder_below_a_file_fails_before_training(tmp_path):
 
 
 def test_read_only_output_folder_fails_before_training(tmp_path):
-    # As root, permissions do not bind, so the run drops to user "nobody" (the folder must be reachable for it).
+    # Root ignores permissions, so the run drops to user "nobody" (who must be able to reach the folder).
     parent = Path(tempfile.mkdtemp(prefix="ovenet_ro_"))
     try:
         parent.chmod(0o755)
@@ -170,7 +179,10 @@ def test_read_only_output_folder_fails_before_training(tmp_path):
             path.chmod(0o644)
         _, stderr = proc.communicate(timeout=60)
         assert proc.returncode == 2, stderr[-2000:]
-        assert f"OvenetError: cannot write to the output folder {read_only / 'run'} (Permission denied)" in stderr
+        assert (
+            f"OvenetError: cannot write to the output folder {read_only / 'run'} (Permission denied)"
+            in stderr
+        )
         assert not (read_only / "run").exists()
     finally:
         read_only.chmod(0o755)
@@ -182,7 +194,9 @@ def test_read_only_output_folder_fails_before_training(tmp_path):
 def test_full_disk_fails_before_training(tmp_path, monkeypatch):
     import shutil
 
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 * 2**30, 10 * 2**30, 2**20))
+    monkeypatch.setattr(
+        shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 * 2**30, 10 * 2**30, 2**20)
+    )
     with pytest.raises(OvenetError, match=r"^only 1 MiB free in .* but checkpoints need about \d+ MiB"):
         train(tiny_config(), run_dir=tmp_path / "run")
     assert not (tmp_path / "run" / "last.pth").exists()
@@ -195,26 +209,38 @@ def _folder_dataset(root: Path) -> Path:
         (root / split / "images").mkdir(parents=True)
         (root / split / "labels").mkdir(parents=True)
         for i in range(count):
-            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / split / "images" /
-                                                                                     f"img_{i}.png")
-            Image.fromarray(rng.integers(0, 5, (32, 32), dtype=np.uint8)).save(root / split / "labels" /
-                                                                               f"img_{i}.png")
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(
+                root / split / "images" / f"img_{i}.png"
+            )
+            Image.fromarray(rng.integers(0, 5, (32, 32), dtype=np.uint8)).save(
+                root / split / "labels" / f"img_{i}.png"
+            )
     broken = root / "train" / "images" / "img_3.png"
     broken.write_bytes(b"this is not a png")
     return broken
 
 
 def _folder_config(root: Path, *overrides: str):
-    return tiny_config("data.name=folder", f"data.image_dir={root}/{{split}}/images",
-                       f"data.label_dir={root}/{{split}}/labels", "data.num_classes=5", "model.num_classes=5",
-                       "data.base_size=null", "data.scale_range=[1.0,1.0]", "train.iters=8", *overrides)
+    return tiny_config(
+        "data.name=folder",
+        f"data.image_dir={root}/{{split}}/images",
+        f"data.label_dir={root}/{{split}}/labels",
+        "data.num_classes=5",
+        "model.num_classes=5",
+        "data.base_size=null",
+        "data.scale_range=[1.0,1.0]",
+        "train.iters=8",
+        *overrides,
+    )
 
 
 def test_bad_sample_stop_names_the_file_even_from_a_worker(tmp_path):
     broken = _folder_dataset(tmp_path / "data")
     run_dir = tmp_path / "run"
     with pytest.raises(DataError) as error:
-        train(_folder_config(tmp_path / "data", "data.num_workers=1", "train.bad_sample=stop"), run_dir=run_dir)
+        train(
+            _folder_config(tmp_path / "data", "data.num_workers=1", "train.bad_sample=stop"), run_dir=run_dir
+        )
     message = str(error.value)
     assert "\n" not in message and "Traceback" not in message  # unwrapped from the worker's re-raise
     assert message.startswith(f"cannot decode image {broken}")
@@ -228,4 +254,7 @@ def test_bad_sample_skip_logs_the_file_and_finishes(tmp_path):
     last = checkpoint.read(run_dir / "last.pth")
     assert last["iteration"] == 8
     assert len(last["skipped"]) == 2 and all(str(broken) in s for s in last["skipped"])  # once per epoch
-    assert f"skipped unreadable training sample: cannot decode image {broken}" in (run_dir / "train.log").read_text()
+    assert (
+        f"skipped unreadable training sample: cannot decode image {broken}"
+        in (run_dir / "train.log").read_text()
+    )

@@ -7,7 +7,6 @@ The tiny setup here (``tiny_config``) is shared by the other training test files
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,21 +23,46 @@ from ovenet.losses import build_loss
 from ovenet.models import SegOutput, build_model
 
 TINY_STAGES = {
-    "STAGE1": dict(NUM_MODULES=1, BLOCK="BOTTLENECK", NUM_BLOCKS=[1], NUM_CHANNELS=[8]),
-    "STAGE2": dict(NUM_MODULES=1, BLOCK="BASIC", NUM_BLOCKS=[1, 1], NUM_CHANNELS=[8, 16]),
-    "STAGE3": dict(NUM_MODULES=1, BLOCK="BASIC", NUM_BLOCKS=[1, 1, 1], NUM_CHANNELS=[8, 16, 32]),
-    "STAGE4": dict(NUM_MODULES=1, BLOCK="BASIC", NUM_BLOCKS=[1, 1, 1, 1], NUM_CHANNELS=[8, 16, 32, 64]),
+    "STAGE1": {"NUM_MODULES": 1, "BLOCK": "BOTTLENECK", "NUM_BLOCKS": [1], "NUM_CHANNELS": [8]},
+    "STAGE2": {"NUM_MODULES": 1, "BLOCK": "BASIC", "NUM_BLOCKS": [1, 1], "NUM_CHANNELS": [8, 16]},
+    "STAGE3": {"NUM_MODULES": 1, "BLOCK": "BASIC", "NUM_BLOCKS": [1, 1, 1], "NUM_CHANNELS": [8, 16, 32]},
+    "STAGE4": {
+        "NUM_MODULES": 1,
+        "BLOCK": "BASIC",
+        "NUM_BLOCKS": [1, 1, 1, 1],
+        "NUM_CHANNELS": [8, 16, 32, 64],
+    },
 }
 
 
 def tiny_config(*overrides: str) -> Config:
-    """OVeNet + OCR (with dropout, so RNG state matters) on 8 synthetic 64x64 scenes, 32x32 crops, CPU, fp32."""
-    cfg = load_config(None, [
-        "device=cpu", "data.name=synthetic", "data.num_samples=8", "data.image_size=[64,64]",
-        "data.crop_size=[32,32]", "data.base_size=64", "data.num_workers=0", "model.arch=hrnetv2_w18_small_v1",
-        "model.num_classes=8", "model.head=ocr", "model.ocr_mid_channels=16", "model.ocr_key_channels=8",
-        "model.ocr_dropout=0.5", "loss.type=ce", "train.iters=6", "train.batch_size=2", "train.lr=0.01",
-        "train.log_every=2", "train.ckpt_every=100", "train.tensorboard=false", *overrides])
+    """OVeNet + OCR (with dropout: RNG state matters) on 8 synthetic 64x64 scenes, 32x32 crops, CPU, fp32."""
+    cfg = load_config(
+        None,
+        [
+            "device=cpu",
+            "data.name=synthetic",
+            "data.num_samples=8",
+            "data.image_size=[64,64]",
+            "data.crop_size=[32,32]",
+            "data.base_size=64",
+            "data.num_workers=0",
+            "model.arch=hrnetv2_w18_small_v1",
+            "model.num_classes=8",
+            "model.head=ocr",
+            "model.ocr_mid_channels=16",
+            "model.ocr_key_channels=8",
+            "model.ocr_dropout=0.5",
+            "loss.type=ce",
+            "train.iters=6",
+            "train.batch_size=2",
+            "train.lr=0.01",
+            "train.log_every=2",
+            "train.ckpt_every=100",
+            "train.tensorboard=false",
+            *overrides,
+        ],
+    )
     cfg.model.stages = TINY_STAGES
     return cfg
 
@@ -62,11 +86,25 @@ def test_full_run_writes_run_folder_and_complete_checkpoints(tmp_path):
     log = (run_dir / "train.log").read_text()
     assert "iter 2/6" in log and "iter 6/6" in log and "img/s" in log and "eta" in log
     assert "val iter 6: mIoU" in log and "training finished" in log
-    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tb")).Reload().Tags()
+    assert {"train/loss", "train/lr", "train/images_per_s", "val/miou"} <= set(events["scalars"])
+    assert {"val/prediction", "val/ground_truth", "val/offsets", "val/confidence"} <= set(events["images"])
 
     # torch.load(weights_only=True) inside read(): every entry has a safe type.
     last = checkpoint.read(run_dir / "last.pth")
-    for key in ("model", "optimizer", "scheduler", "scaler", "epoch", "iteration", "rng", "best_miou", "config"):
+    for key in (
+        "model",
+        "optimizer",
+        "scheduler",
+        "scaler",
+        "epoch",
+        "iteration",
+        "rng",
+        "best_miou",
+        "config",
+    ):
         assert key in last, key
     assert last["iteration"] == 6 and last["epoch"] == 1  # 8 samples / batch 2 = 4 iterations per epoch
     assert last["scheduler"]["last_epoch"] == 6
@@ -88,7 +126,8 @@ def test_poly_schedule_with_warmup_matches_formula():
     assert [factor(i) for i in (0, 5, 10)] == pytest.approx([1.0, 0.5**0.9, 0.0])
     warm = poly_factor(total_iters=10, power=0.9, warmup_iters=4)
     assert [warm(i) for i in (0, 1, 3, 4)] == pytest.approx(
-        [0.25 * 1.0, 0.5 * 0.9**0.9, 1.0 * 0.7**0.9, 0.6**0.9])
+        [0.25 * 1.0, 0.5 * 0.9**0.9, 1.0 * 0.7**0.9, 0.6**0.9]
+    )
 
     param = nn.Parameter(torch.zeros(1))
     cfg = tiny_config("train.lr=0.02").train
@@ -187,7 +226,7 @@ def test_sampler_partitions_ranks_and_resumes_mid_epoch():
     ranks = [ResumableSampler(10, seed=3, rank=r, world_size=3) for r in range(3)]
     shares = [[i for _, i in s] for s in ranks]
     assert all(len(s) == 3 for s in shares)  # drop_last: 10 // 3 each
-    assert len(set(sum(shares, []))) == 9
+    assert len({i for share in shares for i in share}) == 9
 
     tail = ResumableSampler(10, seed=3)
     tail.set_epoch(0, start=4)
@@ -214,8 +253,11 @@ def test_training_set_augmentation_is_a_function_of_epoch_and_index():
 
 def test_device_cuda_without_gpu_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(OvenetError, match=r"^--device cuda was requested but no CUDA GPU is visible; use "
-                                          r"--device cpu$"):
+    with pytest.raises(
+        OvenetError,
+        match=r"^--device cuda was requested but no CUDA GPU is visible; use "
+        r"--device cpu$",
+    ):
         train(tiny_config("device=cuda"), run_dir=tmp_path / "run")
 
 
@@ -225,8 +267,19 @@ def test_class_count_mismatch_names_the_key(tmp_path):
 
 
 def test_epochs_mode_validates_each_epoch(tmp_path):
-    run_dir = train(tiny_config("train.iters=null", "train.epochs=2", "train.log_every=100"),
-                    run_dir=tmp_path / "run")
+    run_dir = train(
+        tiny_config("train.iters=null", "train.epochs=2", "train.log_every=100"), run_dir=tmp_path / "run"
+    )
     log = (run_dir / "train.log").read_text()
     assert "val iter 4:" in log and "val iter 8:" in log and "iter 8/8" in log
     assert checkpoint.read(run_dir / "last.pth")["epoch"] == 2
+
+
+def test_regional_compile_wraps_every_hrnet_module():
+    from ovenet.engine.train import compile_regions
+    from ovenet.models.hrnet import HighResolutionModule
+
+    model = build_model(tiny_config().model)
+    modules = [m for m in model.modules() if isinstance(m, HighResolutionModule)]
+    assert compile_regions(model) == len(modules) == 4  # backbone stages 2-4 and the offset branch's stage 4
+    assert all(m._compiled_call_impl is not None for m in modules)  # compiled lazily, at the first call

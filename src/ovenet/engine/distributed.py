@@ -1,5 +1,5 @@
-"""torchrun / DistributedDataParallel plumbing: process-group setup from the environment, device choice, and the
-few collectives the training loop needs (all of them no-ops in a single process).
+"""torchrun / DistributedDataParallel plumbing: process-group setup from the environment, device choice, and
+the few collectives the training loop needs (all of them no-ops in a single process).
 
 Launch multi-GPU training with ``torchrun --nproc_per_node=N -m ovenet.cli train ...``: torchrun sets RANK,
 WORLD_SIZE and LOCAL_RANK, and :func:`init_distributed` reads them.
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -36,7 +36,7 @@ class DistInfo:
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> this rank's GPU when CUDA is visible, else the CPU; ``cuda`` without a GPU is a user error."""
+    """``auto``: this rank's GPU if CUDA is visible, else the CPU; ``cuda`` without a GPU is a user error."""
     name = name.strip().lower()
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -111,6 +111,6 @@ def gather_objects(info: DistInfo, obj: Any) -> list[Any]:
     """Every rank's ``obj``, in rank order, on every rank."""
     if not info.distributed:
         return [obj]
-    out: list[Optional[Any]] = [None] * info.world_size
+    out: list[Any | None] = [None] * info.world_size
     dist.all_gather_object(out, obj, group=info.cpu_group)
     return out

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -24,14 +24,14 @@ class _TqdmHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             tqdm.write(self.format(record), file=sys.stderr)
-        except Exception:  # logging must never kill training
+        except Exception:  # noqa: BLE001 (logging must never kill training)
             self.handleError(record)
 
 
-def setup_logger(run_dir: Optional[Path], is_main: bool = True) -> logging.Logger:
+def setup_logger(run_dir: Path | None, is_main: bool = True) -> logging.Logger:
     """The ``ovenet.train`` logger, writing to the console and (rank 0) appending to ``run_dir/train.log``.
 
-    Calling it again replaces the handlers, so successive runs in one process do not write into each other's logs.
+    Calling it again replaces the handlers: successive runs in one process never share a log file.
     """
     logger = logging.getLogger(LOGGER_NAME)
     close_logger(logger)
@@ -47,7 +47,7 @@ def setup_logger(run_dir: Optional[Path], is_main: bool = True) -> logging.Logge
     return logger
 
 
-def close_logger(logger: Optional[logging.Logger] = None) -> None:
+def close_logger(logger: logging.Logger | None = None) -> None:
     logger = logger or logging.getLogger(LOGGER_NAME)
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
@@ -56,8 +56,16 @@ def close_logger(logger: Optional[logging.Logger] = None) -> None:
 
 def progress_bar(total: int, initial: int, enabled: bool) -> tqdm:
     """Iteration bar with tqdm's own rate and ETA; the loop adds loss, lr and images/s as postfix."""
-    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="it", dynamic_ncols=True,
-                file=sys.stderr, smoothing=0.05)
+    return tqdm(
+        total=total,
+        initial=initial,
+        disable=not enabled,
+        desc="train",
+        unit="it",
+        dynamic_ncols=True,
+        file=sys.stderr,
+        smoothing=0.05,
+    )
 
 
 def format_seconds(seconds: float) -> str:
@@ -67,9 +75,9 @@ def format_seconds(seconds: float) -> str:
 
 
 class TensorBoard:
-    """A SummaryWriter when enabled, on rank 0 and the package is installed; otherwise every call is a no-op."""
+    """A SummaryWriter when enabled (rank 0) and the package is installed; otherwise every call is a no-op."""
 
-    def __init__(self, log_dir: Path, enabled: bool, logger: Optional[logging.Logger] = None):
+    def __init__(self, log_dir: Path, enabled: bool, logger: logging.Logger | None = None):
         self.writer = None
         if not enabled:
             return
@@ -78,8 +86,10 @@ class TensorBoard:
         except ImportError:
             global _tensorboard_notice_shown
             if not _tensorboard_notice_shown and logger is not None:
-                logger.info("tensorboard is not installed: TensorBoard logging is off (pip install tensorboard, "
-                            "or set train.tensorboard=false to silence this)")
+                logger.info(
+                    "tensorboard is not installed: TensorBoard logging is off (pip install tensorboard, "
+                    "or set train.tensorboard=false to silence this)"
+                )
             _tensorboard_notice_shown = True
             return
         self.writer = SummaryWriter(log_dir=str(log_dir))
@@ -103,10 +113,11 @@ class TensorBoard:
             self.writer = None
 
 
-def visualise_sample(prediction: Any, label: Any, offsets: Any, confidence: Any, palette: Any,
-                     ignore_index: int = 255) -> dict[str, np.ndarray]:
-    """HWC uint8 images of one validation sample: prediction and ground truth in the dataset palette, offsets in
-    optical-flow colours and confidence in viridis (each only if ``ovenet.vis`` provides the function)."""
+def visualise_sample(
+    prediction: Any, label: Any, offsets: Any, confidence: Any, palette: Any, ignore_index: int = 255
+) -> dict[str, np.ndarray]:
+    """HWC uint8 images of one validation sample: prediction and ground truth in the dataset palette, offsets
+    in optical-flow colours and confidence in viridis (each only if ``ovenet.vis`` provides the function)."""
     try:
         from .. import vis
     except ImportError:

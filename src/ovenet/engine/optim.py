@@ -1,13 +1,12 @@
-"""The official optimiser recipe: SGD with momentum, weight decay on every parameter, poly LR decay per iteration.
+"""The official optimiser recipe: SGD with momentum, weight decay on every parameter, per-iteration poly LR.
 
-``lr(i) = lr0 * (1 - i / total) ** power`` for iteration ``i`` (0-based), optionally times a linear warmup factor
-``min(1, (i + 1) / warmup_iters)``. HRNet / OVeNet use power 0.9 and no warmup.
+``lr(i) = lr0 * (1 - i / total) ** power`` for iteration ``i`` (0-based), optionally times a linear warmup
+factor ``min(1, (i + 1) / warmup_iters)``. HRNet / OVeNet use power 0.9 and no warmup.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Optional
 
 import torch
 from torch import nn
@@ -16,7 +15,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from ..config import TrainConfig
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, fused: Optional[bool] = None) -> torch.optim.SGD:
+def build_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool | None = None) -> torch.optim.SGD:
     """SGD over the trainable parameters; as the official code, weight decay applies to all of them (BN too).
 
     Fused by default on CUDA and CPU: one kernel per step, and it can skip a step on the device (see
@@ -25,8 +24,9 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, fused: Optional[bool] = 
     params = [p for p in model.parameters() if p.requires_grad]
     if fused is None:
         fused = all(p.device.type in ("cuda", "cpu") for p in params)
-    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                                fused=fused)
+    optimizer = torch.optim.SGD(
+        params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=fused
+    )
     if cfg.momentum:
         # Zero buffers make the first step the same update (buf = 0.9 * 0 + grad) and avoid the fused kernel's
         # uninitialised buffer when that first step is skipped.
@@ -36,9 +36,9 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, fused: Optional[bool] = 
 
 
 def step_unless_nonfinite(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
-    """``optimizer.step()``, skipped on the device when ``loss`` is NaN/inf, so bad weights never reach the next
-    forward pass and no host sync is needed. Uses the ``found_inf`` input of fused optimizers (the mechanism
-    GradScaler uses); other optimizers just step.
+    """``optimizer.step()``, skipped on the device when ``loss`` is NaN/inf, so bad weights never reach the
+    next forward pass and no host sync is needed. Uses the ``found_inf`` input of fused optimizers (as
+    GradScaler does); other optimizers just step.
     """
     if not getattr(optimizer, "_step_supports_amp_scaling", False):
         optimizer.step()
@@ -51,7 +51,7 @@ def step_unless_nonfinite(optimizer: torch.optim.Optimizer, loss: torch.Tensor) 
 
 
 def poly_factor(total_iters: int, power: float = 0.9, warmup_iters: int = 0) -> Callable[[int], float]:
-    """The LR multiplier of iteration ``i``: poly decay, times a linear ramp over the first ``warmup_iters``."""
+    """LR multiplier of iteration ``i``: poly decay, times a linear ramp over the first ``warmup_iters``."""
 
     def factor(i: int) -> float:
         decay = max(0.0, 1.0 - i / total_iters) ** power
@@ -62,8 +62,9 @@ def poly_factor(total_iters: int, power: float = 0.9, warmup_iters: int = 0) -> 
     return factor
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, total_iters: int, power: float = 0.9,
-                    warmup_iters: int = 0) -> LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, total_iters: int, power: float = 0.9, warmup_iters: int = 0
+) -> LambdaLR:
     """Poly LR stepped once per iteration. The factor is a plain function, so the scheduler's state dict holds
     only the step count: a resumed run follows the schedule of its *current* config (e.g. more iterations)."""
     return LambdaLR(optimizer, poly_factor(total_iters, power, warmup_iters))

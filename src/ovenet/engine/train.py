@@ -1,4 +1,4 @@
-"""Training: one function, :func:`train`, readable top to bottom, plus :func:`train_step` and :func:`validate`.
+"""Training: :func:`train`, readable top to bottom, plus :func:`train_step` and :func:`validate`.
 
 Single process: ``train(cfg)``. Several GPUs: ``torchrun --nproc_per_node=N -m ovenet.cli train ...``; every
 process runs the same ``train`` and :mod:`ovenet.engine.distributed` joins them.
@@ -6,14 +6,14 @@ process runs the same ``train`` and :mod:`ovenet.engine.distributed` joins them.
 What a run folder holds: ``config.yaml``, ``train.log``, ``last.pth`` (every ``ckpt_every`` iterations, on a
 stop request and at the end), ``best.pth`` (best validation mIoU) and TensorBoard events under ``tb/``.
 
-Exact resume: a checkpoint holds the model, optimizer, scheduler, grad scaler, iteration and per-rank RNG states.
-The data order is a pure function of (seed, epoch) and each sample's augmentation a pure function of
-(seed, epoch, index), so a run resumed mid-epoch sees the same remaining batches, augmented the same way, as the
-run that never stopped.
+Exact resume: a checkpoint holds the model, optimizer, scheduler, grad scaler, iteration and per-rank RNG
+states. The data order is a pure function of (seed, epoch) and each sample's augmentation a pure function of
+(seed, epoch, index), so a run resumed mid-epoch sees the same remaining batches, augmented the same way, as
+the run that never stopped.
 
 Stopping: the first SIGINT/SIGTERM lets the current step finish, saves ``last.pth`` and raises
-:class:`TrainingInterrupted`, a ``SystemExit`` with code 128 + signal (130 for SIGINT, 143 for SIGTERM), so the
-process exits with the conventional "killed by signal" status that schedulers read as "not finished, requeue".
+:class:`TrainingInterrupted`, a ``SystemExit`` with code 128 + signal (130 for SIGINT, 143 for SIGTERM), so
+the process exits with the conventional "killed by signal" status, which schedulers read as "not finished".
 A second signal aborts at once (``last.pth`` is written atomically, so the previous one survives).
 """
 
@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -67,18 +67,19 @@ class TrainingInterrupted(SystemExit):
         return self.message
 
 
-# --- data: seeded per-sample augmentation, bad-sample policy, resumable order ---------------------------------
+# --- data: seeded per-sample augmentation, bad-sample policy, resumable order -----------------------------
+
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
 
 
 class TrainingSet(Dataset):
-    """Wraps a dataset for training: item ``(epoch, index)`` is sample ``index`` augmented with RNGs seeded from
-    (seed, epoch, index), so augmentation does not depend on worker count, batch order or where a run resumed.
+    """Wraps a dataset for training: item ``(epoch, index)`` is sample ``index`` augmented with RNGs seeded
+    from (seed, epoch, index): augmentation does not depend on worker count, batch order or a resume point.
 
-    ``bad_sample="skip"``: a sample that raises :class:`DataError` is replaced by the next index and the error text
-    travels with the batch under ``"skipped"`` (so the main process can log it, whichever worker hit it).
+    ``bad_sample="skip"``: a sample that raises :class:`DataError` is replaced by the next index and the error
+    text travels with the batch under ``"skipped"`` (so the main process can log it, whichever worker hit it).
     """
 
     def __init__(self, dataset: Dataset, seed: int, bad_sample: str = "stop"):
@@ -102,8 +103,10 @@ class TrainingSet(Dataset):
                 failures.append(str(exc))
                 index = (index + 1) % len(self.dataset)
         else:
-            raise DataError(f"{len(failures)} training samples in a row could not be read (last: {failures[-1]}); "
-                            "the dataset looks broken, check it with `ovenet check-data`")
+            raise DataError(
+                f"{len(failures)} training samples in a row could not be read (last: {failures[-1]}); "
+                "the dataset looks broken, check it with `ovenet check-data`"
+            )
         sample["skipped"] = "\n".join(failures)
         return sample
 
@@ -124,8 +127,8 @@ class TrainingSet(Dataset):
 class ResumableSampler(Sampler):
     """``(epoch, index)`` keys of this rank's share of a seeded permutation, optionally starting mid-epoch.
 
-    Like ``DistributedSampler(shuffle=True, drop_last=True)``: the permutation depends only on (seed, epoch) and
-    is identical on all ranks, and rank r takes every world_size-th entry from r.
+    Like ``DistributedSampler(shuffle=True, drop_last=True)``: the permutation depends only on (seed, epoch)
+    and is identical on all ranks, and rank r takes every world_size-th entry from r.
     """
 
     def __init__(self, num_samples: int, seed: int, rank: int = 0, world_size: int = 1):
@@ -138,7 +141,7 @@ class ResumableSampler(Sampler):
         self.start = 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
-        """Next iteration yields epoch ``epoch``'s order from its ``start``-th entry on (a mid-epoch resume)."""
+        """The next pass yields epoch ``epoch``'s order from its ``start``-th entry on (mid-epoch resume)."""
         self.epoch = epoch
         self.start = start
 
@@ -153,8 +156,9 @@ class ResumableSampler(Sampler):
         return max(0, self.per_rank - self.start)
 
 
-def epoch_batches(loader: DataLoader, sampler: ResumableSampler, iteration: int,
-                  iters_per_epoch: int) -> Iterator[dict]:
+def epoch_batches(
+    loader: DataLoader, sampler: ResumableSampler, iteration: int, iters_per_epoch: int
+) -> Iterator[dict]:
     """Endless batches, epoch after epoch, starting at global ``iteration`` (mid-epoch if need be)."""
     while True:
         epoch, done = divmod(iteration, iters_per_epoch)
@@ -164,7 +168,7 @@ def epoch_batches(loader: DataLoader, sampler: ResumableSampler, iteration: int,
             iteration += 1
 
 
-def loader_error(exc: BaseException) -> Optional[OvenetError]:
+def loader_error(exc: BaseException) -> OvenetError | None:
     """The user-facing error behind a DataLoader exception, or None if it is not one.
 
     A worker's exception is re-raised in the main process with the worker's whole traceback as its message;
@@ -184,16 +188,23 @@ def loader_error(exc: BaseException) -> Optional[OvenetError]:
 
 # --- one optimisation step and validation -------------------------------------------------------------------
 
-def autocast(device: torch.device, amp_dtype: Optional[torch.dtype]) -> contextlib.AbstractContextManager:
+
+def autocast(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     if amp_dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=amp_dtype)
 
 
-def train_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
-               batch: dict[str, Tensor], scaler: Optional[torch.amp.GradScaler] = None,
-               amp_dtype: Optional[torch.dtype] = None, grad_clip: Optional[float] = None,
-               channels_last: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+def train_step(
+    model: nn.Module,
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: dict[str, Tensor],
+    scaler: torch.amp.GradScaler | None = None,
+    amp_dtype: torch.dtype | None = None,
+    grad_clip: float | None = None,
+    channels_last: bool = False,
+) -> tuple[Tensor, dict[str, Tensor]]:
     """Forward, loss, backward and optimizer step on one batch (``image`` [B,3,H,W], ``label`` [B,H,W]).
 
     A NaN/inf loss skips the parameter update on the device (fp16: GradScaler skips it). Returns the detached
@@ -224,9 +235,16 @@ def train_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Op
 
 
 @torch.no_grad()
-def validate(model: nn.Module, loader: DataLoader, num_classes: int, device: torch.device,
-             amp_dtype: Optional[torch.dtype] = None, align_corners: bool = True, ignore_index: int = 255,
-             channels_last: bool = False) -> tuple[dict[str, Any], Optional[dict[str, Tensor]]]:
+def validate(
+    model: nn.Module,
+    loader: DataLoader,
+    num_classes: int,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    align_corners: bool = True,
+    ignore_index: int = 255,
+    channels_last: bool = False,
+) -> tuple[dict[str, Any], dict[str, Tensor] | None]:
     """Single-scale whole-image mIoU of ``logits_final`` upsampled to the label size (summed over ranks).
 
     Returns the metrics and, for visualisation, the first sample's prediction, label, offsets and confidence.
@@ -242,20 +260,25 @@ def validate(model: nn.Module, loader: DataLoader, num_classes: int, device: tor
         labels = batch["label"].to(device, non_blocking=True)
         with autocast(device, amp_dtype):
             output = model(images)
-        logits = F.interpolate(output.logits_final.float(), size=labels.shape[-2:], mode="bilinear",
-                               align_corners=align_corners)
+        logits = F.interpolate(
+            output.logits_final.float(), size=labels.shape[-2:], mode="bilinear", align_corners=align_corners
+        )
         prediction = logits.argmax(1)
         matrix.update(prediction, labels)
         if first is None:
-            first = {"prediction": prediction[0], "label": labels[0],
-                     "offsets": None if output.offsets is None else output.offsets[0].float(),
-                     "confidence": None if output.confidence is None else output.confidence[0, 0].float()}
+            first = {
+                "prediction": prediction[0],
+                "label": labels[0],
+                "offsets": None if output.offsets is None else output.offsets[0].float(),
+                "confidence": None if output.confidence is None else output.confidence[0, 0].float(),
+            }
     matrix.all_reduce()
     model.train(was_training)
     return matrix.compute(), first
 
 
-# --- state that checkpoints carry -----------------------------------------------------------------------------
+# --- state that checkpoints carry -------------------------------------------------------------------------
+
 
 def rng_state(device: torch.device) -> dict[str, Any]:
     """This process's RNG states in types that ``torch.load(weights_only=True)`` accepts."""
@@ -264,8 +287,13 @@ def rng_state(device: torch.device) -> dict[str, Any]:
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         "python": random.getstate(),
-        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
     }
 
 
@@ -276,8 +304,9 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
+    np.random.set_state(
+        (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
 
 
 class NonFiniteWatch:
@@ -301,30 +330,37 @@ class NonFiniteWatch:
         first = int(first)
         if first == never:
             return
-        # This rank's value if the first bad step was its own (nan, inf or -inf), else another rank's: say nan.
+        # This rank's value if the first bad step was its own (nan, inf or -inf); another rank's: say nan.
         value = float(self.bad_value) if int(self.first_bad) == first else math.nan
-        kept = (f"the last good checkpoint is kept at {last_ckpt}" if last_ckpt.is_file()
-                else "no checkpoint had been written yet")
+        kept = (
+            f"the last good checkpoint is kept at {last_ckpt}"
+            if last_ckpt.is_file()
+            else "no checkpoint had been written yet"
+        )
         raise OvenetError(f"loss is {value} at iteration {first}; {kept}; lower train.lr or check the data")
 
 
-# --- signals --------------------------------------------------------------------------------------------------
+# --- signals ----------------------------------------------------------------------------------------------
+
 
 class StopSignals:
     """While active, the first SIGINT/SIGTERM only sets ``signum`` (the loop stops after the current step);
     a second one aborts immediately. Handlers can only be installed from the main thread."""
 
     def __init__(self):
-        self.signum: Optional[int] = None
+        self.signum: int | None = None
         self._previous: dict[int, Any] = {}
+        self._pid = os.getpid()
 
-    def __enter__(self) -> "StopSignals":
+    def __enter__(self) -> StopSignals:  # noqa: PYI034 (Python 3.10 has no typing.Self)
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):
                 self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self._pid:
+            return  # a forked DataLoader worker inherited this handler: the main process decides when to stop
         name = signal.Signals(signum).name
         if self.signum is not None:
             os.write(2, f"\nreceived {name} again: aborting now\n".encode())
@@ -333,16 +369,20 @@ class StopSignals:
             raise SystemExit(128 + signum)
         self.signum = signum
         # os.write, not logging or print: it is safe inside a signal handler.
-        os.write(2, f"\nreceived {name}: finishing the current step, then saving last.pth "
-                    f"(send {name} again to abort at once)\n".encode())
+        os.write(
+            2,
+            f"\nreceived {name}: finishing the current step, then saving last.pth "
+            f"(send {name} again to abort at once)\n".encode(),
+        )
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
         self._previous.clear()
 
 
-# --- setup helpers --------------------------------------------------------------------------------------------
+# --- setup helpers ----------------------------------------------------------------------------------------
+
 
 def prepare_run_dir(run_dir: Path) -> None:
     """Create the run folder and prove it is writable, before any work is done."""
@@ -352,8 +392,10 @@ def prepare_run_dir(run_dir: Path) -> None:
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise OvenetError(f"cannot write to the output folder {run_dir} ({exc.strerror or exc}); set output_dir "
-                          "(or name) to a writable folder or fix its permissions") from None
+        raise OvenetError(
+            f"cannot write to the output folder {run_dir} ({exc.strerror or exc}); set output_dir "
+            "(or name) to a writable folder or fix its permissions"
+        ) from None
 
 
 def check_free_space(run_dir: Path, model: nn.Module) -> None:
@@ -362,8 +404,10 @@ def check_free_space(run_dir: Path, model: nn.Module) -> None:
     needed = 3 * 2 * state_bytes + 64 * 2**20
     free = shutil.disk_usage(run_dir).free
     if free < needed:
-        raise OvenetError(f"only {free / 2**20:.0f} MiB free in {run_dir} but checkpoints need about "
-                          f"{needed / 2**20:.0f} MiB; free some space or set output_dir to another disk")
+        raise OvenetError(
+            f"only {free / 2**20:.0f} MiB free in {run_dir} but checkpoints need about "
+            f"{needed / 2**20:.0f} MiB; free some space or set output_dir to another disk"
+        )
 
 
 def configure_determinism(deterministic: bool) -> None:
@@ -378,16 +422,17 @@ def configure_determinism(deterministic: bool) -> None:
 
 
 def compile_regions(model: nn.Module) -> int:
-    """Compile each repeated HRNet module in place (``train.compile=regional``): a short compile for most of the
-    gain of compiling the whole model. Returns how many modules were compiled."""
+    """Compile each repeated HRNet module in place (``train.compile=regional``): a short compile for most of
+    the gain of compiling the whole model. Returns how many modules were compiled."""
     modules = [m for m in model.modules() if isinstance(m, HighResolutionModule)]
     for module in modules:
         module.compile()
     return len(modules)
 
 
-def write_checkpoint(path: Path, model: nn.Module, cfg: Config, info: D.DistInfo, device: torch.device,
-                     **state: Any) -> None:
+def write_checkpoint(
+    path: Path, model: nn.Module, cfg: Config, info: D.DistInfo, device: torch.device, **state: Any
+) -> None:
     """Every rank contributes its RNG state (a collective); rank 0 writes the file atomically."""
     rngs = D.gather_objects(info, rng_state(device))
     if not info.is_main:
@@ -395,13 +440,16 @@ def write_checkpoint(path: Path, model: nn.Module, cfg: Config, info: D.DistInfo
     try:
         checkpoint.save(path, model, cfg, rng=rngs, world_size=info.world_size, **state)
     except OSError as exc:
-        raise OvenetError(f"cannot write checkpoint {path} ({exc.strerror or exc}); the previous file is kept; "
-                          "free disk space and resume with --resume auto") from None
+        raise OvenetError(
+            f"cannot write checkpoint {path} ({exc.strerror or exc}); the previous file is kept; "
+            "free disk space and resume with --resume auto"
+        ) from None
 
 
-# --- the training run ----------------------------------------------------------------------------------------
+# --- the training run ------------------------------------------------------------------------------------
 
-def train(cfg: Config, resume: Union[str, Path, None] = None, run_dir: Optional[Path] = None) -> Path:
+
+def train(cfg: Config, resume: str | Path | None = None, run_dir: Path | None = None) -> Path:
     """Train ``cfg`` (optionally resuming from a checkpoint, or ``"auto"`` = ``run_dir/last.pth`` if present).
 
     Returns the run folder (default ``output_dir/name``). Raises :class:`OvenetError` for user-caused failures
@@ -419,7 +467,7 @@ def train(cfg: Config, resume: Union[str, Path, None] = None, run_dir: Optional[
         D.cleanup(info)
 
 
-def _train(cfg: Config, resume: Union[str, Path, None], run_dir: Path, info: D.DistInfo) -> Path:
+def _train(cfg: Config, resume: str | Path | None, run_dir: Path, info: D.DistInfo) -> Path:
     t = cfg.train
     device = D.resolve_device(cfg.device, info.local_rank)
     on_cuda = device.type == "cuda"
@@ -444,25 +492,45 @@ def _train(cfg: Config, resume: Union[str, Path, None], run_dir: Path, info: D.D
     # Data.
     dataset = build_dataset(cfg.data, train=True)
     if dataset.num_classes != cfg.model.num_classes:
-        raise ConfigError(f"model.num_classes is {cfg.model.num_classes} but the {cfg.data.name} training set has "
-                          f"{dataset.num_classes} classes; set model.num_classes={dataset.num_classes}")
+        raise ConfigError(
+            f"model.num_classes is {cfg.model.num_classes} but the {cfg.data.name} training set has "
+            f"{dataset.num_classes} classes; set model.num_classes={dataset.num_classes}"
+        )
     train_set = TrainingSet(dataset, t.seed, t.bad_sample)
     sampler = ResumableSampler(len(train_set), t.seed, info.rank, info.world_size)
     iters_per_epoch = sampler.per_rank // t.batch_size
     if iters_per_epoch == 0:
-        raise DataError(f"the training set has {len(train_set)} samples, fewer than one batch "
-                        f"({t.batch_size} per GPU x {info.world_size} processes); lower train.batch_size or add data")
-    loader = DataLoader(train_set, batch_size=t.batch_size, sampler=sampler, num_workers=cfg.data.num_workers,
-                        collate_fn=collate_samples, pin_memory=on_cuda, drop_last=True,
-                        persistent_workers=cfg.data.num_workers > 0, worker_init_fn=seed_worker,
-                        # Own generator: creating loader iterators must not draw from the global torch RNG.
-                        generator=torch.Generator().manual_seed(t.seed + info.rank))
+        raise DataError(
+            f"the training set has {len(train_set)} samples, fewer than one batch "
+            f"({t.batch_size} per GPU x {info.world_size} processes); lower train.batch_size or add data"
+        )
+    loader = DataLoader(
+        train_set,
+        batch_size=t.batch_size,
+        sampler=sampler,
+        num_workers=cfg.data.num_workers,
+        collate_fn=collate_samples,
+        pin_memory=on_cuda,
+        drop_last=True,
+        persistent_workers=cfg.data.num_workers > 0,
+        worker_init_fn=seed_worker,
+        # Own generator: creating loader iterators must not draw from the global torch RNG.
+        generator=torch.Generator().manual_seed(t.seed + info.rank),
+    )
     total_iters = t.iters if t.iters is not None else t.epochs * iters_per_epoch
     val_loader = None
     try:
         val_set = build_dataset(cfg.data, train=False)
-        val_loader = build_loader(val_set, 1, train=False, num_workers=min(cfg.data.num_workers, 2),
-                                  distributed=info.distributed, seed=t.seed)
+        if not getattr(val_set, "has_labels", True):
+            raise DataError(f"the {cfg.data.val_split} split has no labels")
+        val_loader = build_loader(
+            val_set,
+            1,
+            train=False,
+            num_workers=min(cfg.data.num_workers, 2),
+            distributed=info.distributed,
+            seed=t.seed,
+        )
     except DataError as exc:
         log.warning(f"validation is off, the validation split cannot be loaded: {exc}")
 
@@ -473,8 +541,10 @@ def _train(cfg: Config, resume: Union[str, Path, None], run_dir: Path, info: D.D
         checkpoint.load_state(model, ckpt["model"], f"checkpoint {ckpt['path']}")
     elif cfg.model.pretrained:
         report = checkpoint.load_pretrained_backbone(model, cfg.model.pretrained)
-        log.info(f"ImageNet weights {cfg.model.pretrained}: {len(report['loaded'])} tensors loaded, "
-                 f"{len(report['skipped'])} skipped (classifier), {len(report['missing'])} missing")
+        log.info(
+            f"ImageNet weights {cfg.model.pretrained}: {len(report['loaded'])} tensors loaded, "
+            f"{len(report['skipped'])} skipped (classifier), {len(report['missing'])} missing"
+        )
     _on_main_rank(info, lambda: check_free_space(run_dir, model))
     model.to(device)
     if channels_last:
@@ -496,13 +566,19 @@ def _train(cfg: Config, resume: Union[str, Path, None], run_dir: Path, info: D.D
         scheduler.load_state_dict(ckpt["scheduler"])
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
-        iteration, best_miou, skipped = ckpt["iteration"], ckpt.get("best_miou"), list(ckpt.get("skipped", []))
+        iteration, best_miou, skipped = (
+            ckpt["iteration"],
+            ckpt.get("best_miou"),
+            list(ckpt.get("skipped", [])),
+        )
         rngs = ckpt["rng"]
         if len(rngs) == info.world_size:
             set_rng_state(rngs[info.rank], device)
         else:
-            log.warning(f"checkpoint was written by {len(rngs)} processes, this run has {info.world_size}: "
-                        "weights and schedule resume exactly, random streams do not")
+            log.warning(
+                f"checkpoint was written by {len(rngs)} processes, this run has {info.world_size}: "
+                "weights and schedule resume exactly, random streams do not"
+            )
         log.info(f"resumed from {ckpt['path']} at iteration {iteration}/{total_iters}")
 
     raw_model = model  # what checkpoints and validation use (no DDP hooks, no compile wrapper)
@@ -514,15 +590,28 @@ def _train(cfg: Config, resume: Union[str, Path, None], run_dir: Path, info: D.D
         model = torch.compile(model)
 
     n_params = sum(p.numel() for p in raw_model.parameters())
-    log.info(f"run folder {run_dir} | {cfg.model.arch} {cfg.model.head} offset={cfg.model.offset.enabled} "
-             f"{n_params / 1e6:.2f}M params | {len(train_set)} train samples, {iters_per_epoch} it/epoch, "
-             f"{total_iters} iterations | device {device}, {info.world_size} process(es), amp {amp_dtype}")
+    log.info(
+        f"run folder {run_dir} | {cfg.model.arch} {cfg.model.head} offset={cfg.model.offset.enabled} "
+        f"{n_params / 1e6:.2f}M params | {len(train_set)} train samples, {iters_per_epoch} it/epoch, "
+        f"{total_iters} iterations | device {device}, {info.world_size} process(es), amp {amp_dtype}"
+    )
 
     def save(name: str, **extra: Any) -> None:
-        write_checkpoint(run_dir / name, raw_model, cfg, info, device, optimizer=optimizer.state_dict(),
-                         scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
-                         epoch=iteration // iters_per_epoch, iteration=iteration, best_miou=best_miou,
-                         skipped=list(skipped), **extra)
+        write_checkpoint(
+            run_dir / name,
+            raw_model,
+            cfg,
+            info,
+            device,
+            optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict(),
+            scaler=scaler.state_dict(),
+            epoch=iteration // iters_per_epoch,
+            iteration=iteration,
+            best_miou=best_miou,
+            skipped=list(skipped),
+            **extra,
+        )
 
     # The loop.
     model.train()
@@ -531,7 +620,11 @@ def _train(cfg: Config, resume: Union[str, Path, None], run_dir: Path, info: D.D
     window_steps, window_start = 0, time.perf_counter()
     signal_seen, data_failed, data_problem = False, False, None
     stream = epoch_batches(loader, sampler, iteration, iters_per_epoch)
-    with contextlib.closing(tb), StopSignals() as signals, progress_bar(total_iters, iteration, info.is_main) as bar:
+    with (
+        contextlib.closing(tb),
+        StopSignals() as signals,
+        progress_bar(total_iters, iteration, info.is_main) as bar,
+    ):
         while iteration < total_iters:
             batch, data_problem = _next_batch(stream)
             # Ranks agree before each step, so that they all stop at the same one (else DDP would hang).
@@ -539,8 +632,9 @@ def _train(cfg: Config, resume: Union[str, Path, None], run_dir: Path, info: D.D
             if signal_seen or data_failed:
                 break
 
-            loss, terms = train_step(model, criterion, optimizer, batch, scaler, amp_dtype, t.grad_clip,
-                                     channels_last)
+            loss, terms = train_step(
+                model, criterion, optimizer, batch, scaler, amp_dtype, t.grad_clip, channels_last
+            )
             scheduler.step()
             iteration += 1
             watch.update(loss, iteration)
@@ -562,30 +656,57 @@ def _train(cfg: Config, resume: Union[str, Path, None], run_dir: Path, info: D.D
                 lr = scheduler.get_last_lr()[0]
                 eta = (total_iters - iteration) * elapsed / window_steps
                 memory = f" mem {torch.cuda.max_memory_allocated(device) / 2**30:.1f}G" if on_cuda else ""
-                log.info(f"iter {iteration}/{total_iters} epoch {iteration / iters_per_epoch:.2f} | "
-                         + " ".join(f"{k} {v:.4f}" for k, v in means.items())
-                         + f" | lr {lr:.6f} | {images_per_s:.1f} img/s | eta {format_seconds(eta)}{memory}")
+                log.info(
+                    f"iter {iteration}/{total_iters} epoch {iteration / iters_per_epoch:.2f} | "
+                    + " ".join(f"{k} {v:.4f}" for k, v in means.items())
+                    + f" | lr {lr:.6f} | {images_per_s:.1f} img/s | eta {format_seconds(eta)}{memory}"
+                )
                 bar.set_postfix_str(f"loss {means['loss']:.4f} lr {lr:.2e} {images_per_s:.1f} img/s")
                 tb.scalars({**means, "lr": lr, "images_per_s": images_per_s}, iteration, "train/")
                 sums, window_steps, window_start = {}, 0, time.perf_counter()
 
             end_of_epoch = iteration % iters_per_epoch == 0
-            if val_loader is not None and (finished or (t.val_every > 0 and iteration % t.val_every == 0)
-                                           or (t.val_every == 0 and t.iters is None and end_of_epoch)):
+            if val_loader is not None and (
+                finished
+                or (t.val_every > 0 and iteration % t.val_every == 0)
+                or (t.val_every == 0 and t.iters is None and end_of_epoch)
+            ):
                 watch.check(info, run_dir / "last.pth")
-                metrics, first = validate(raw_model, val_loader, cfg.model.num_classes, device, amp_dtype,
-                                          cfg.model.align_corners, dataset.ignore_index, channels_last)
+                metrics, first = validate(
+                    raw_model,
+                    val_loader,
+                    cfg.model.num_classes,
+                    device,
+                    amp_dtype,
+                    cfg.model.align_corners,
+                    dataset.ignore_index,
+                    channels_last,
+                )
                 improved = best_miou is None or metrics["miou"] > best_miou
                 if improved:
                     best_miou = metrics["miou"]
-                log.info(f"val iter {iteration}: mIoU {100 * metrics['miou']:.2f} pixel acc "
-                         f"{100 * metrics['pixel_acc']:.2f} (best {100 * best_miou:.2f})")
-                tb.scalars({"miou": metrics["miou"], "pixel_acc": metrics["pixel_acc"],
-                            "mean_acc": metrics["mean_acc"]}, iteration, "val/")
+                log.info(
+                    f"val iter {iteration}: mIoU {100 * metrics['miou']:.2f} pixel acc "
+                    f"{100 * metrics['pixel_acc']:.2f} (best {100 * best_miou:.2f})"
+                )
+                tb.scalars(
+                    {
+                        "miou": metrics["miou"],
+                        "pixel_acc": metrics["pixel_acc"],
+                        "mean_acc": metrics["mean_acc"],
+                    },
+                    iteration,
+                    "val/",
+                )
                 if first is not None and tb.writer is not None:
-                    images = visualise_sample(first["prediction"], first["label"], first["offsets"],
-                                              first["confidence"], getattr(dataset, "palette", None),
-                                              dataset.ignore_index)
+                    images = visualise_sample(
+                        first["prediction"],
+                        first["label"],
+                        first["offsets"],
+                        first["confidence"],
+                        getattr(dataset, "palette", None),
+                        dataset.ignore_index,
+                    )
                     for name, image in images.items():
                         tb.image(f"val/{name}", image, iteration)
                 if improved:
@@ -602,13 +723,19 @@ def _train(cfg: Config, resume: Union[str, Path, None], run_dir: Path, info: D.D
         D.barrier(info)
         if data_failed:
             if data_problem is None:
-                raise DataError("another process hit an unreadable training sample (see its error); "
-                                f"progress is saved in {run_dir / 'last.pth'}")
-            raise DataError(f"{data_problem}; progress is saved in {run_dir / 'last.pth'}; fix or remove the "
-                            "file and resume with --resume auto, or set train.bad_sample=skip")
+                raise DataError(
+                    "another process hit an unreadable training sample (see its error); "
+                    f"progress is saved in {run_dir / 'last.pth'}"
+                )
+            raise DataError(
+                f"{data_problem}; progress is saved in {run_dir / 'last.pth'}; fix or remove the "
+                "file and resume with --resume auto, or set train.bad_sample=skip"
+            )
         signum = signals.signum or signal.SIGTERM  # None here when only another rank received it
-        message = (f"stopped by {signal.Signals(signum).name} at iteration {iteration}/{total_iters}; saved "
-                   f"{run_dir / 'last.pth'}; continue with --resume auto")
+        message = (
+            f"stopped by {signal.Signals(signum).name} at iteration {iteration}/{total_iters}; saved "
+            f"{run_dir / 'last.pth'}; continue with --resume auto"
+        )
         log.info(message)
         raise TrainingInterrupted(signum, message)
 
@@ -627,13 +754,15 @@ def _on_main_rank(info: D.DistInfo, check: Any) -> None:
         except OvenetError as exc:
             problem = str(exc)
         except OSError as exc:
-            problem = f"cannot write to the output folder ({exc.strerror or exc}); check its permissions and space"
+            problem = (
+                f"cannot write to the output folder ({exc.strerror or exc}); check its permissions and space"
+            )
     problem = D.broadcast_object(info, problem)
     if problem:
         raise OvenetError(problem)
 
 
-def _next_batch(stream: Iterator[dict]) -> tuple[Optional[dict], Optional[OvenetError]]:
+def _next_batch(stream: Iterator[dict]) -> tuple[dict | None, OvenetError | None]:
     try:
         return next(stream), None
     except Exception as exc:
@@ -643,7 +772,7 @@ def _next_batch(stream: Iterator[dict]) -> tuple[Optional[dict], Optional[Ovenet
         return None, problem
 
 
-def _read_resume(resume: Union[str, Path, None], run_dir: Path, log: Any) -> Optional[dict]:
+def _read_resume(resume: str | Path | None, run_dir: Path, log: Any) -> dict | None:
     """The checkpoint dict to resume from (with its ``path``), or None to start fresh."""
     if resume is None:
         return None
@@ -654,7 +783,9 @@ def _read_resume(resume: Union[str, Path, None], run_dir: Path, log: Any) -> Opt
     ckpt = checkpoint.read(path)
     missing = [k for k in ("optimizer", "scheduler", "iteration", "rng") if k not in ckpt]
     if missing:
-        raise CheckpointError(f"checkpoint {path} has no training state ({', '.join(missing)} missing): it holds "
-                              "weights only; use it as model.pretrained or for evaluation, not for --resume")
+        raise CheckpointError(
+            f"checkpoint {path} has no training state ({', '.join(missing)} missing): it holds "
+            "weights only; use it as model.pretrained or for evaluation, not for --resume"
+        )
     ckpt["path"] = path
     return ckpt
