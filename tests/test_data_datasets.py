@@ -70,7 +70,9 @@ def test_cityscapes_label_ids_map_to_the_shipped_train_ids(cityscapes_sample):
     check_sample_contract(sample, 128, 256)
     assert sample["name"] == f"frankfurt/{FRAME}"
     ours = sample["label"].numpy()
-    shipped = np.array(Image.open(cityscapes_sample / f"gtFine/val/frankfurt/{FRAME}_gtFine_labelTrainIds.png"))
+    shipped = np.array(
+        Image.open(cityscapes_sample / f"gtFine/val/frankfurt/{FRAME}_gtFine_labelTrainIds.png")
+    )
     raw_ids = np.array(Image.open(cityscapes_sample / f"gtFine/val/frankfurt/{FRAME}_gtFine_labelIds.png"))
     # The sample's labelIds and labelTrainIds files were downscaled separately, so 77 boundary pixels (0.24%)
     # disagree in the files themselves. Exact checks: every id present maps to the train id the shipped file
@@ -87,14 +89,18 @@ def test_cityscapes_label_ids_map_to_the_shipped_train_ids(cityscapes_sample):
 
 def test_cityscapes_image_is_imagenet_normalised_rgb(cityscapes_sample):
     sample = CityscapesDataset(cityscapes_sample, "val")[0]
-    rgb = np.array(Image.open(cityscapes_sample / f"leftImg8bit/val/frankfurt/{FRAME}_leftImg8bit.png").convert("RGB"))
+    rgb = np.array(
+        Image.open(cityscapes_sample / f"leftImg8bit/val/frankfurt/{FRAME}_leftImg8bit.png").convert("RGB")
+    )
     expected = (rgb / 255.0 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
     np.testing.assert_allclose(sample["image"].permute(1, 2, 0).numpy(), expected, atol=1e-5)
 
 
 def test_cityscapes_instances_are_raw_uint16_ids(cityscapes_sample):
     sample = CityscapesDataset(cityscapes_sample, "val", with_instances=True)[0]
-    raw_instances = np.array(Image.open(cityscapes_sample / f"gtFine/val/frankfurt/{FRAME}_gtFine_instanceIds.png"))
+    raw_instances = np.array(
+        Image.open(cityscapes_sample / f"gtFine/val/frankfurt/{FRAME}_gtFine_instanceIds.png")
+    )
     raw_ids = np.array(Image.open(cityscapes_sample / f"gtFine/val/frankfurt/{FRAME}_gtFine_labelIds.png"))
     assert sample["instance"].dtype == torch.int32
     np.testing.assert_array_equal(sample["instance"].numpy(), raw_instances.astype(np.int64))
@@ -117,7 +123,27 @@ def test_trainid_to_labelid_inverts_the_lookup():
     train_ids = CITYSCAPES_ID_TO_TRAINID[label_ids]
     np.testing.assert_array_equal(trainid_to_labelid(torch.from_numpy(train_ids)), label_ids)
     assert trainid_to_labelid(np.array([255]))[0] == 0
-    assert trainid_to_labelid(np.arange(19)).tolist() == [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33]
+    assert trainid_to_labelid(np.arange(19)).tolist() == [
+        7,
+        8,
+        11,
+        12,
+        13,
+        17,
+        19,
+        20,
+        21,
+        22,
+        23,
+        24,
+        25,
+        26,
+        27,
+        28,
+        31,
+        32,
+        33,
+    ]
 
 
 def make_cityscapes(root: Path, splits=("train", "val", "test")) -> Path:
@@ -154,7 +180,9 @@ def make_acdc(root: Path) -> Path:
             seq = f"GOPR{len(cond)}{len(split)}"
             stem = f"{seq}_frame_000001"
             write_png(root / f"rgb_anon/{cond}/{split}/{seq}/{stem}_rgb_anon.png", random_image())
-            write_png(root / f"gt/{cond}/{split}/{seq}/{stem}_gt_labelIds.png", np.full((8, 12), 23, np.uint8))
+            write_png(
+                root / f"gt/{cond}/{split}/{seq}/{stem}_gt_labelIds.png", np.full((8, 12), 23, np.uint8)
+            )
     return root
 
 
@@ -224,7 +252,11 @@ def test_folder_dataset_pairs_nested_images_with_suffixes(tmp_path):
     write_png(tmp_path / "img/city/x_leftImg8bit.png", random_image())
     write_png(tmp_path / "lab/city/x_mask.png", np.full((8, 12), 2, np.uint8))
     dataset = FolderDataset(
-        tmp_path / "img", tmp_path / "lab", num_classes=3, image_suffix="_leftImg8bit", label_suffix="_mask.png"
+        tmp_path / "img",
+        tmp_path / "lab",
+        num_classes=3,
+        image_suffix="_leftImg8bit",
+        label_suffix="_mask.png",
     )
     sample = dataset[0]
     assert sample["name"] == "city/x" and torch.all(sample["label"] == 2)
@@ -236,7 +268,9 @@ def test_folder_dataset_pairs_nested_images_with_suffixes(tmp_path):
 def test_folder_dataset_label_map(tmp_path):
     write_png(tmp_path / "img/a.jpg", random_image(2, 3))
     write_png(tmp_path / "lab/a.png", np.array([[0, 128, 255]] * 2, np.uint8))
-    dataset = FolderDataset(tmp_path / "img", tmp_path / "lab", num_classes=2, label_map={0: 0, 128: 1, 255: 255})
+    dataset = FolderDataset(
+        tmp_path / "img", tmp_path / "lab", num_classes=2, label_map={0: 0, 128: 1, 255: 255}
+    )
     assert dataset[0]["label"].tolist() == [[0, 1, 255]] * 2
 
 
@@ -276,7 +310,13 @@ def test_synthetic_scenes_have_road_sky_and_objects():
 
 
 def test_build_dataset_synthetic_train_and_val():
-    cfg = {"name": "synthetic", "num_samples": 8, "image_size": [32, 64], "crop_size": [16, 32], "num_classes": 6}
+    cfg = {
+        "name": "synthetic",
+        "num_samples": 8,
+        "image_size": [32, 64],
+        "crop_size": [16, 32],
+        "num_classes": 6,
+    }
     train = build_dataset(cfg, train=True)
     val = build_dataset(cfg, train=False)
     assert isinstance(train.transform, TrainTransform) and isinstance(val.transform, EvalTransform)
@@ -316,9 +356,25 @@ def test_build_dataset_and_info_reject_bad_configs():
 
 
 def test_dataset_info_matches_dataset_classes():
-    for name, classes in (("cityscapes", 19), ("acdc", 19), ("ade20k", 150), ("camvid", 11), ("synthetic", 8)):
+    for name, classes in (
+        ("cityscapes", 19),
+        ("acdc", 19),
+        ("ade20k", 150),
+        ("camvid", 11),
+        ("synthetic", 8),
+    ):
         num_classes, names, palette = dataset_info(name)
         assert num_classes == classes == len(names) == len(palette)
         assert all(len(color) == 3 and all(0 <= c <= 255 for c in color) for color in palette)
     assert dataset_info("camvid")[2][3] == (128, 64, 128)  # SegNet road colour
     assert dataset_info("list", 4)[0] == 4
+
+
+def test_ade20k_eval_resizes_short_side_520_unless_disabled():
+    from ovenet.data import build_transform
+
+    assert build_transform({"name": "ade20k", "eval_resize_short": None}, train=False).resize_short == 520
+    assert build_transform({"name": "ade20k", "eval_resize_short": 0}, train=False).resize_short is None
+    assert build_transform({"name": "cityscapes"}, train=False).resize_short is None
+    train = build_transform({"name": "cityscapes", "scale_range": [0.75, 1.25]}, train=True)
+    assert (train.crop_size, train.base_size, train.scale_range) == ((512, 1024), 2048, (0.75, 1.25))

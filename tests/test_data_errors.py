@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import re
 from pathlib import Path
 
@@ -73,7 +72,9 @@ def test_empty_root_names_expected_layout_and_what_was_found(tmp_path, build, pa
 
 def test_wrongly_nested_cityscapes_root_reports_contents(tmp_path):
     cityscapes_tree(tmp_path)
-    with raises_data_error("leftImg8bit/val/*/*_leftImg8bit.png", "does not exist", "leftImg8bit contains val/"):
+    with raises_data_error(
+        "leftImg8bit/val/*/*_leftImg8bit.png", "does not exist", "leftImg8bit contains val/"
+    ):
         CityscapesDataset(tmp_path / "leftImg8bit", "val")  # one level too deep
     with raises_data_error("split 'testing' is unknown"):
         CityscapesDataset(tmp_path, "testing")
@@ -87,29 +88,31 @@ def test_missing_label_names_image_and_expected_path(tmp_path, which):
         if which == "cityscapes":
             expected = tmp_path / "gtFine/val/bonn/bonn_0_gtFine_labelIds.png"
             expected.unlink()
-            build = lambda: CityscapesDataset(tmp_path, "val")  # noqa: E731
+            build = lambda: CityscapesDataset(tmp_path, "val")
         else:
             expected = tmp_path / "gtFine/val/bonn/bonn_0_gtFine_instanceIds.png"
-            build = lambda: CityscapesDataset(tmp_path, "val", with_instances=True)  # noqa: E731
+            build = lambda: CityscapesDataset(tmp_path, "val", with_instances=True)
     elif which == "ade20k":
         img = write_png(tmp_path / "images/validation/ADE_val_1.jpg", image())
         expected = tmp_path / "annotations/validation/ADE_val_1.png"
-        build = lambda: ADE20KDataset(tmp_path, "validation")  # noqa: E731
+        build = lambda: ADE20KDataset(tmp_path, "validation")
     elif which == "camvid":
         camvid_tree(tmp_path)
-        (tmp_path / "train.txt").write_text("train/f0.png trainannot/f0.png\ntrain/f1.png trainannot/nope.png\n")
+        (tmp_path / "train.txt").write_text(
+            "train/f0.png trainannot/f0.png\ntrain/f1.png trainannot/nope.png\n"
+        )
         img, expected = tmp_path / "train/f1.png", tmp_path / "trainannot/nope.png"
-        build = lambda: CamVidDataset(tmp_path, "train")  # noqa: E731
+        build = lambda: CamVidDataset(tmp_path, "train")
     elif which == "folder":
         camvid_tree(tmp_path)
         (tmp_path / "trainannot/f1.png").unlink()
         img, expected = tmp_path / "train/f1.png", tmp_path / "trainannot/f1.png"
-        build = lambda: FolderDataset(tmp_path / "train", tmp_path / "trainannot", num_classes=11)  # noqa: E731
+        build = lambda: FolderDataset(tmp_path / "train", tmp_path / "trainannot", num_classes=11)
     else:
         camvid_tree(tmp_path)
         (tmp_path / "l.txt").write_text("train/f2.png trainannot/f9.png\n")
         img, expected = tmp_path / "train/f2.png", tmp_path / "trainannot/f9.png"
-        build = lambda: ListDataset(tmp_path / "l.txt", num_classes=11)  # noqa: E731
+        build = lambda: ListDataset(tmp_path / "l.txt", num_classes=11)
     with raises_data_error("no label for image", img, expected):
         build()
 
@@ -144,7 +147,9 @@ def truncate(path: Path) -> None:
 
 def test_corrupt_and_truncated_files_are_named(tmp_path):
     camvid_tree(tmp_path, n=3)
-    big = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)  # incompressible: truncation bites
+    big = np.random.default_rng(0).integers(
+        0, 256, (64, 96, 3), dtype=np.uint8
+    )  # incompressible: truncation bites
     write_png(tmp_path / "train/f0.png", big)
     write_png(tmp_path / "trainannot/f0.png", np.zeros((64, 96), np.uint8))
     truncate(tmp_path / "train/f0.png")

@@ -13,7 +13,9 @@ from ovenet.data import EvalTransform, TrainTransform, denormalize, normalize
 from ovenet.data.transforms import CropParams
 
 # Distinct colours per class so a label can be read back from the image.
-COLOURS = np.array([(250, 10, 10), (10, 250, 10), (10, 10, 250), (250, 250, 10), (10, 250, 250)], dtype=np.uint8)
+COLOURS = np.array(
+    [(250, 10, 10), (10, 250, 10), (10, 10, 250), (250, 250, 10), (10, 250, 250)], dtype=np.uint8
+)
 
 
 def block_sample(height: int = 60, width: int = 90) -> dict:
@@ -73,7 +75,10 @@ def test_crop_of_scaled_box_matches_full_resize_then_crop():
         params = transform.sample_params(64, 128, rng)
         out = transform.apply({"image": image, "label": label}, params)
         size = (params.scaled_w, params.scaled_h)
-        window = (slice(params.top, params.top + params.height), slice(params.left, params.left + params.width))
+        window = (
+            slice(params.top, params.top + params.height),
+            slice(params.left, params.left + params.width),
+        )
         ref_image = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))[window]
         # Nearest by pixel centres, like PIL NEAREST (which breaks exact ties the other way, hence no PIL here).
         rows = ((np.arange(params.scaled_h) + 0.5) * 64 / params.scaled_h).astype(int)
@@ -126,7 +131,11 @@ def test_extra_maps_follow_the_geometry_with_their_own_padding():
 def test_normalize_uses_imagenet_statistics():
     image = np.array([[[124, 116, 104], [255, 255, 255]]], dtype=np.uint8)
     out = normalize(image)
-    expected = (np.array([[124, 116, 104], [255, 255, 255]]) / 255 - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]
+    expected = (np.array([[124, 116, 104], [255, 255, 255]]) / 255 - [0.485, 0.456, 0.406]) / [
+        0.229,
+        0.224,
+        0.225,
+    ]
     np.testing.assert_allclose(out[:, 0].T.numpy(), expected, atol=1e-5)
 
 

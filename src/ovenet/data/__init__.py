@@ -14,25 +14,37 @@ files raise :class:`ovenet.errors.DataError`; :func:`check_dataset` lists every 
 from ovenet.data.ade20k import ADE20KDataset
 from ovenet.data.base import IGNORE_INDEX, SegmentationDataset, check_dataset
 from ovenet.data.camvid import CamVidDataset
-from ovenet.data.cityscapes import CITYSCAPES_ID_TO_TRAINID, ACDCDataset, CityscapesDataset, trainid_to_labelid
+from ovenet.data.cityscapes import (
+    CITYSCAPES_ID_TO_TRAINID,
+    ACDCDataset,
+    CityscapesDataset,
+    trainid_to_labelid,
+)
 from ovenet.data.factory import DATASET_NAMES, build_dataset, build_transform, dataset_info
 from ovenet.data.folder import FolderDataset, ListDataset
 from ovenet.data.loader import build_loader, collate_samples, seed_worker
 from ovenet.data.synthetic import SyntheticScenes
-from ovenet.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, TrainTransform, denormalize, normalize
+from ovenet.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    EvalTransform,
+    TrainTransform,
+    denormalize,
+    normalize,
+)
 
 __all__ = [
-    "ACDCDataset",
-    "ADE20KDataset",
     "CITYSCAPES_ID_TO_TRAINID",
-    "CamVidDataset",
-    "CityscapesDataset",
     "DATASET_NAMES",
-    "EvalTransform",
-    "FolderDataset",
     "IGNORE_INDEX",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "ACDCDataset",
+    "ADE20KDataset",
+    "CamVidDataset",
+    "CityscapesDataset",
+    "EvalTransform",
+    "FolderDataset",
     "ListDataset",
     "SegmentationDataset",
     "SyntheticScenes",

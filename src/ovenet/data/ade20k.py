@@ -37,7 +37,12 @@ ADE20K_PALETTE = generic_palette(150, skip_black=True)
 # reduce-zero-label: 0 ("other") -> ignore, k -> k-1.
 _ADE20K_TABLE = LabelTable({0: 255, **{k: k - 1 for k in range(1, 151)}}, "the ADE20K class range 0-150")
 
-_SPLIT_ALIASES = {"train": "training", "val": "validation", "training": "training", "validation": "validation"}
+_SPLIT_ALIASES = {
+    "train": "training",
+    "val": "validation",
+    "training": "training",
+    "validation": "validation",
+}
 
 
 class ADE20KDataset(SegmentationDataset):

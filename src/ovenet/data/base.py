@@ -41,11 +41,14 @@ def read_image(path: str | Path) -> np.ndarray:
     """Decode an image file to an HxWx3 uint8 RGB array, or raise DataError naming the file."""
     try:
         with Image.open(path) as img:
-            rgb = img.convert("RGB")  # convert() forces the full decode, so truncation surfaces here
+            img.load()  # forces the full decode, so truncation surfaces here
+            rgb = img if img.mode == "RGB" else img.convert("RGB")
     except FileNotFoundError:
         raise DataError(f"image file {path} does not exist; check the dataset root") from None
     except _DECODE_ERRORS as exc:
-        raise DataError(f"cannot decode image {path} ({exc}); the file is corrupt or truncated, replace it") from None
+        raise DataError(
+            f"cannot decode image {path} ({exc}); the file is corrupt or truncated, replace it"
+        ) from None
     return np.asarray(rgb)
 
 
@@ -64,7 +67,9 @@ def read_label_map(path: str | Path, what: str = "label") -> np.ndarray:
     except FileNotFoundError:
         raise DataError(f"{what} file {path} does not exist; check the dataset root") from None
     except _DECODE_ERRORS as exc:
-        raise DataError(f"cannot decode {what} {path} ({exc}); the file is corrupt or truncated, replace it") from None
+        raise DataError(
+            f"cannot decode {what} {path} ({exc}); the file is corrupt or truncated, replace it"
+        ) from None
     if array.dtype == bool:
         array = array.astype(np.uint8)
     return array
@@ -82,31 +87,33 @@ class LabelTable:
     ``mapping[raw] = train_id`` for every valid raw value; raw values absent from ``mapping`` are invalid.
     """
 
+    _INVALID = 0xFFFF  # a uint16 lookup leaves room for an "invalid" marker above every uint8 train id
+
     def __init__(self, mapping: Mapping[int, int], description: str):
         size = max(max(mapping, default=0) + 1, 256)
-        self.lookup = np.full(size, IGNORE_INDEX, dtype=np.uint8)
-        self.valid = np.zeros(size, dtype=bool)
+        self.lookup = np.full(size, self._INVALID, dtype=np.uint16)
         for raw, train_id in mapping.items():
             if not 0 <= train_id <= 255:
                 raise ValueError(f"train id {train_id} for raw value {raw} does not fit in uint8")
             self.lookup[raw] = train_id
-            self.valid[raw] = True
         self.description = description
 
     def __call__(self, raw: np.ndarray, path: str | Path) -> np.ndarray:
-        if raw.dtype.kind == "i" and raw.size and raw.min() < 0:
-            bad = np.unique(raw[raw < 0])
-            raise DataError(f"label {path} contains values {_format_values(bad)} outside {self.description}")
-        # bincount is one fast pass that tells us every value present, valid or not.
-        counts = np.bincount(raw.ravel(), minlength=len(self.valid))
-        present = np.flatnonzero(counts)
-        bad = present[(present >= len(self.valid)) | ~self.valid[np.minimum(present, len(self.valid) - 1)]]
-        if bad.size:
-            raise DataError(
-                f"label {path} contains values {_format_values(bad)} outside {self.description}; "
-                "fix or regenerate the file"
-            )
-        return self.lookup[raw]
+        if raw.size == 0:
+            return raw.astype(np.uint8)
+        if (raw.dtype.kind == "i" and raw.min() < 0) or raw.max() >= len(self.lookup):
+            self._raise(raw, (raw < 0) | (raw >= len(self.lookup)), path)
+        mapped = np.take(self.lookup, raw)  # one gather maps and marks invalid values at once
+        if mapped.max() == self._INVALID:
+            self._raise(raw, mapped == self._INVALID, path)
+        return mapped.astype(np.uint8)
+
+    def _raise(self, raw: np.ndarray, bad_mask: np.ndarray, path: str | Path) -> None:
+        bad = np.unique(raw[bad_mask])
+        raise DataError(
+            f"label {path} contains values {_format_values(bad)} outside {self.description}; "
+            "fix or regenerate the file"
+        )
 
 
 def generic_palette(num_colors: int, skip_black: bool = False) -> list[tuple[int, int, int]]:
@@ -153,12 +160,15 @@ class SegmentationDataset(Dataset):
     Subclasses fill ``self.samples`` in ``__init__`` and set the class metadata below.
     """
 
-    num_classes: int = 0
-    class_names: list[str] = []
-    palette: list[tuple[int, int, int]] = []
+    # Set by every subclass (as class attributes, or per instance for users' own data).
+    num_classes: int
+    class_names: list[str]
+    palette: list[tuple[int, int, int]]
     ignore_index: int = IGNORE_INDEX
 
-    def __init__(self, samples: list[SampleFiles], label_table: LabelTable | None, transform: Transform | None):
+    def __init__(
+        self, samples: list[SampleFiles], label_table: LabelTable | None, transform: Transform | None
+    ):
         from ovenet.data.transforms import EvalTransform  # transforms never import datasets; no cycle
 
         self.samples = samples

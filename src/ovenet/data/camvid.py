@@ -47,7 +47,9 @@ def read_pair_list(list_file: Path, root: Path) -> list[tuple[Path, Path | None]
     if not pairs:
         raise DataError(f"list file {list_file} has no entries; expected lines 'image_path [label_path]'")
     if len({label is None for _, label in pairs}) > 1:
-        raise DataError(f"list file {list_file} mixes lines with and without labels; give every image a label or none")
+        raise DataError(
+            f"list file {list_file} mixes lines with and without labels; give every image a label or none"
+        )
     return pairs
 
 

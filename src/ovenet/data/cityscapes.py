@@ -145,7 +145,9 @@ class ACDCDataset(_CityscapesIds):
             conditions = (conditions,)
         unknown = [c for c in conditions if c not in self.CONDITIONS]
         if unknown or not conditions:
-            raise DataError(f"ACDC conditions {list(conditions)} invalid; choose from {', '.join(self.CONDITIONS)}")
+            raise DataError(
+                f"ACDC conditions {list(conditions)} invalid; choose from {', '.join(self.CONDITIONS)}"
+            )
         self.root = Path(root)
         self.split = split
         self.conditions = tuple(conditions)
@@ -169,7 +171,9 @@ class ACDCDataset(_CityscapesIds):
                         label = self.root / "gt" / condition / part / sequence / f"{stem}_gt_labelIds.png"
                         if not label.is_file():
                             missing.append((image, label))
-                    samples.append(SampleFiles(f"{condition}/{sequence}/{stem}", image, label, condition=condition))
+                    samples.append(
+                        SampleFiles(f"{condition}/{sequence}/{stem}", image, label, condition=condition)
+                    )
         if missing:
             raise missing_label_error(missing)
         super().__init__(samples, _CITYSCAPES_TABLE, transform)

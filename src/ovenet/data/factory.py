@@ -22,9 +22,12 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     "cityscapes": {"train_split": "train", "val_split": "val", "crop_size": (512, 1024), "base_size": 2048},
     "acdc": {"train_split": "train", "val_split": "val", "crop_size": (540, 960), "base_size": 1920},
     "ade20k": {
-        "train_split": "training", "val_split": "validation", "crop_size": (520, 520), "base_size": 520,
+        "train_split": "training",
+        "val_split": "validation",
+        "crop_size": (520, 520),
+        "base_size": 520,
         "eval_resize_short": 520,
-    },  # fmt: skip
+    },
     "camvid": {"train_split": "train", "val_split": "val", "crop_size": (360, 480), "base_size": 480},
     "synthetic": {"train_split": "train", "val_split": "val", "num_samples": 64, "image_size": (256, 512)},
     "folder": {"train_split": "train", "val_split": "val"},
@@ -85,7 +88,11 @@ def build_dataset(cfg_data: Any, split: str | None = None, train: bool = True) -
     if name == "synthetic":
         # The eval split gets its own seed so it never repeats a training scene.
         is_train_split = split == get("train_split")
-        num_samples = int(get("num_samples")) if is_train_split else int(get("val_samples") or max(1, get("num_samples") // 4))
+        num_samples = (
+            int(get("num_samples"))
+            if is_train_split
+            else int(get("val_samples") or max(1, get("num_samples") // 4))
+        )
         return SyntheticScenes(
             num_samples,
             size=tuple(get("image_size")),
@@ -107,7 +114,9 @@ def build_dataset(cfg_data: Any, split: str | None = None, train: bool = True) -
         dataset = CamVidDataset(root, split, transform)
     expected = get("num_classes")
     if expected is not None and int(expected) != dataset.num_classes:
-        raise ConfigError(f"data.num_classes is {expected} but {name} has {dataset.num_classes} classes; fix or drop it")
+        raise ConfigError(
+            f"data.num_classes is {expected} but {name} has {dataset.num_classes} classes; fix or drop it"
+        )
     return dataset
 
 
@@ -132,7 +141,9 @@ def _build_user_dataset(name: str, get, split: str, transform) -> SegmentationDa
     return ListDataset(path("list_file", True), root, transform, **common)
 
 
-def dataset_info(name: str, num_classes: int | None = None) -> tuple[int, list[str], list[tuple[int, int, int]]]:
+def dataset_info(
+    name: str, num_classes: int | None = None
+) -> tuple[int, list[str], list[tuple[int, int, int]]]:
     """(num_classes, class_names, palette) without touching any data; folder/list need ``num_classes``."""
     name = str(name).lower()
     if name in ("cityscapes", "acdc"):

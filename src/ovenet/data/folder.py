@@ -22,12 +22,19 @@ from ovenet.errors import DataError
 def make_label_table(num_classes: int, label_map: Mapping[int, int] | None) -> LabelTable:
     """Labels are train ids 0..C-1 (255 = ignore) unless ``label_map`` says how raw values map to train ids."""
     if label_map is None:
-        return LabelTable({**{k: k for k in range(num_classes)}, 255: 255}, f"the class range 0-{num_classes - 1} (255 = ignore)")
+        return LabelTable(
+            {**{k: k for k in range(num_classes)}, 255: 255},
+            f"the class range 0-{num_classes - 1} (255 = ignore)",
+        )
     mapping = {int(raw): int(train_id) for raw, train_id in label_map.items()}
     bad = {raw: t for raw, t in mapping.items() if not (0 <= t < num_classes or t == 255)}
     if bad:
-        raise DataError(f"label_map sends {bad} outside 0..{num_classes - 1} / 255; fix label_map or num_classes")
-    return LabelTable(mapping, f"the label_map keys {sorted(mapping)[:10]}{'...' if len(mapping) > 10 else ''}")
+        raise DataError(
+            f"label_map sends {bad} outside 0..{num_classes - 1} / 255; fix label_map or num_classes"
+        )
+    return LabelTable(
+        mapping, f"the label_map keys {sorted(mapping)[:10]}{'...' if len(mapping) > 10 else ''}"
+    )
 
 
 class _UserDataset(SegmentationDataset):
@@ -39,7 +46,9 @@ class _UserDataset(SegmentationDataset):
         self.num_classes = int(num_classes)
         if class_names is not None and len(class_names) != self.num_classes:
             raise DataError(f"class_names has {len(class_names)} names but num_classes is {self.num_classes}")
-        self.class_names = list(class_names) if class_names is not None else [f"class_{i}" for i in range(num_classes)]
+        self.class_names = (
+            list(class_names) if class_names is not None else [f"class_{i}" for i in range(num_classes)]
+        )
         self.palette = generic_palette(self.num_classes)
 
 
@@ -64,7 +73,9 @@ class FolderDataset(_UserDataset):
         self._set_classes(num_classes, class_names)
         self.image_dir = Path(image_dir)
         self.label_dir = None if label_dir is None else Path(label_dir)
-        images = sorted(p for p in self.image_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        images = sorted(
+            p for p in self.image_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+        )
         if not images:
             raise DataError(
                 f"no images matching {self.image_dir}/**/*.({'|'.join(e[1:] for e in IMAGE_EXTENSIONS)}) "
@@ -104,7 +115,9 @@ class ListDataset(_UserDataset):
         self._set_classes(num_classes, class_names)
         self.list_file = Path(list_file)
         if not self.list_file.is_file():
-            raise DataError(f"list file {self.list_file} does not exist ({describe_directory(self.list_file)})")
+            raise DataError(
+                f"list file {self.list_file} does not exist ({describe_directory(self.list_file)})"
+            )
         self.root = Path(root) if root is not None else self.list_file.parent
         samples = pairs_to_samples(read_pair_list(self.list_file, self.root), name_root=self.root)
         super().__init__(samples, make_label_table(self.num_classes, label_map), transform)

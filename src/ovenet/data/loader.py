@@ -57,7 +57,9 @@ def build_loader(
     sampler = None
     if distributed:
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            raise ConfigError("distributed=True but torch.distributed is not initialised; init the process group first")
+            raise ConfigError(
+                "distributed=True but torch.distributed is not initialised; init the process group first"
+            )
         rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
         # Same seed on every rank: the sampler's permutation must agree across ranks to partition the data.
         sampler = DistributedSampler(dataset, shuffle=train, seed=seed, drop_last=train)

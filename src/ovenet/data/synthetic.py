@@ -28,7 +28,9 @@ def synthetic_class_info(num_classes: int = 8) -> tuple[list[str], list[tuple[in
     """Class names and palette; classes past the 8 named ones are generic objects ``object_k``."""
     if num_classes < _FIRST_OBJECT + 1:
         raise ConfigError(f"synthetic data needs num_classes >= {_FIRST_OBJECT + 1}, got {num_classes}")
-    names = SYNTHETIC_CLASSES[:num_classes] + [f"object_{k}" for k in range(len(SYNTHETIC_CLASSES), num_classes)]
+    names = SYNTHETIC_CLASSES[:num_classes] + [
+        f"object_{k}" for k in range(len(SYNTHETIC_CLASSES), num_classes)
+    ]
     extra = generic_palette(num_classes, skip_black=True)[len(_BASE_PALETTE) :]
     return names, (_BASE_PALETTE + extra)[:num_classes]
 
@@ -42,7 +44,9 @@ def _class_appearance(num_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndar
         dtype=np.float32,
     )  # fmt: skip
     if num_classes > len(colors):
-        colors = np.concatenate([colors, rng.uniform(40, 210, (num_classes - len(colors), 3)).astype(np.float32)])
+        colors = np.concatenate(
+            [colors, rng.uniform(40, 210, (num_classes - len(colors), 3)).astype(np.float32)]
+        )
     angle = rng.uniform(0, np.pi, num_classes)
     period = rng.uniform(3.0, 14.0, num_classes)
     freq = np.stack([np.sin(angle), np.cos(angle)], 1) * (2 * np.pi / period)[:, None]
@@ -51,7 +55,9 @@ def _class_appearance(num_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndar
     return colors[:num_classes], freq.astype(np.float32), amplitude.astype(np.float32)
 
 
-def render_scene(index: int, size: Sequence[int], num_classes: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def render_scene(
+    index: int, size: Sequence[int], num_classes: int = 8, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """One scene: (uint8 HxWx3 RGB image, uint8 HxW label)."""
     height, width = int(size[0]), int(size[1])
     rng = np.random.default_rng([seed, index])

@@ -24,18 +24,22 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _MEAN_255 = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255.0
 _STD_255 = torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255.0
+_INV_STD_255 = 1.0 / _STD_255
 
 # Integer maps a sample may carry, with their padding value and output dtype.
 # label_ids pads with 0 (Cityscapes "unlabeled"), instance with 0 (no instance).
 _MAP_DTYPES = {"label": torch.int64, "label_ids": torch.int64, "instance": torch.int32}
 
 
-def normalize(image: np.ndarray) -> torch.Tensor:
-    """uint8 HxWx3 RGB -> float32 [3,H,W], ImageNet mean/std."""
+def normalize(image: np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 HxWx3 RGB -> float32 [3,H,W], ImageNet mean/std; written into ``out`` when given."""
     if not image.flags.writeable:  # PIL-backed arrays are read-only; torch wants writable memory
         image = image.copy()
-    tensor = torch.from_numpy(image).permute(2, 0, 1).float()
-    return tensor.sub_(_MEAN_255).div_(_STD_255)
+    pixels = torch.from_numpy(image).permute(2, 0, 1)
+    if out is None:
+        out = torch.empty(pixels.shape, dtype=torch.float32)
+    # In place on one buffer: the uint8->float copy is the only allocation (fresh pages are costly at 6 MB).
+    return out.copy_(pixels).sub_(_MEAN_255).mul_(_INV_STD_255)
 
 
 def denormalize(image: torch.Tensor) -> np.ndarray:
@@ -131,22 +135,32 @@ class TrainTransform:
         if params.flip:
             image = image[:, ::-1]
         crop_h, crop_w = self.crop_size
-        out_image = torch.zeros(3, crop_h, crop_w)
-        out_image[:, : params.height, : params.width] = normalize(np.ascontiguousarray(image))
+        padded = (params.height, params.width) != (crop_h, crop_w)
+        out_image = torch.zeros(3, crop_h, crop_w) if padded else torch.empty(3, crop_h, crop_w)
+        normalize(np.ascontiguousarray(image), out=out_image[:, : params.height, : params.width])
         out = dict(sample)
         out["image"] = out_image
 
         # Nearest neighbour by index arithmetic: same pixel centres as PIL's box resize, any integer dtype.
-        rows = np.minimum(((params.top + np.arange(params.height) + 0.5) * step_y).astype(np.int64), height - 1)
-        cols = np.minimum(((params.left + np.arange(params.width) + 0.5) * step_x).astype(np.int64), width - 1)
+        rows = np.minimum(
+            ((params.top + np.arange(params.height) + 0.5) * step_y).astype(np.int64), height - 1
+        )
+        cols = np.minimum(
+            ((params.left + np.arange(params.width) + 0.5) * step_x).astype(np.int64), width - 1
+        )
         if params.flip:
             cols = cols[::-1]
         for key in _maps(sample):
-            pad_value = self.ignore_index if key == "label" else 0
-            cropped = _map_to_tensor(key, sample[key][rows[:, None], cols[None, :]])
-            padded = torch.full((crop_h, crop_w), pad_value, dtype=cropped.dtype)
-            padded[: params.height, : params.width] = cropped
-            out[key] = padded
+            cropped = torch.from_numpy(
+                np.take(sample[key][rows], cols, axis=1)
+            )  # rows first: whole-row copies
+            dtype = _MAP_DTYPES.get(key, torch.int64)
+            if padded:
+                pad_value = self.ignore_index if key == "label" else 0
+                out[key] = torch.full((crop_h, crop_w), pad_value, dtype=dtype)
+                out[key][: params.height, : params.width] = cropped
+            else:
+                out[key] = cropped.to(dtype)
         return out
 
     def __repr__(self) -> str:
@@ -166,11 +180,12 @@ class EvalTransform:
     """
 
     def __init__(self, resize_short: int | None = None, size_divisor: int | None = None):
-        self.resize_short = None if resize_short is None else int(resize_short)
-        self.size_divisor = None if size_divisor is None else int(size_divisor)
+        # 0 means "off" too, so a config can disable a dataset's default resize.
+        self.resize_short = int(resize_short) if resize_short else None
+        self.size_divisor = int(size_divisor) if size_divisor else None
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
-        if self.resize_short is not None:
+        if self.resize_short:
             factor = self.resize_short / min(height, width)
             height, width = int(height * factor + 0.5), int(width * factor + 0.5)
         if self.size_divisor:
