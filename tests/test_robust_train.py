@@ -89,7 +89,7 @@ def test_sigterm_saves_last_checkpoint_exits_143_and_resumes(tmp_path):
     assert "received SIGTERM: finishing the current step" in stderr
     stopped = checkpoint.read(run_dir / "last.pth")  # ckpt_every=100: this one comes from the stop
     assert 3 <= stopped["iteration"] < 20
-    assert f"stopped by SIGTERM at iteration {stopped["iteration"]}/20" in log.read_text()
+    assert f"stopped by SIGTERM at iteration {stopped['iteration']}/20" in log.read_text()
 
     train(cfg, resume="auto", run_dir=run_dir)
     assert checkpoint.read(run_dir / "last.pth")["iteration"] == 20
