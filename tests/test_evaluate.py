@@ -45,7 +45,7 @@ P_NIGHT = [[0, 0, 0, 0, 1, 1], [1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1], [2, 2, 2,
 
 
 class OracleDataset:
-    class_names = ["a", "b", "c"]
+    class_names = ("a", "b", "c")
     num_classes = 3
 
     def __init__(self, samples):
@@ -112,7 +112,7 @@ def test_class_count_mismatch_and_missing_labels_are_user_errors():
 
 
 class CityscapesLike:
-    class_names = [f"c{i}" for i in range(19)]
+    class_names = tuple(f"c{i}" for i in range(19))
     num_classes = 19
 
     def __init__(self, with_instances=True):

@@ -28,7 +28,7 @@ def lively(model: nn.Module, seed: int = 0) -> nn.Module:
     for conv in convs:
         if conv.out_channels in (model.num_classes, 3):
             seen = {}
-            hook = conv.register_forward_hook(lambda m, i, o: seen.update(std=o.std()))
+            hook = conv.register_forward_hook(lambda m, i, o, seen=seen: seen.update(std=o.std()))
             with torch.no_grad():
                 model(x)
             hook.remove()

@@ -24,7 +24,7 @@ def lively(model: nn.Module, seed: int = 0) -> nn.Module:
     for conv in convs:
         if conv.out_channels in (model.num_classes, 3):
             seen = {}
-            hook = conv.register_forward_hook(lambda m, i, o: seen.update(std=o.std()))  # returns None: keeps o
+            hook = conv.register_forward_hook(lambda m, i, o, seen=seen: seen.update(std=o.std()))  # returns None: keeps o
             with torch.no_grad():
                 model(x)
             hook.remove()

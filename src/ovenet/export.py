@@ -23,7 +23,6 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +57,7 @@ class ExportWrapper(nn.Module):
         return tuple(result)
 
 
-def _load_model(model_or_checkpoint: Union[nn.Module, str, Path]) -> nn.Module:
+def _load_model(model_or_checkpoint: nn.Module | str | Path) -> nn.Module:
     if isinstance(model_or_checkpoint, nn.Module):
         return model_or_checkpoint
     from ovenet.checkpoint import load
@@ -67,12 +66,12 @@ def _load_model(model_or_checkpoint: Union[nn.Module, str, Path]) -> nn.Module:
 
 
 def export_onnx(
-    model_or_checkpoint: Union[nn.Module, str, Path],
-    out_path: Union[str, Path],
+    model_or_checkpoint: nn.Module | str | Path,
+    out_path: str | Path,
     opset: int = 17,
     height: int = 512,
     width: int = 1024,
-    outputs: Optional[Sequence[str]] = None,
+    outputs: Sequence[str] | None = None,
     full_resolution: bool = False,
     overwrite: bool = False,
 ) -> Path:
@@ -129,7 +128,7 @@ def export_onnx(
     return out_path
 
 
-def onnx_max_abs_diff(onnx_path: Union[str, Path], model: nn.Module, image: Tensor,
+def onnx_max_abs_diff(onnx_path: str | Path, model: nn.Module, image: Tensor,
                       full_resolution: bool = False) -> dict[str, float]:
     """Run the ONNX file with onnxruntime (optional dependency) and PyTorch on ``image``; max |diff| per output."""
     try:

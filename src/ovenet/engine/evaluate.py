@@ -13,7 +13,7 @@ import math
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -50,7 +50,7 @@ def evaluate_model(
     model: nn.Module,
     dataset: Any,
     eval_cfg: EvalConfig,
-    device: Union[str, torch.device],
+    device: str | torch.device,
     num_classes: int,
     ignore_index: int = 255,
     cityscapes: bool = False,
@@ -173,7 +173,7 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def _pct(value: Optional[float]) -> str:
+def _pct(value: float | None) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}"
 
 
@@ -212,18 +212,18 @@ def results_markdown(result: dict[str, Any], title: str = "Evaluation") -> str:
     return "\n".join(lines)
 
 
-def result_paths(out_dir: Union[str, Path], split: str) -> tuple[Path, Path]:
+def result_paths(out_dir: str | Path, split: str) -> tuple[Path, Path]:
     out_dir = Path(out_dir)
     return out_dir / f"eval_{split}.json", out_dir / f"eval_{split}.md"
 
 
 def evaluate(
-    cfg: Optional[Config],
-    checkpoint: Union[str, Path],
-    out_dir: Union[str, Path, None] = None,
-    split: Optional[str] = None,
+    cfg: Config | None,
+    checkpoint: str | Path,
+    out_dir: str | Path | None = None,
+    split: str | None = None,
     overwrite: bool = False,
-    device: Union[str, torch.device, None] = None,
+    device: str | torch.device | None = None,
     precision: str = "fp32",
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -266,7 +266,7 @@ def evaluate(
     return result
 
 
-def _check_free(out_dir: Union[str, Path], split: str, overwrite: bool) -> None:
+def _check_free(out_dir: str | Path, split: str, overwrite: bool) -> None:
     if overwrite:
         return
     for path in result_paths(out_dir, split):

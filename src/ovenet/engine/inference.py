@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,7 +41,7 @@ OUTPUTS = ("final", "initial", "seed")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _pair(value: Union[int, Sequence[int]], name: str) -> tuple[int, int]:
+def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
     if isinstance(value, int):
         value = (value, value)
     if len(value) != 2 or any(int(v) < 1 for v in value):
@@ -65,8 +65,8 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _forward(model: nn.Module, x: Tensor, output: str, precision: str) -> tuple[Tensor, Optional[Tensor],
-                                                                                 Optional[Tensor]]:
+def _forward(model: nn.Module, x: Tensor, output: str, precision: str) -> tuple[Tensor, Tensor | None,
+                                                                                 Tensor | None]:
     """Logits of the chosen output, offsets and confidence at 1/4 resolution, all float32."""
     with _autocast(x.device, precision):
         out = model(x)
@@ -85,7 +85,7 @@ def _upsample(x: Tensor, size: tuple[int, int], align_corners: bool) -> Tensor:
 
 
 def _slide(model: nn.Module, image: Tensor, crop: tuple[int, int], stride: tuple[int, int], output: str,
-           precision: str, align_corners: bool) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+           precision: str, align_corners: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """One sliding-window pass over ``image``; outputs at the image's own size."""
     batch, _, height, width = image.shape
     # Images smaller than the crop are padded (bottom/right, with 0 = the mean colour after normalisation).
@@ -129,14 +129,14 @@ def infer_logits(
     model: nn.Module,
     image: Tensor,
     mode: str = "whole",
-    crop_size: Optional[Sequence[int]] = None,
-    stride: Optional[Sequence[int]] = None,
+    crop_size: Sequence[int] | None = None,
+    stride: Sequence[int] | None = None,
     scales: Sequence[float] = (1.0,),
     flip: bool = False,
     output: str = "final",
-    size: Optional[Sequence[int]] = None,
+    size: Sequence[int] | None = None,
     precision: str = "fp32",
-) -> dict[str, Optional[Tensor]]:
+) -> dict[str, Tensor | None]:
     """Segment a normalised batch ``[B, 3, H, W]``; see the module docstring for how passes are combined.
 
     ``mode`` "whole" feeds each scaled image at once; "slide" runs windows of ``crop_size`` (h, w) with
@@ -218,17 +218,17 @@ class Prediction:
     """
 
     labels: np.ndarray
-    probs: Optional[np.ndarray] = None
-    logits: Optional[np.ndarray] = None
-    offsets: Optional[np.ndarray] = None
-    confidence: Optional[np.ndarray] = None
+    probs: np.ndarray | None = None
+    logits: np.ndarray | None = None
+    offsets: np.ndarray | None = None
+    confidence: np.ndarray | None = None
 
     @property
     def size(self) -> tuple[int, int]:
         return int(self.labels.shape[0]), int(self.labels.shape[1])
 
 
-ImageInput = Union[str, Path, Image.Image, np.ndarray, Tensor]
+ImageInput = str | Path | Image.Image | np.ndarray | Tensor
 
 
 def _describe(obj: Any) -> str:
@@ -293,19 +293,19 @@ def _model_device(model: nn.Module) -> torch.device:
 
 def predict(
     model: nn.Module,
-    image: Union[ImageInput, Sequence[ImageInput]],
-    device: Union[str, torch.device, None] = None,
+    image: ImageInput | Sequence[ImageInput],
+    device: str | torch.device | None = None,
     precision: str = "fp32",
     scales: Sequence[float] = (1.0,),
     flip: bool = False,
     mode: str = "whole",
     batch_size: int = 4,
-    crop_size: Optional[Sequence[int]] = None,
-    stride: Optional[Sequence[int]] = None,
+    crop_size: Sequence[int] | None = None,
+    stride: Sequence[int] | None = None,
     output: str = "final",
     return_probs: bool = False,
     return_logits: bool = False,
-) -> Union[Prediction, list[Prediction]]:
+) -> Prediction | list[Prediction]:
     """Segment one image (-> :class:`Prediction`) or a list of images / a ``[B, 3, H, W]`` tensor (-> list).
 
     Images may be paths, PIL images, HxWx3 uint8 arrays or ``[3, H, W]`` tensors (uint8, or float in [0, 1]);
@@ -326,7 +326,7 @@ def predict(
 
     was_training = model.training
     model.eval()
-    results: list[Optional[Prediction]] = [None] * len(items)
+    results: list[Prediction | None] = [None] * len(items)
     try:
         with torch.inference_mode():
             images = [to_float_image(item) for item in items]

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Optional, Union
 
 import numpy as np
 from torch import nn
@@ -42,7 +41,7 @@ def _image_files(folder: Path, exclude: Path) -> list[Path]:
     return files
 
 
-def plan_inputs(inputs: Sequence[Union[str, Path]], out_dir: Path) -> list[tuple[Path, Path, bool]]:
+def plan_inputs(inputs: Sequence[str | Path], out_dir: Path) -> list[tuple[Path, Path, bool]]:
     """``(input file, output prefix, is_video)`` per input: folders are expanded recursively (skipping
     ``out_dir`` inside them) and keep their relative sub-folders."""
     out_resolved = out_dir.resolve()
@@ -107,10 +106,10 @@ def _video_frames(path: Path) -> Iterator[np.ndarray]:
 
 def predict_files(
     model: nn.Module,
-    inputs: Sequence[Union[str, Path]],
-    out_dir: Union[str, Path],
-    palette: Optional[Sequence[Sequence[int]]] = None,
-    class_names: Optional[Sequence[str]] = None,
+    inputs: Sequence[str | Path],
+    out_dir: str | Path,
+    palette: Sequence[Sequence[int]] | None = None,
+    class_names: Sequence[str] | None = None,
     dataset_name: str = "cityscapes",
     save: Iterable[str] = SAVE_KINDS,
     overwrite: bool = False,
@@ -118,8 +117,8 @@ def predict_files(
     flip: bool = False,
     mode: str = "whole",
     precision: str = "fp32",
-    device: Optional[str] = None,
-    crop_size: Optional[Sequence[int]] = None,
+    device: str | None = None,
+    crop_size: Sequence[int] | None = None,
     alpha: float = 0.5,
     progress: bool = False,
 ) -> list[Path]:
