@@ -30,8 +30,11 @@ def quickstart_config(out_dir: Path, iters: int, device: str, overrides: Sequenc
                                      f"output_dir={out_dir}", "name=run"])
 
 
-def seconds_per_iteration(cfg: Config, device: str, steps: int = 3) -> float:
-    """Time ``steps`` training steps (forward, loss, backward, SGD) of the config's model on random data."""
+def seconds_per_iteration(cfg: Config, device: str, steps: int = 3, give_up_after: float = float("inf")) -> float:
+    """Time ``steps`` training steps (forward, loss, backward, SGD) of the config's model on random data.
+
+    Returns early with the time of the first (warm-up) step when that alone takes over ``give_up_after`` seconds.
+    """
     import torch
 
     from ovenet.losses import build_loss
@@ -51,15 +54,38 @@ def seconds_per_iteration(cfg: Config, device: str, steps: int = 3) -> float:
         loss.backward()
         optimizer.step()
 
+    start = time.perf_counter()
     step()  # warm-up: allocator, kernel selection
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+    if time.perf_counter() - start > give_up_after:
+        return time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(steps):
         step()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return (time.perf_counter() - start) / steps
+
+
+def fastest_thread_count(cfg: Config, device: str) -> tuple[int, float]:
+    """(threads, seconds per step): PyTorch's default thread count, or one thread when that is faster.
+
+    On a machine whose cores are busy with other work, OpenMP threads that wait for each other can make a step
+    ten times slower than a single thread; timing both costs a few steps and protects the time budget.
+    """
+    import torch
+
+    default = torch.get_num_threads()
+    if device != "cpu" or default == 1:
+        return default, seconds_per_iteration(cfg, device)
+    torch.set_num_threads(1)  # first: one thread is never pathologically slow, so it bounds the second timing
+    try:
+        single = seconds_per_iteration(cfg, device)
+    finally:
+        torch.set_num_threads(default)
+    multi = seconds_per_iteration(cfg, device, give_up_after=3 * single)
+    return (1, single) if single < 0.8 * multi else (default, multi)
 
 
 def plan_iterations(minutes: float, seconds_per_iter: float) -> int:
@@ -107,28 +133,40 @@ def run_quickstart(out_dir: str | Path = "runs/quickstart", minutes: float = 3.0
     """
     import torch
 
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    # Bad arguments fail before anything is touched.
+    if iters is not None and iters < 1:
+        raise OvenetError(f"--iters must be >= 1, got {iters}")
+    if iters is None and minutes <= 0:
+        raise OvenetError(f"--minutes must be > 0, got {minutes}")
+    quickstart_config(out_dir, 1, device, overrides)
+    _prepare_out_dir(out_dir, overwrite)
+    threads_before = torch.get_num_threads()
+    try:
+        if iters is None:
+            threads, per_iter = fastest_thread_count(quickstart_config(out_dir, 1, device, overrides), device)
+            torch.set_num_threads(threads)
+            iters = plan_iterations(minutes, per_iter)
+            log(f"quickstart: {per_iter:.2f} s per training step on {device} ({threads} thread(s)): "
+                f"{iters} iterations fit about {minutes:g} min")
+        return _run(out_dir, iters, device, overrides, num_predictions, log, start)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(out_dir: Path, iters: int, device: str, overrides: Sequence[str], num_predictions: int,
+         log: Callable[[str], None], start: float) -> dict:
     from ovenet import checkpoint
     from ovenet.data import dataset_info
     from ovenet.engine.evaluate import evaluate, result_paths
     from ovenet.engine.predict import predict_files
+    from ovenet.engine.train import train
     from ovenet.vis import colorize, save_png
 
-    start = time.perf_counter()
-    out_dir = Path(out_dir)
-    quickstart_config(out_dir, 1, device, overrides)  # bad overrides fail before anything is touched
-    _prepare_out_dir(out_dir, overwrite)
-    if iters is None:
-        per_iter = seconds_per_iteration(quickstart_config(out_dir, 1, device, overrides), device)
-        iters = plan_iterations(minutes, per_iter)
-        log(f"quickstart: {per_iter:.2f} s per training step on {device} ({torch.get_num_threads()} threads): "
-            f"{iters} iterations fit about {minutes:g} min")
-    elif iters < 1:
-        raise OvenetError(f"--iters must be >= 1, got {iters}")
     cfg = quickstart_config(out_dir, iters, device, overrides)
     log(f"quickstart: training {cfg.model.arch} OVeNet on synthetic {cfg.data.image_size[0]}x"
         f"{cfg.data.image_size[1]} scenes for {iters} iterations")
-
-    from ovenet.engine.train import train
 
     run_dir = train(cfg, run_dir=out_dir / "run")
     ckpt = run_dir / "best.pth" if (run_dir / "best.pth").is_file() else run_dir / "last.pth"

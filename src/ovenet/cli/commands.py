@@ -188,8 +188,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.precision:
         options["precision"] = args.precision
     written = predict_files(model, inputs, Path(args.out), palette, class_names, cfg.data.name, **options)
-    count = len(written) if hasattr(written, "__len__") else None
-    print(f"wrote predictions{f' for {count} image(s)' if count is not None else ''} to {args.out}")
+    print(f"wrote {len(written)} file(s) to {args.out}")
     return 0
 
 

@@ -1,12 +1,13 @@
 """The ``ovenet`` command line: argument parsing, dispatch and the mapping of errors to one-line messages.
 
-Every subcommand lives in :mod:`ovenet.cli.commands` and imports the heavy machinery (torch, the engine) only
-when it runs, so ``ovenet --help`` is instant.
+Every subcommand lives in :mod:`ovenet.cli.commands` and imports the engine (training, evaluation, export)
+only when it runs, so ``ovenet --help`` works even where an optional part cannot be imported.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import traceback
@@ -294,7 +295,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # TrainingInterrupted (SIGINT/SIGTERM): the engine has already said where last.pth is
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except BrokenPipeError:  # `ovenet configs | head`: the reader left, nothing to report
-        sys.stderr.close()
+        try:  # point stdout at /dev/null so the interpreter's final flush does not complain again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
         return 0
     except OvenetError as e:
         if args.debug:
