@@ -1,0 +1,91 @@
+"""What the offset head does on the validation set of one trained OVeNet checkpoint.
+
+    python experiments/camvid/analyze.py RUN/best.pth --data-root ../shared/data/camvid --out RUN/analysis.json
+
+Reports, single-scale whole-image: mIoU and boundary mIoU of S_i (initial), S_s (seed) and S_f (final); offset
+length statistics in full-resolution pixels; the confidence histogram, inside and outside the boundary band; and
+where S_s beats S_i (pixels S_s gets right and S_i wrong, and the reverse), near boundaries and in the interior.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+import ovenet
+from ovenet.data import build_dataset
+from ovenet.metrics import BoundaryConfusion, ConfusionMatrix
+from ovenet.metrics.boundary import boundary_band
+from ovenet.models.heads import upsample_logits
+
+HEADS = {"initial": "logits_initial", "seed": "logits_seed", "final": "logits_final"}
+
+
+@torch.inference_mode()
+def analyze(checkpoint: Path, data_root: Path | None, device: str = "cpu", width: int = 3) -> dict:
+    model = ovenet.load(checkpoint, device=device)
+    cfg = model.config
+    if data_root is not None:
+        cfg.data.root = str(data_root)
+    dataset = build_dataset(cfg.data, train=False)
+    c = model.num_classes
+    conf = {h: ConfusionMatrix(c, device=device) for h in HEADS}
+    band_conf = {h: BoundaryConfusion(c, width, device=device) for h in HEADS}
+    hist_band, hist_inner = torch.zeros(10, device=device), torch.zeros(10, device=device)
+    lengths = []
+    wins = {"seed_right_initial_wrong": [0, 0], "initial_right_seed_wrong": [0, 0]}  # [band, interior]
+    for i in range(len(dataset)):
+        sample = dataset[i]
+        image, label = sample["image"][None].to(device), sample["label"][None].to(device)
+        out = model(image)
+        size = label.shape[-2:]
+        preds = {h: upsample_logits(getattr(out, name), size, model.align_corners).argmax(1)
+                 for h, name in HEADS.items()}
+        for h in HEADS:
+            conf[h].update(preds[h], label)
+            band_conf[h].update(preds[h], label)
+        band = boundary_band(label, width)
+        valid = label != 255
+        s_ok, i_ok = preds["seed"] == label, preds["initial"] == label
+        for key, mask in (("seed_right_initial_wrong", s_ok & ~i_ok), ("initial_right_seed_wrong", i_ok & ~s_ok)):
+            wins[key][0] += int((mask & valid & band).sum())
+            wins[key][1] += int((mask & valid & ~band).sum())
+        f = upsample_logits(out.confidence, size, model.align_corners)[:, 0]
+        hist_band += torch.histc(f[valid & band], bins=10, min=0, max=1)
+        hist_inner += torch.histc(f[valid & ~band], bins=10, min=0, max=1)
+        h, w = out.offsets.shape[-2:]
+        px = torch.stack([out.offsets[:, 0] * (w - 1) / 2, out.offsets[:, 1] * (h - 1) / 2]).norm(dim=0)
+        lengths.append((px * size[1] / w).flatten().cpu())  # in full-resolution pixels
+    lengths = torch.cat(lengths)
+    result = {h: {"miou": conf[h].compute()["miou"], "boundary_miou": band_conf[h].compute()["miou"]} for h in HEADS}
+    result["offset_px"] = {"mean": lengths.mean().item(), "median": lengths.median().item(),
+                           "p90": lengths.quantile(0.9).item() if lengths.numel() < 2**24 else None,
+                           "max": lengths.max().item(), "share_over_1px": (lengths > 1).float().mean().item()}
+    result["confidence_hist_band"] = (hist_band / hist_band.sum().clamp(min=1)).tolist()
+    result["confidence_hist_interior"] = (hist_inner / hist_inner.sum().clamp(min=1)).tolist()
+    result["pixels"] = {k: {"band": v[0], "interior": v[1]} for k, v in wins.items()}
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("--data-root", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--width", type=int, default=3, help="boundary band width in pixels")
+    args = p.parse_args()
+    model_is_ovenet = ovenet.load(args.checkpoint).is_ovenet
+    if not model_is_ovenet:
+        print("baseline checkpoint: no offset head to analyse")
+        return
+    result = analyze(args.checkpoint, args.data_root, args.device, args.width)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(json.dumps({h: result[h] for h in HEADS}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
