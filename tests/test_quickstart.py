@@ -69,8 +69,8 @@ def test_bad_quickstart_override_fails_before_touching_the_folder(tmp_path, caps
 
 
 def test_iterations_fit_the_budget():
-    # 3 minutes at 0.2 s/step: 80% of 180 s minus 15 s of fixed costs = 129 s -> 645 steps.
-    assert plan_iterations(3.0, 0.2) == 645
+    # 3 minutes at 0.2 s/step: 90% of 180 s minus 15 s of fixed costs = 147 s -> 735 steps.
+    assert plan_iterations(3.0, 0.2) == 735
     assert plan_iterations(0.1, 0.2) == MIN_ITERS  # never fewer than a minimal run
     with pytest.raises(Exception, match="--minutes"):
         plan_iterations(0, 0.2)

@@ -20,7 +20,7 @@ from ovenet.errors import OvenetError
 
 CONFIG_NAME = "quickstart"
 MARKER = "quickstart.json"  # written last; its presence makes a folder safe to replace with overwrite=True
-TRAIN_SHARE = 0.8  # of the budget; the rest pays for start-up, validation, evaluation and predictions
+TRAIN_SHARE = 0.9  # of the budget; the rest pays for start-up, validation, evaluation and predictions
 FIXED_SECONDS = 15.0  # start-up, end-of-training validation, evaluation and predictions on 2 CPU cores
 MIN_ITERS, MAX_ITERS = 20, 20000
 
