@@ -76,6 +76,13 @@ def test_every_command_has_help_with_examples(capsys, command):
     assert code == 0 and "examples:" in out and f"ovenet {command}" in out
 
 
+def test_prediction_kinds_match_the_engine():
+    from ovenet.cli.main import PREDICTION_KINDS
+    from ovenet.engine.predict import SAVE_KINDS
+
+    assert PREDICTION_KINDS == SAVE_KINDS
+
+
 def test_usage_errors_exit_2(capsys):
     assert run(capsys, "no-such-command")[0] == 2
     assert run(capsys)[0] == 2  # a command is required
@@ -289,6 +296,22 @@ def test_predict_writes_labels_offsets_and_confidence(capsys, tiny_checkpoint, t
     for kind in ("color", "overlay", "labels", "offsets", "confidence"):
         assert Image.open(out / f"street_{kind}.png").size == (56, 40)
     assert f"wrote 5 file(s) to {out}" in stdout
+    # Sliding windows of the config's eval.crop_size, several scales and flip: same files, same size.
+    code, stdout, err = run(capsys, "predict", str(tiny_checkpoint), str(image), "--out", str(out), "--overwrite",
+                            "--mode", "slide", "--scales", "0.5", "1.0", "--flip", "--save", "raw", "confidence")
+    assert code == 0, err
+    assert f"wrote 2 file(s) to {out}" in stdout
+    assert Image.open(out / "street_labels.png").size == (56, 40)
+    code, _, err = run(capsys, "predict", str(tiny_checkpoint), str(image), "--out", str(out))
+    assert code == 2 and "--overwrite" in err
+    # key=value words change the loaded model (e.g. the sampling convention of a converted checkpoint).
+    code, _, err = run(capsys, "predict", str(tiny_checkpoint), str(image), "model.offset.sampling=official",
+                       "--out", str(tmp_path / "official"))
+    assert code == 0, err
+    code, _, err = run(capsys, "predict", str(tiny_checkpoint), str(image), "model.offset.samplin=official",
+                       "--out", str(tmp_path / "typo"))
+    assert code == 2
+    assert_one_line_error(err, "did you mean 'model.offset.sampling'")
     code, _, err = run(capsys, "predict", str(tiny_checkpoint), str(tmp_path / "none.png"), "--out", str(out))
     assert code == 2
     assert_one_line_error(err, "none.png", "does not exist")

@@ -33,7 +33,7 @@ def test_quickstart_end_to_end_through_the_cli(tmp_path, capsys):
     printed = capsys.readouterr().out
 
     summary = json.loads((out / MARKER).read_text())
-    assert summary["iterations"] == 3 and summary["device"] == "cpu"
+    assert summary["status"] == "done" and summary["iterations"] == 3 and summary["device"] == "cpu"
     run_dir = Path(summary["run_dir"])
     assert (run_dir / "config.yaml").is_file() and (run_dir / "last.pth").is_file()
     assert Path(summary["checkpoint"]).is_file()

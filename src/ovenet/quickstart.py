@@ -11,15 +11,15 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Callable, Optional
 
 from ovenet.config import Config, load_config
 from ovenet.errors import OvenetError
 
 CONFIG_NAME = "quickstart"
-MARKER = "quickstart.json"  # written last; its presence makes a folder safe to replace with overwrite=True
+MARKER = "quickstart.json"  # written first ("running") and last (the summary): marks a folder safe to replace
 TRAIN_SHARE = 0.9  # of the budget; the rest pays for start-up, validation, evaluation and predictions
 FIXED_SECONDS = 15.0  # start-up, end-of-training validation, evaluation and predictions on 2 CPU cores
 MIN_ITERS, MAX_ITERS = 20, 20000
@@ -108,6 +108,7 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
                               "refusing to delete it, choose another --out")
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MARKER).write_text(json.dumps({"status": "running"}) + "\n")
 
 
 def write_scenes(cfg: Config, folder: Path, count: int) -> list[tuple[Path, object]]:
@@ -175,7 +176,7 @@ def _run(out_dir: Path, iters: int, device: str, overrides: Sequence[str], num_p
     eval_json, eval_md = result_paths(out_dir / "eval", result["split"])
 
     model = checkpoint.load(ckpt, device)
-    num_classes, class_names, palette = dataset_info("synthetic", cfg.model.num_classes)
+    _, class_names, palette = dataset_info("synthetic", cfg.model.num_classes)
     scenes = write_scenes(cfg, out_dir / "scenes", num_predictions)
     pred_dir = out_dir / "predictions"
     written = predict_files(model, [path for path, _ in scenes], pred_dir, palette, class_names, "synthetic",
@@ -184,6 +185,7 @@ def _run(out_dir: Path, iters: int, device: str, overrides: Sequence[str], num_p
         written.append(save_png(pred_dir / f"{path.stem}_truth.png", colorize(label, palette)))
 
     summary = {
+        "status": "done",
         "iterations": iters,
         "device": device,
         "seconds": round(time.perf_counter() - start, 1),

@@ -181,6 +181,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         "scales": list(scales),
         "flip": bool(args.flip or args.paper_scales or cfg.eval.flip),
         "mode": args.mode or cfg.eval.mode,
+        "crop_size": list(cfg.eval.crop_size),  # sliding-window size when mode is slide
         "device": device,
     }
     if args.save:

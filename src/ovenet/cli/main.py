@@ -18,6 +18,7 @@ from ovenet.errors import OvenetError
 
 PROG = "ovenet"
 PAPER_SCALES = [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
+PREDICTION_KINDS = ("color", "overlay", "raw", "labelids", "offsets", "confidence")  # engine.predict.SAVE_KINDS
 OVERRIDE_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=")
 COMMANDS_TAKING_OVERRIDES = ("train", "eval", "predict", "check-data", "configs", "quickstart")
 
@@ -89,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  ovenet train my_config.yaml --resume auto            # continue the run's last checkpoint\n"
         "  torchrun --nproc_per_node 4 -m ovenet.cli train cityscapes_hrnetv2_w48_ovenet",
     )
-    p.add_argument("config", help="YAML config path or shipped config name")
+    p.add_argument("config", metavar="CONFIG", help="YAML config path or shipped config name")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     p.add_argument("--resume", metavar="PATH|auto",
                    help="checkpoint to resume from, or 'auto' for the run folder's last checkpoint")
@@ -125,18 +126,20 @@ def build_parser() -> argparse.ArgumentParser:
     # -- predict -----------------------------------------------------------------------------------------------
     p = command(
         "predict", "segment images (label PNGs, colour, offsets, confidence)",
-        "Run CHECKPOINT on images or folders of images and write, per image, the label-index PNG, a colour\n"
-        "rendering and, for OVeNet models, the offset field (colour wheel) and the confidence map.",
+        "Run CHECKPOINT on images, folders of images or videos and write, per image, a colour rendering, an\n"
+        "overlay, the label-index PNG (raw), Cityscapes label ids (labelids) and, for OVeNet models, the offset\n"
+        "field (optical-flow colour wheel) and the confidence map. Extra key=value words are model.* overrides.",
         "  ovenet predict runs/cs/best.pth street.jpg --out preds/\n"
         "  ovenet predict runs/cs/best.pth frames/ --out preds/ --flip --scales 0.75 1.0 1.25 --device cuda\n"
         "  ovenet predict converted.pth img.png --out preds/ model.offset.sampling=exact",
     )
-    p.add_argument("checkpoint", help="ovenet checkpoint (.pth)")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="ovenet checkpoint (.pth)")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders (overrides key=value too)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     _add_inference_options(p)
-    p.add_argument("--save", nargs="+", metavar="KIND",
-                   help="what to write (default: the engine's set), e.g. label color offsets confidence")
+    p.add_argument("--save", nargs="+", metavar="KIND", choices=PREDICTION_KINDS,
+                   help=f"what to write: {', '.join(PREDICTION_KINDS)} (default: all that apply; labelids for "
+                        "Cityscapes/ACDC, offsets and confidence for OVeNet)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="inference precision (GPU only)")
     _add_device(p)
@@ -150,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  ovenet export runs/cs/best.pth --format onnx\n"
         "  ovenet export runs/cs/best.pth --out model.onnx --opset 17 --height 1024 --width 2048",
     )
-    p.add_argument("checkpoint", help="ovenet checkpoint (.pth)")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="ovenet checkpoint (.pth)")
     p.add_argument("--format", choices=("onnx",), default="onnx", help="export format")
     p.add_argument("--out", metavar="PATH", help="output file (default: CHECKPOINT with .onnx suffix)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset version")
@@ -193,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  ovenet check-data cityscapes_hrnetv2_w48_ovenet data.root=data/cityscapes\n"
         "  ovenet check-data my_config.yaml --split val",
     )
-    p.add_argument("config", help="YAML config path or shipped config name")
+    p.add_argument("config", metavar="CONFIG", help="YAML config path or shipped config name")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     p.add_argument("--split", choices=("train", "val", "both"), default="both", help="which split to check")
 
@@ -206,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  ovenet configs cityscapes_hrnetv2_w48_ocr_ovenet\n"
         "  ovenet configs camvid_hrnetv2_w18s_ovenet model.offset.tau=0.2",
     )
-    p.add_argument("name", nargs="?", help="config to print")
+    p.add_argument("name", nargs="?", metavar="NAME", help="config to print")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
 
     p = command(
@@ -214,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Print a checkpoint's architecture, offset head settings, classes, parameter count and training state.",
         "  ovenet info runs/cs/best.pth",
     )
-    p.add_argument("checkpoint", help="ovenet checkpoint (.pth)")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="ovenet checkpoint (.pth)")
 
     # -- quickstart --------------------------------------------------------------------------------------------
     p = command(
