@@ -12,6 +12,7 @@ from PIL import Image
 from ovenet.cli.main import main
 from ovenet.quickstart import MARKER, MIN_ITERS, plan_iterations, quickstart_config, seconds_per_iteration
 
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """One intra-op thread: on a 2-core machine shared with other jobs, OpenMP threads waiting on each other make

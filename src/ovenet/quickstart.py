@@ -11,9 +11,8 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Optional
 
 from ovenet.config import Config, load_config
 from ovenet.errors import OvenetError
@@ -125,7 +124,7 @@ def write_scenes(cfg: Config, folder: Path, count: int) -> list[tuple[Path, obje
     return scenes
 
 
-def run_quickstart(out_dir: str | Path = "runs/quickstart", minutes: float = 3.0, iters: Optional[int] = None,
+def run_quickstart(out_dir: str | Path = "runs/quickstart", minutes: float = 3.0, iters: int | None = None,
                    device: str = "cpu", overwrite: bool = False, num_predictions: int = 4,
                    overrides: Sequence[str] = (), log: Callable[[str], None] = print) -> dict:
     """Train, evaluate and predict; returns a summary with the metrics and the paths written.

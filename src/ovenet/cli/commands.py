@@ -6,10 +6,11 @@ Heavy imports (torch, the engine) happen inside the commands so that ``ovenet --
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
@@ -18,10 +19,9 @@ from ovenet.errors import CheckpointError, ConfigError, DataError, OvenetError
 
 from .main import PAPER_SCALES, is_override
 
-
 # --- helpers --------------------------------------------------------------------------------------------------
 
-def resolve_device(name: Optional[str]) -> str:
+def resolve_device(name: str | None) -> str:
     """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; a CUDA device that does not exist is an error."""
     import torch
 
@@ -89,7 +89,7 @@ def _is_main_process() -> bool:
 
 
 def _pct(value: Any) -> str:
-    return "n/a" if not isinstance(value, (int, float)) or value != value else f"{100 * value:.2f}"
+    return "n/a" if not isinstance(value, (int, float)) or math.isnan(value) else f"{100 * value:.2f}"
 
 
 def print_metrics(result: dict) -> None:
@@ -123,7 +123,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _split_eval_paths(paths: list[str]) -> tuple[Optional[str], str, list[str]]:
+def _split_eval_paths(paths: list[str]) -> tuple[str | None, str, list[str]]:
     overrides = [p for p in paths if is_override(p)]
     files = [p for p in paths if not is_override(p)]
     if len(files) == 1:
