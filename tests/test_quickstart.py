@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -62,6 +64,17 @@ def test_quickstart_end_to_end_through_the_cli(tmp_path, capsys):
     assert "refusing to delete" in capsys.readouterr().err and (foreign / "notes.txt").is_file()
 
 
+def test_minutes_budget_path_times_the_steps_and_plans(tmp_path):
+    from ovenet.quickstart import run_quickstart
+
+    lines: list[str] = []
+    summary = run_quickstart(tmp_path / "qs", minutes=0.05, overrides=SMALL, num_predictions=1, log=lines.append)
+    assert summary["iterations"] == MIN_ITERS  # 3 s cannot pay for more than the minimum
+    assert summary["stopped_at_time_budget"] is False
+    assert "s per training step on cpu" in lines[0] and f"{MIN_ITERS} iterations" in lines[0]
+    assert (tmp_path / "qs" / "predictions" / "scene_00_offsets.png").is_file()
+
+
 def test_bad_quickstart_override_fails_before_touching_the_folder(tmp_path, capsys):
     out = tmp_path / "qs"
     assert main(["quickstart", "--out", str(out), "--iters", "3", "data.num_sample=16"]) == 2
@@ -95,3 +108,19 @@ def test_thread_choice_prefers_one_thread_only_when_clearly_faster(monkeypatch, 
     threads, seconds = qs.fastest_thread_count(quickstart_config(tmp_path, 1, "cpu", SMALL), "cpu")
     assert (threads, seconds) == (expected, single if expected == 1 else multi)
     assert torch.get_num_threads() == 2  # the caller decides; the probe leaves the setting as it was
+
+
+def test_deadline_stops_training_through_the_trainer_and_is_told_apart(tmp_path):
+    from ovenet.engine.train import TrainingInterrupted, train
+    from ovenet.quickstart import TrainingDeadline
+
+    cfg = quickstart_config(tmp_path, 100000, "cpu", SMALL)
+    with TrainingDeadline(1.0) as timer, pytest.raises(TrainingInterrupted):
+        train(cfg, run_dir=tmp_path / "run")
+    assert timer.fired
+    assert (tmp_path / "run" / "last.pth").is_file()  # the trainer saved its progress before stopping
+    # Outside training a late deadline is harmless, and the SIGTERM handler is restored afterwards.
+    before = signal.getsignal(signal.SIGTERM)
+    with TrainingDeadline(0.01) as timer:
+        time.sleep(0.3)
+    assert timer.fired and signal.getsignal(signal.SIGTERM) == before

@@ -9,10 +9,14 @@ The number of training iterations is sized to the time budget by timing a few st
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from ovenet.config import Config, load_config
 from ovenet.errors import OvenetError
@@ -22,6 +26,7 @@ MARKER = "quickstart.json"  # written first ("running") and last (the summary): 
 TRAIN_SHARE = 0.9  # of the budget; the rest pays for start-up, validation, evaluation and predictions
 FIXED_SECONDS = 15.0  # start-up, end-of-training validation, evaluation and predictions on 2 CPU cores
 MIN_ITERS, MAX_ITERS = 20, 20000
+DEADLINE_SLACK = 1.25  # training is stopped (and evaluated as it is) at 1.25x its planned time
 
 
 def quickstart_config(out_dir: Path, iters: int, device: str, overrides: Sequence[str] = ()) -> Config:
@@ -95,6 +100,51 @@ def plan_iterations(minutes: float, seconds_per_iter: float) -> int:
     return int(min(MAX_ITERS, max(MIN_ITERS, budget / max(seconds_per_iter, 1e-6))))
 
 
+class TrainingDeadline:
+    """Stops training after ``seconds`` through the trainer's own graceful stop (SIGTERM: finish the step, save
+    ``last.pth``, raise ``TrainingInterrupted``), so a machine that gets busier than when the steps were timed
+    cannot stretch the quickstart far past its budget. ``fired`` tells a deadline stop from a user's signal.
+
+    Only active in the main thread (signal handlers live there); ``seconds=None`` disables it.
+    """
+
+    def __init__(self, seconds: float | None):
+        self.seconds = seconds
+        self.fired = False
+        self._closed = False
+        self._lock = threading.Lock()
+        self._timer: threading.Timer | None = None
+        self._previous: Any = None
+
+    def __enter__(self) -> TrainingDeadline:  # noqa: PYI034 (typing.Self needs Python 3.11)
+        if self.seconds is None or threading.current_thread() is not threading.main_thread():
+            return self
+        # Outside the training loop a deadline signal is ignored; a real SIGTERM still ends the program.
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self._timer = threading.Timer(self.seconds, self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+        return self
+
+    def _fire(self) -> None:
+        with self._lock:  # never signal after __exit__ has put the previous handler back
+            if not self._closed:
+                self.fired = True
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if not self.fired:
+            raise SystemExit(128 + signum)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._timer is None:
+            return
+        with self._lock:
+            self._closed = True
+            self._timer.cancel()
+        signal.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
+
+
 def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise OvenetError(f"--out {out_dir} is a file; choose a folder")
@@ -143,32 +193,42 @@ def run_quickstart(out_dir: str | Path = "runs/quickstart", minutes: float = 3.0
     quickstart_config(out_dir, 1, device, overrides)
     _prepare_out_dir(out_dir, overwrite)
     threads_before = torch.get_num_threads()
+    deadline = None
     try:
         if iters is None:
             threads, per_iter = fastest_thread_count(quickstart_config(out_dir, 1, device, overrides), device)
             torch.set_num_threads(threads)
             iters = plan_iterations(minutes, per_iter)
+            deadline = DEADLINE_SLACK * iters * per_iter + FIXED_SECONDS
             log(f"quickstart: {per_iter:.2f} s per training step on {device} ({threads} thread(s)): "
                 f"{iters} iterations fit about {minutes:g} min")
-        return _run(out_dir, iters, device, overrides, num_predictions, log, start)
+        return _run(out_dir, iters, device, overrides, num_predictions, log, start, deadline)
     finally:
         torch.set_num_threads(threads_before)
 
 
 def _run(out_dir: Path, iters: int, device: str, overrides: Sequence[str], num_predictions: int,
-         log: Callable[[str], None], start: float) -> dict:
+         log: Callable[[str], None], start: float, deadline: float | None) -> dict:
     from ovenet import checkpoint
     from ovenet.data import dataset_info
     from ovenet.engine.evaluate import evaluate, result_paths
     from ovenet.engine.predict import predict_files
-    from ovenet.engine.train import train
+    from ovenet.engine.train import TrainingInterrupted, train
     from ovenet.vis import colorize, save_png
 
     cfg = quickstart_config(out_dir, iters, device, overrides)
     log(f"quickstart: training {cfg.model.arch} OVeNet on synthetic {cfg.data.image_size[0]}x"
         f"{cfg.data.image_size[1]} scenes for {iters} iterations")
 
-    run_dir = train(cfg, run_dir=out_dir / "run")
+    run_dir = out_dir / "run"
+    with TrainingDeadline(deadline) as timer:
+        try:
+            train(cfg, run_dir=run_dir)
+        except TrainingInterrupted:
+            if not timer.fired:
+                raise
+            log(f"quickstart: the machine is slower than when the steps were timed; training stopped at the time "
+                f"budget ({deadline:.0f} s), evaluating the weights it reached")
     ckpt = run_dir / "best.pth" if (run_dir / "best.pth").is_file() else run_dir / "last.pth"
 
     result = evaluate(cfg, ckpt, out_dir=out_dir / "eval", overwrite=True, device=device, progress=False)
@@ -186,6 +246,7 @@ def _run(out_dir: Path, iters: int, device: str, overrides: Sequence[str], num_p
     summary = {
         "status": "done",
         "iterations": iters,
+        "stopped_at_time_budget": timer.fired,
         "device": device,
         "seconds": round(time.perf_counter() - start, 1),
         "miou": result["miou"],
