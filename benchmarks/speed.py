@@ -20,7 +20,9 @@ from pathlib import Path
 
 import torch
 
-from ovenet.config import LossConfig, ModelConfig, OffsetConfig
+from ovenet.config import LossConfig, ModelConfig, OffsetConfig, TrainConfig
+from ovenet.engine.optim import build_optimizer
+from ovenet.engine.train import compile_regions, train_step
 from ovenet.losses import build_loss
 from ovenet.models import build_model
 from ovenet.models.heads import upsample_logits
@@ -31,15 +33,6 @@ MODES = {
     "bf16_cl": dict(amp=torch.bfloat16, channels_last=True, compile=None),
     "bf16_cl_compile_regional": dict(amp=torch.bfloat16, channels_last=True, compile="regional"),
 }
-
-
-def compile_regional(model: torch.nn.Module) -> None:
-    """Compile each repeated HRNet module once per shape instead of the whole graph (fast to compile)."""
-    from ovenet.models.hrnet import HighResolutionModule
-
-    for module in model.modules():
-        if isinstance(module, HighResolutionModule):
-            module.compile()
 
 
 class Timer:
@@ -71,7 +64,7 @@ def build(arch: str, ovenet: bool, mode: dict, device: torch.device):
     if mode["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
     if mode["compile"] == "regional":
-        compile_regional(model)
+        compile_regions(model)
     criterion = build_loss(LossConfig(type="ohem", ohem_min_kept=131072), 19, align_corners=cfg.align_corners)
     return model, criterion.to(device)
 
@@ -79,17 +72,12 @@ def build(arch: str, ovenet: bool, mode: dict, device: torch.device):
 def bench_train(arch, ovenet, mode, device, batch, crop, warmup, repeats, timer):
     model, criterion = build(arch, ovenet, mode, device)
     model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    fmt = torch.channels_last if mode["channels_last"] else torch.contiguous_format
-    x = torch.randn(batch, 3, *crop, device=device).contiguous(memory_format=fmt)
-    y = torch.randint(0, 19, (batch, *crop), device=device)
+    opt = build_optimizer(model, TrainConfig(lr=0.01, momentum=0.9, weight_decay=5e-4))
+    batch_data = {"image": torch.randn(batch, 3, *crop, device=device),
+                  "label": torch.randint(0, 19, (batch, *crop), device=device)}
 
-    def step():
-        with torch.autocast(device.type, dtype=mode["amp"] or torch.float32, enabled=mode["amp"] is not None):
-            loss, _ = criterion(model(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    def step():  # the training loop's own step: forward, full loss, backward, fused SGD
+        train_step(model, criterion, opt, batch_data, amp_dtype=mode["amp"], channels_last=mode["channels_last"])
 
     t0 = time.perf_counter()
     step()  # first step: cudnn autotuning / compilation
