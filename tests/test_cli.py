@@ -276,10 +276,23 @@ def test_eval_with_and_without_config(capsys, tiny_checkpoint, tmp_path):
     assert result["eval"]["scales"] == [0.75, 1.0] and result["eval"]["flip"] is True
 
 
-def test_eval_refuses_what_it_would_ignore(capsys, tiny_checkpoint):
-    code, _, err = run(capsys, "eval", str(tiny_checkpoint), "model.offset.sampling=official")
+def test_eval_model_overrides_reach_the_loaded_network(capsys, tiny_checkpoint, tmp_path, monkeypatch):
+    from ovenet import checkpoint
+
+    seen = []
+    real_load = checkpoint.load
+    monkeypatch.setattr(checkpoint, "load", lambda *a, **k: seen.append(k.get("overrides")) or real_load(*a, **k))
+    code, _, err = run(capsys, "eval", str(tiny_checkpoint), "model.offset.sampling=official",
+                       "--out", str(tmp_path / "o"))
+    assert code == 0, err
+    assert seen == [["model.offset.sampling=official"]]
+    code, _, err = run(capsys, "eval", str(tiny_checkpoint), "model.offset.sampling=bilinear",
+                       "--out", str(tmp_path / "p"))
     assert code == 2
-    assert_one_line_error(err, "model.offset.sampling", "checkpoint")
+    assert_one_line_error(err, "model.offset.sampling")
+
+
+def test_eval_argument_errors(capsys):
     code, _, err = run(capsys, "eval", "a.yaml", "b.pth", "c.pth")
     assert code == 2
     assert_one_line_error(err, "[CONFIG] CHECKPOINT")

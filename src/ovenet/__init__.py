@@ -3,7 +3,7 @@
     import ovenet
     model = ovenet.load("runs/camvid_ovenet/best.pth")        # nn.Module in eval mode
     result = model.predict("street.png")                      # labels, offsets, confidence at input size
-    net = ovenet.build_model(ovenet.load_config("cityscapes/ovenet_hrnet48_ocr").model)
+    net = ovenet.build_model(ovenet.load_config("cityscapes_hrnetv2_w48_ocr_ovenet").model)
 """
 
 from .checkpoint import load

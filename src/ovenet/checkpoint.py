@@ -18,7 +18,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .config import Config, from_dict
+from .config import Config, apply_overrides, from_dict
 from .errors import CheckpointError, ConfigError
 from .models import OVeNet, build_model
 
@@ -97,18 +97,8 @@ def load(path: str | Path, device: str | torch.device = "cpu", overrides: Option
     ``overrides`` (dotted ``model.*`` keys) may change inference-only options such as ``model.offset.sampling``.
     """
     ckpt = read(path)
-    data = ckpt["config"]
-    if overrides:
-        from .config import parse_override
-
-        for text in overrides:
-            keys, value = parse_override(text)
-            node = data
-            for k in keys[:-1]:
-                node = node.setdefault(k, {})
-            node[keys[-1]] = value
     try:
-        cfg = from_dict(data)
+        cfg = from_dict(apply_overrides(ckpt["config"], overrides or []))
     except ConfigError as e:
         raise CheckpointError(f"checkpoint '{path}' holds an invalid config: {e}") from None
     cfg.model.pretrained = None

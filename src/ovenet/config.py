@@ -14,6 +14,7 @@ import types
 import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Optional, Union
 
 import yaml
@@ -303,9 +304,8 @@ def from_dict(data: dict) -> Config:
     return cfg
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Read a YAML config (or start from defaults when ``path`` is None) and apply dotted overrides."""
-    data = _read_yaml(resolve_config_path(path)) if path is not None else {}
+def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
+    """Set each ``a.b=value`` of ``overrides`` in the nested dict ``data`` (in place; returned for chaining)."""
     for text in overrides:
         keys, value = parse_override(text)
         node = data
@@ -314,7 +314,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             if not isinstance(node, dict):
                 raise ConfigError(f"override '{text}': '{k}' is a value, not a section")
         node[keys[-1]] = value
-    return from_dict(data)
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML config (or start from defaults when ``path`` is None) and apply dotted overrides."""
+    data = _read_yaml(resolve_config_path(path)) if path is not None else {}
+    return from_dict(apply_overrides(data, overrides))
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

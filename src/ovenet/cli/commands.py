@@ -14,8 +14,8 @@ from typing import Any
 
 import yaml
 
-from ovenet.config import CONFIG_DIR, Config, from_dict, load_config, parse_override
-from ovenet.errors import CheckpointError, ConfigError, DataError, OvenetError
+from ovenet.config import CONFIG_DIR, Config, apply_overrides, from_dict, load_config
+from ovenet.errors import CheckpointError, DataError, OvenetError
 
 from .main import PAPER_SCALES, is_override
 
@@ -59,15 +59,7 @@ def config_from_checkpoint(checkpoint: str | Path, overrides: list[str]) -> Conf
 
     data = read(checkpoint)["config"]
     data.setdefault("model", {})["pretrained"] = None  # weights come from the checkpoint, not ImageNet
-    for text in overrides:
-        keys, value = parse_override(text)
-        node = data
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override '{text}': '{k}' is a value, not a section")
-        node[keys[-1]] = value
-    return from_dict(data)
+    return from_dict(apply_overrides(data, overrides))
 
 
 def inference_overrides(args: argparse.Namespace) -> list[str]:
@@ -141,17 +133,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
         overrides.append(f"data.root={args.data_root}")
     if args.device:
         overrides.append(f"device={args.device}")
-    model_keys = [o for o in overrides if o.startswith("model.")]
-    if model_keys:
-        raise ConfigError(f"eval takes the network from the checkpoint, so {model_keys[0].split('=')[0]} would be "
-                          "ignored; for a converted official checkpoint run convert-official again with --sampling")
+    # The network comes from the checkpoint; model.* overrides change its inference options (e.g.
+    # model.offset.sampling=exact to evaluate a converted official checkpoint in the other convention).
+    model_overrides = [o for o in overrides if o.startswith("model.")]
     cfg = load_config(config_path, overrides) if config_path else config_from_checkpoint(checkpoint, overrides)
     args.loaded_config = cfg
     device = resolve_device(cfg.device)
     from ovenet.engine.evaluate import evaluate, result_paths
 
     result = evaluate(cfg, checkpoint, out_dir=args.out, split=args.split, overwrite=args.overwrite,
-                      device=device, precision=args.precision, progress=sys.stderr.isatty())
+                      device=device, precision=args.precision, progress=sys.stderr.isatty(),
+                      model_overrides=model_overrides)
     print_metrics(result)
     json_path, md_path = result_paths(args.out or Path(checkpoint).parent, result.get("split", args.split))
     print(f"wrote {json_path} and {md_path}")

@@ -226,9 +226,12 @@ def evaluate(
     device: str | torch.device | None = None,
     precision: str = "fp32",
     progress: bool = True,
+    model_overrides: list[str] | None = None,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint on ``cfg.data``'s ``split`` (default ``val_split``) with ``cfg.eval`` settings.
 
+    ``model_overrides`` (``model.*`` dotted keys) change the loaded network's inference options, e.g.
+    ``model.offset.sampling=exact``.
     ``cfg`` None uses the checkpoint's own config. Writes ``eval_<split>.json`` and ``eval_<split>.md`` into
     ``out_dir`` (default: the checkpoint's folder) and refuses to replace existing ones unless ``overwrite``.
     """
@@ -241,7 +244,7 @@ def evaluate(
     if split_name is not None:
         _check_free(out_dir or checkpoint.parent, split_name, overwrite)
     device = resolve_device(str(device) if device is not None else (cfg.device if cfg is not None else "auto"))
-    model = ckpt_io.load(checkpoint, device)
+    model = ckpt_io.load(checkpoint, device, overrides=model_overrides)
     cfg = cfg if cfg is not None else model.config
     split_name = split or cfg.data.val_split
     out_dir = Path(out_dir) if out_dir is not None else checkpoint.parent
