@@ -80,7 +80,7 @@ def test_loss_terms_match_official(official_fixture):
                     aux_logits_initial=t["s_i"][0], aux_logits_seed=t["s_s"][0], aux_logits_final=t["s_f"][0],
                     offsets=t["offset"], confidence=t["confidence"])
     criterion = build_loss(cfg.loss, cfg.model.num_classes, align_corners=cfg.model.align_corners)
-    total, terms = criterion(out, official_fixture["labels"])
+    _total, terms = criterion(out, official_fixture["labels"])
     ref = official_fixture["train_loss_terms"]
     for ours, theirs in (("loss_initial", "loss_s_i"), ("loss_seed", "loss_s_s"), ("loss_final", "loss_s_f"),
                          ("loss_confidence", "loss_conf"), ("loss", "loss_total")):

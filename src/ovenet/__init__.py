@@ -13,4 +13,4 @@ from .models import OVeNet, SegOutput, build_model
 
 __version__ = "0.1.0"
 
-__all__ = ["Config", "OVeNet", "OvenetError", "SegOutput", "build_model", "load", "load_config", "__version__"]
+__all__ = ["Config", "OVeNet", "OvenetError", "SegOutput", "__version__", "build_model", "load", "load_config"]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -91,7 +91,7 @@ def load_state(model: nn.Module, state: dict, source: str = "checkpoint") -> Non
     model.load_state_dict(state)
 
 
-def load(path: str | Path, device: str | torch.device = "cpu", overrides: Optional[list[str]] = None) -> OVeNet:
+def load(path: str | Path, device: str | torch.device = "cpu", overrides: list[str] | None = None) -> OVeNet:
     """The model of any ovenet checkpoint, in eval mode, on ``device``.
 
     ``overrides`` (dotted ``model.*`` keys) may change inference-only options such as ``model.offset.sampling``.
@@ -146,7 +146,7 @@ def load_pretrained_backbone(model: OVeNet, path: str | Path) -> dict[str, list[
                 hit = True
         if not hit:
             skipped.append(key)  # classifier (incre_modules, downsamp_modules, final_layer, classifier) etc.
-    missing = [k for k in own if k not in new and (k.startswith("backbone.") or k.startswith("offset_branch."))]
+    missing = [k for k in own if k not in new and (k.startswith(("backbone.", "offset_branch.")))]
     own.update(new)
     model.load_state_dict(own)
     return {"loaded": sorted(new), "skipped": skipped, "missing": missing}

@@ -12,10 +12,10 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from collections.abc import Sequence
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import yaml
 
@@ -30,7 +30,7 @@ class OffsetConfig:
 
     enabled: bool = True
     branch_stage: int = 4  # HRNet stage at which the offset branch splits off (2, 3 or 4)
-    branch_modules: Optional[list[int]] = None  # modules of each copied stage; None: the official counts
+    branch_modules: list[int] | None = None  # modules of each copied stage; None: the official counts
     tau: float = 0.5  # max offset length in normalised image coordinates (paper 0.5; official configs 0.2)
     fusion: str = "logits"  # fuse "logits" (paper's final model) or softmax "probs"
     sampling: str = "exact"  # "exact": zero offset samples the pixel itself; "official": as the official code
@@ -43,13 +43,13 @@ class ModelConfig:
     head: str = "ocr"  # "fcn": HRNetV2 concat head; "ocr": HRNetV2 + OCR
     num_classes: int = 19
     align_corners: bool = True  # bilinear upsampling convention inside HRNet (official default True)
-    stages: Optional[dict] = None  # explicit STAGE1..STAGE4 spec (official EXTRA layout) instead of `arch`
+    stages: dict | None = None  # explicit STAGE1..STAGE4 spec (official EXTRA layout) instead of `arch`
     ocr_mid_channels: int = 512
     ocr_key_channels: int = 256
     ocr_dropout: float = 0.05
     bn_momentum: float = 0.1
     offset: OffsetConfig = field(default_factory=OffsetConfig)
-    pretrained: Optional[str] = None  # ImageNet HRNet classification checkpoint (official file or timm)
+    pretrained: str | None = None  # ImageNet HRNet classification checkpoint (official file or timm)
     freeze_main: bool = False  # ablation "Fr": train only the offset branch and head
 
 
@@ -60,18 +60,18 @@ class DataConfig:
     train_split: str = "train"
     val_split: str = "val"
     crop_size: list[int] = field(default_factory=lambda: [512, 1024])  # h, w
-    base_size: Optional[int] = 2048  # long side before random scaling; None: the image's own size
+    base_size: int | None = 2048  # long side before random scaling; None: the image's own size
     scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
     flip: bool = True
     conditions: list[str] = field(default_factory=lambda: ["fog", "night", "rain", "snow"])  # ACDC
     num_workers: int = 4
-    num_classes: Optional[int] = None  # folder/list datasets only
+    num_classes: int | None = None  # folder/list datasets only
     num_samples: int = 64  # synthetic only
     image_size: list[int] = field(default_factory=lambda: [128, 256])  # synthetic only
-    image_dir: Optional[str] = None
-    label_dir: Optional[str] = None
-    list_file: Optional[str] = None
-    eval_resize_short: Optional[int] = None  # ADE20K evaluates at short side 520
+    image_dir: str | None = None
+    label_dir: str | None = None
+    list_file: str | None = None
+    eval_resize_short: int | None = None  # ADE20K evaluates at short side 520
 
 
 @dataclass
@@ -79,7 +79,7 @@ class LossConfig:
     type: str = "ohem"  # "ohem" or "ce"
     ohem_thresh: float = 0.9
     ohem_min_kept: int = 131072
-    class_weights: Union[str, list[float], None] = None  # None, "cityscapes" or one weight per class
+    class_weights: str | list[float] | None = None  # None, "cityscapes" or one weight per class
     aux_weights: list[float] = field(default_factory=lambda: [0.4, 1.0])  # OCR: [aux, ocr]
     weight_seed: float = 0.5  # kappa in Eq. 5
     weight_initial: float = 0.5  # lambda in Eq. 5
@@ -90,8 +90,8 @@ class LossConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: Optional[int] = 484
-    iters: Optional[int] = None  # overrides epochs when set
+    epochs: int | None = 484
+    iters: int | None = None  # overrides epochs when set
     batch_size: int = 2  # per GPU
     lr: float = 0.01
     momentum: float = 0.9
@@ -104,7 +104,7 @@ class TrainConfig:
     sync_bn: bool = True  # only takes effect when world size > 1
     seed: int = 304
     deterministic: bool = False
-    grad_clip: Optional[float] = None
+    grad_clip: float | None = None
     ckpt_every: int = 1000  # iterations between `last` checkpoints
     val_every: int = 0  # iterations between validations (0: once per epoch, or at the end for iters runs)
     log_every: int = 20
@@ -116,7 +116,7 @@ class TrainConfig:
 class EvalConfig:
     mode: str = "whole"  # "whole" image or sliding "slide" window
     crop_size: list[int] = field(default_factory=lambda: [1024, 2048])
-    stride: Optional[list[int]] = None  # sliding-window stride; None: 2/3 of the crop
+    stride: list[int] | None = None  # sliding-window stride; None: 2/3 of the crop
     scales: list[float] = field(default_factory=lambda: [1.0])
     flip: bool = False
     boundary_width: int = 3  # trimap width in pixels for the boundary mIoU

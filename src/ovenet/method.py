@@ -44,7 +44,7 @@ def seed_positions(offsets: Tensor, align_corners: bool = True) -> tuple[Tensor,
 
 def _gather(values: Tensor, x: Tensor, y: Tensor) -> Tensor:
     """values[b, :, y, x] for integer index maps ``B x H x W``; result ``B x C x H x W``."""
-    b, c, h, w = values.shape
+    b, c, _h, w = values.shape
     index = (y * w + x).flatten(1).unsqueeze(1).expand(b, c, -1)
     return values.flatten(2).gather(2, index).view(b, c, *x.shape[1:])
 

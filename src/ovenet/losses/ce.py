@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +12,7 @@ CITYSCAPES_CLASS_WEIGHTS = [0.8373, 0.918, 0.866, 1.0345, 1.0166, 0.9969, 0.9754
                             0.9843, 1.1116, 0.9037, 1.0865, 1.0955, 1.0865, 1.1529, 1.0507]
 
 
-def class_weights(spec: str | list[float] | None, num_classes: int) -> Optional[Tensor]:
+def class_weights(spec: str | list[float] | None, num_classes: int) -> Tensor | None:
     from ..errors import ConfigError
 
     if spec is None:
@@ -28,7 +27,7 @@ def class_weights(spec: str | list[float] | None, num_classes: int) -> Optional[
 class CrossEntropy(nn.Module):
     """Cross-entropy averaged over non-ignored pixels (class-weighted mean when weights are given)."""
 
-    def __init__(self, ignore_index: int = 255, weight: Optional[Tensor] = None):
+    def __init__(self, ignore_index: int = 255, weight: Tensor | None = None):
         super().__init__()
         self.ignore_index = ignore_index
         self.register_buffer("weight", weight, persistent=False)
@@ -52,7 +51,7 @@ class OhemCrossEntropy(CrossEntropy):
     """
 
     def __init__(self, ignore_index: int = 255, thresh: float = 0.7, min_kept: int = 100000,
-                 weight: Optional[Tensor] = None):
+                 weight: Tensor | None = None):
         super().__init__(ignore_index, weight)
         self.thresh = thresh
         self.min_kept = max(1, min_kept)

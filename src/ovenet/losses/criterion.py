@@ -10,7 +10,6 @@ is :func:`ovenet.method.confidence_loss_official`. ``formula: paper`` averages e
 
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -35,7 +34,7 @@ class SegmentationLoss(nn.Module):
         self.main = (OhemCrossEntropy(ignore_index, cfg.ohem_thresh, cfg.ohem_min_kept, weight)
                      if cfg.type == "ohem" else self.ce)
 
-    def prediction_loss(self, logits: Tensor, aux: Optional[Tensor], target: Tensor) -> Tensor:
+    def prediction_loss(self, logits: Tensor, aux: Tensor | None, target: Tensor) -> Tensor:
         """L(S): the (OCR) main head and, when present, the auxiliary head, weighted by ``aux_weights``."""
         size = target.shape[-2:]
         main = self.main(upsample_logits(logits, size, self.align_corners), target)

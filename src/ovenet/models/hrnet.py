@@ -8,7 +8,6 @@ layers upsample bilinearly to the exact size of the target branch, so any input 
 from __future__ import annotations
 
 import copy
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +60,7 @@ def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
 class BasicBlock(nn.Module):
     expansion = 1
 
-    def __init__(self, cin: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,
+    def __init__(self, cin: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
                  bn_momentum: float = 0.1):
         super().__init__()
         self.conv1 = conv3x3(cin, planes, stride)
@@ -81,7 +80,7 @@ class BasicBlock(nn.Module):
 class Bottleneck(nn.Module):
     expansion = 4
 
-    def __init__(self, cin: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,
+    def __init__(self, cin: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
                  bn_momentum: float = 0.1):
         super().__init__()
         self.conv1 = nn.Conv2d(cin, planes, 1, bias=False)
@@ -237,7 +236,7 @@ class HRNetStages(nn.Module):
     def stage_pairs(self) -> list[tuple[nn.ModuleList, nn.Sequential]]:
         return [(getattr(self, f"transition{k - 1}"), getattr(self, f"stage{k}")) for k in range(self.first, 5)]
 
-    def forward(self, xs: list[Tensor], keep: Optional[int] = None) -> tuple[list[Tensor], Optional[list[Tensor]]]:
+    def forward(self, xs: list[Tensor], keep: int | None = None) -> tuple[list[Tensor], list[Tensor] | None]:
         """Run the stages; also return the output of stage ``keep`` (the offset branch's input) if asked."""
         kept = None
         for k, (transition, stage) in zip(range(self.first, 5), self.stage_pairs()):
@@ -272,7 +271,7 @@ class HRNetV2(HRNetStages):
         """Channels of the output of stage ``k`` (1..4)."""
         return self.stage1_channels if k == 1 else getattr(self, f"stage{k}")[-1].out_channels
 
-    def forward(self, x: Tensor, keep: Optional[int] = None) -> tuple[list[Tensor], Optional[list[Tensor]]]:
+    def forward(self, x: Tensor, keep: int | None = None) -> tuple[list[Tensor], list[Tensor] | None]:
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.relu(self.bn2(self.conv2(x)))
         xs = [self.layer1(x)]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, fields
-from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -33,12 +32,12 @@ class SegOutput:
 
     logits_initial: Tensor
     logits_final: Tensor
-    logits_seed: Optional[Tensor] = None
-    offsets: Optional[Tensor] = None
-    confidence: Optional[Tensor] = None
-    aux_logits_initial: Optional[Tensor] = None
-    aux_logits_seed: Optional[Tensor] = None
-    aux_logits_final: Optional[Tensor] = None
+    logits_seed: Tensor | None = None
+    offsets: Tensor | None = None
+    confidence: Tensor | None = None
+    aux_logits_initial: Tensor | None = None
+    aux_logits_seed: Tensor | None = None
+    aux_logits_final: Tensor | None = None
 
     def tensors(self) -> dict[str, Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
@@ -81,8 +80,8 @@ class OVeNet(nn.Module):
                                        cfg.ocr_dropout, cfg.bn_momentum)
         else:
             self.decode_head = fcn_head(feat_channels, cfg.num_classes, cfg.bn_momentum)
-        self.offset_branch: Optional[HRNetStages] = None
-        self.offset_head: Optional[nn.Sequential] = None
+        self.offset_branch: HRNetStages | None = None
+        self.offset_head: nn.Sequential | None = None
         if cfg.offset.enabled:
             k = cfg.offset.branch_stage
             branch_spec = {f"STAGE{s}": spec[f"STAGE{s}_2"] for s in range(k, 5)}
@@ -122,7 +121,7 @@ class OVeNet(nn.Module):
             m.requires_grad_(False)
         self._frozen = True
 
-    def train(self, mode: bool = True) -> "OVeNet":
+    def train(self, mode: bool = True) -> OVeNet:
         super().train(mode)
         if getattr(self, "_frozen", False):
             for m in self.main_modules():
