@@ -197,6 +197,9 @@ def test_train_passes_config_resume_and_run_dir(capsys, monkeypatch, tmp_path):
     assert code == 0 and str(tmp_path) in out
     assert seen["cfg"].train.lr == 0.02 and seen["cfg"].device == "cpu"
     assert seen["resume"] == "auto" and seen["run_dir"] == str(tmp_path)
+    assert seen["cfg"].train.deterministic is False
+    code, _, _ = run(capsys, "train", "quickstart", "--deterministic", "--run-dir", str(tmp_path))
+    assert code == 0 and seen["cfg"].train.deterministic is True
     code, _, err = run(capsys, "train", "quickstart", "--resume", str(tmp_path / "last.pth"))
     assert code == 2 and "last.pth' does not exist" in err
 

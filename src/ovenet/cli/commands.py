@@ -102,6 +102,8 @@ def print_metrics(result: dict) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + ([f"device={args.device}"] if args.device else [])
+    if args.deterministic:
+        overrides.append("train.deterministic=true")
     cfg = load_config(args.config, overrides)
     args.loaded_config = cfg  # for the out-of-memory message
     resolve_device(cfg.device)

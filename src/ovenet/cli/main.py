@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint to resume from, or 'auto' for the run folder's last checkpoint")
     _add_device(p, default=None)
     p.add_argument("--run-dir", metavar="DIR", help="run folder (default: OUTPUT_DIR/NAME from the config)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="deterministic algorithms where PyTorch has them (same as train.deterministic=true)")
 
     # -- eval --------------------------------------------------------------------------------------------------
     p = command(
