@@ -343,6 +343,14 @@ def test_export_onnx(capsys, tiny_checkpoint, tmp_path):
     assert code == 2 and "both --height and --width" in err
 
 
+def test_export_torch_program(capsys, tiny_checkpoint, tmp_path):
+    out = tmp_path / "tiny.pt2"
+    code, stdout, err = run(capsys, "export", str(tiny_checkpoint), "--format", "torch-export", "--out", str(out))
+    assert code == 0, err
+    outputs = torch.export.load(str(out)).module()(torch.randn(1, 3, 50, 70))
+    assert len(outputs) == 3 and outputs[0].shape[-2:] == (13, 18)
+
+
 def test_check_data_lists_every_problem(capsys, tmp_path):
     code, out, err = run(capsys, "check-data", "quickstart", *TINY)
     assert code == 0, err

@@ -65,6 +65,57 @@ def _load_model(model_or_checkpoint: nn.Module | str | Path) -> nn.Module:
     return load(model_or_checkpoint, "cpu")
 
 
+def _prepare(model_or_checkpoint: nn.Module | str | Path, out_path: Path, outputs: Sequence[str] | None,
+             overwrite: bool) -> tuple[nn.Module, tuple[str, ...]]:
+    """Checks shared by every format; returns the model and the output names."""
+    if out_path.exists() and not overwrite:
+        raise OvenetError(f"{out_path} already exists; pass --overwrite (overwrite=True) to replace it")
+    model = _load_model(model_or_checkpoint)
+    is_ovenet = bool(getattr(model, "is_ovenet", False))
+    if outputs is None:
+        outputs = OUTPUT_NAMES if is_ovenet else ("logits",)
+    outputs = tuple(outputs)
+    unknown = [o for o in outputs if o not in OUTPUT_NAMES]
+    if unknown or not outputs or len(set(outputs)) != len(outputs):
+        raise OvenetError(f"export outputs {list(outputs)} are invalid; choose distinct names from {OUTPUT_NAMES}")
+    if not is_ovenet and set(outputs) - {"logits"}:
+        raise OvenetError("offsets/confidence outputs need an OVeNet model; this one is the baseline "
+                          "(model.offset.enabled: false), export outputs=('logits',)")
+    return model, outputs
+
+
+def export_program(
+    model_or_checkpoint: nn.Module | str | Path,
+    out_path: str | Path,
+    outputs: Sequence[str] | None = None,
+    full_resolution: bool = False,
+    overwrite: bool = False,
+) -> Path:
+    """Export with ``torch.export`` to a ``.pt2`` file (load with ``torch.export.load(path).module()``).
+
+    Batch, height and width are dynamic; HRNet's 1/32 branch needs images larger than 32 px on each side.
+    Same inputs and outputs as :func:`export_onnx`.
+    """
+    out_path = Path(out_path)
+    model, outputs = _prepare(model_or_checkpoint, out_path, outputs, overwrite)
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    was_training = model.training
+    wrapper = ExportWrapper(model.cpu().eval(), outputs, full_resolution)
+    # Batch 2 and a size off any power of two: an example of 1 would specialise the batch to a constant.
+    example = torch.zeros(2, 3, 96, 160)
+    dims = {0: torch.export.Dim("batch", min=1, max=1024), 2: torch.export.Dim("height", min=33, max=16384),
+            3: torch.export.Dim("width", min=33, max=16384)}
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with torch.no_grad():
+            program = torch.export.export(wrapper, (example,), dynamic_shapes={"image": dims})
+        torch.export.save(program, str(out_path))
+    finally:
+        model.to(device).train(was_training)
+    return out_path
+
+
 def export_onnx(
     model_or_checkpoint: nn.Module | str | Path,
     out_path: str | Path,
@@ -87,20 +138,7 @@ def export_onnx(
                           f"the seed sampler); use --opset 17")
     if height < 4 or width < 4:
         raise OvenetError(f"export size {height}x{width} is too small; use at least 4x4 (e.g. 512x1024)")
-    if out_path.exists() and not overwrite:
-        raise OvenetError(f"{out_path} already exists; pass --overwrite (overwrite=True) to replace it")
-    model = _load_model(model_or_checkpoint)
-    is_ovenet = bool(getattr(model, "is_ovenet", False))
-    if outputs is None:
-        outputs = OUTPUT_NAMES if is_ovenet else ("logits",)
-    outputs = tuple(outputs)
-    unknown = [o for o in outputs if o not in OUTPUT_NAMES]
-    if unknown or not outputs or len(set(outputs)) != len(outputs):
-        raise OvenetError(f"export outputs {list(outputs)} are invalid; choose distinct names from {OUTPUT_NAMES}")
-    if not is_ovenet and set(outputs) - {"logits"}:
-        raise OvenetError("offsets/confidence outputs need an OVeNet model; this one is the baseline "
-                          "(model.offset.enabled: false), export outputs=('logits',)")
-
+    model, outputs = _prepare(model_or_checkpoint, out_path, outputs, overwrite)
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     was_training = model.training

@@ -191,9 +191,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     checkpoint = require_file(args.checkpoint)
     if (args.height is None) != (args.width is None):
         raise OvenetError("give both --height and --width, or neither")
-    out = Path(args.out) if args.out else checkpoint.with_suffix(".onnx")
+    out = Path(args.out) if args.out else checkpoint.with_suffix(".pt2" if args.format == "torch-export" else ".onnx")
     from ovenet.checkpoint import read
-    from ovenet.export import export_onnx
+    from ovenet.export import export_onnx, export_program
+
+    if args.format == "torch-export":
+        path = export_program(checkpoint, out, outputs=args.outputs, full_resolution=args.full_resolution,
+                              overwrite=args.overwrite)
+        print(f"wrote {path}")
+        return 0
 
     if args.height is None:
         args.height, args.width = read(checkpoint)["config"].get("data", {}).get("crop_size", [512, 1024])

@@ -156,8 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
         "  ovenet export runs/cs/best.pth --out model.onnx --opset 17 --height 1024 --width 2048",
     )
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="ovenet checkpoint (.pth)")
-    p.add_argument("--format", choices=("onnx",), default="onnx", help="export format")
-    p.add_argument("--out", metavar="PATH", help="output file (default: CHECKPOINT with .onnx suffix)")
+    p.add_argument("--format", choices=("onnx", "torch-export"), default="onnx",
+                   help="onnx, or torch-export (a torch.export .pt2 program for PyTorch runtimes)")
+    p.add_argument("--out", metavar="PATH", help="output file (default: CHECKPOINT with .onnx or .pt2 suffix)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset version")
     p.add_argument("--height", type=int, help="example input height; H and W stay dynamic (default: training crop)")
     p.add_argument("--width", type=int, help="example input width (default: the training crop)")
