@@ -55,11 +55,15 @@ def close_logger(logger: logging.Logger | None = None) -> None:
 
 
 def progress_bar(total: int, initial: int, enabled: bool) -> tqdm:
-    """Iteration bar with tqdm's own rate and ETA; the loop adds loss, lr and images/s as postfix."""
+    """Iteration bar with tqdm's own rate and ETA; the loop adds loss, lr and images/s as postfix.
+
+    Only on a terminal: redirected to a file or a CI log, a bar is thousands of carriage-return lines, and the
+    periodic log lines already carry loss, lr, images/s and ETA.
+    """
     return tqdm(
         total=total,
         initial=initial,
-        disable=not enabled,
+        disable=not enabled or not sys.stderr.isatty(),
         desc="train",
         unit="it",
         dynamic_ncols=True,
