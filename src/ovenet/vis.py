@@ -14,8 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from ovenet.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 # viridis (the CC0 matplotlib colormap: perceptually uniform, readable in greyscale and when colour-blind)
 # sampled at 17 evenly spaced points; linear interpolation stays within ~5/255 of the full map.

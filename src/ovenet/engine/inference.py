@@ -31,12 +31,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
+from ovenet.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ovenet.errors import OvenetError
 
 # The six test scales of the paper's Cityscapes/ADE20K results (used with flip).
 PAPER_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 OUTPUTS = ("final", "initial", "seed")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
