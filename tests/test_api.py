@@ -3,44 +3,16 @@
 import numpy as np
 import pytest
 import torch
+from helpers import tiny
 from PIL import Image
-from torch import nn
 
-from ovenet.config import ModelConfig
 from ovenet.engine.inference import Prediction, infer_logits, normalize_image, predict
 from ovenet.errors import DataError, OvenetError
-from ovenet.models import build_model
-
-
-def lively(model: nn.Module, seed: int = 0) -> nn.Module:
-    """He-initialised convs and unit-std output convs: varied predictions from a random tiny model."""
-    model.eval()  # calibrate with running BN statistics, as used at inference (and without updating them)
-    g = torch.Generator().manual_seed(seed)
-    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    for conv in convs:
-        conv.weight.data = torch.randn(conv.weight.shape, generator=g) * (2.0 / conv.weight[0].numel()) ** 0.5
-    x = torch.randn(1, 3, 64, 96, generator=g)
-    for conv in convs:
-        if conv.out_channels in (model.num_classes, 3):
-            seen = {}
-            hook = conv.register_forward_hook(lambda m, i, o, seen=seen: seen.update(std=o.std()))
-            with torch.no_grad():
-                model(x)
-            hook.remove()
-            conv.weight.data /= seen["std"]
-    return model.eval()
-
-
-def tiny(ovenet: bool = True) -> nn.Module:
-    cfg = ModelConfig(arch="hrnetv2_w18_small_v1", head="fcn", num_classes=5)
-    cfg.offset.enabled = ovenet
-    torch.manual_seed(0)
-    return lively(build_model(cfg))
 
 
 @pytest.fixture(scope="module")
 def model():
-    return tiny(True)
+    return tiny(True, head="fcn")
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +72,7 @@ def test_probabilities_logits_and_test_time_augmentation(model, rgb):
 
 
 def test_baseline_has_no_offsets_and_model_predict_delegates(rgb):
-    baseline = tiny(False)
+    baseline = tiny(False, head="fcn")
     result = baseline.predict(rgb)
     assert result.offsets is None and result.confidence is None
     np.testing.assert_array_equal(result.labels, reference_labels(baseline, rgb))

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from torch import nn
+from helpers import lively, tiny_config
 
 from ovenet import checkpoint
-from ovenet.config import Config, ModelConfig
+from ovenet.config import Config
 from ovenet.errors import OvenetError
 from ovenet.export import export_onnx, onnx_max_abs_diff
 from ovenet.models import build_model
@@ -14,33 +14,6 @@ ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
 TOLERANCE = 1e-4  # outputs are O(1) (logits of unit std, offsets <= tau, confidence in [0, 1])
-
-
-def lively(model: nn.Module, seed: int = 0) -> nn.Module:
-    """He-initialised convs and unit-std output convs, so offsets are long enough for a wrong sampling grid (e.g.
-    one frozen at the export size) to show up as a large difference."""
-    model.eval()
-    g = torch.Generator().manual_seed(seed)
-    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    for conv in convs:
-        conv.weight.data = torch.randn(conv.weight.shape, generator=g) * (2.0 / conv.weight[0].numel()) ** 0.5
-    x = torch.randn(1, 3, 64, 96, generator=g)
-    for conv in convs:
-        if conv.out_channels in (model.num_classes, 3):
-            seen = {}
-            hook = conv.register_forward_hook(lambda m, i, o, seen=seen: seen.update(std=o.std()))
-            with torch.no_grad():
-                model(x)
-            hook.remove()
-            conv.weight.data /= seen["std"]
-    return model
-
-
-def tiny_cfg(ovenet: bool, head: str = "ocr", sampling: str = "exact") -> ModelConfig:
-    cfg = ModelConfig(arch="hrnetv2_w18_small_v1", head=head, num_classes=5, ocr_mid_channels=16, ocr_key_channels=8)
-    cfg.offset.enabled = ovenet
-    cfg.offset.sampling = sampling
-    return cfg
 
 
 def inputs():
@@ -52,7 +25,7 @@ def inputs():
 @pytest.mark.parametrize("sampling,head", [("exact", "ocr"), ("official", "fcn")])
 def test_ovenet_onnx_matches_pytorch_at_two_sizes(tmp_path, sampling, head):
     torch.manual_seed(0)
-    model = lively(build_model(tiny_cfg(True, head=head, sampling=sampling))).train()
+    model = lively(build_model(tiny_config(True, head=head, sampling=sampling))).train()
     path = export_onnx(model, tmp_path / "ovenet.onnx", height=64, width=96)
     assert model.training  # exported in eval mode, handed back as it came
     model.eval()
@@ -72,7 +45,7 @@ def test_ovenet_onnx_matches_pytorch_at_two_sizes(tmp_path, sampling, head):
 
 def test_baseline_from_a_checkpoint_at_the_lowest_opset_and_full_resolution(tmp_path):
     cfg = Config()
-    cfg.model = tiny_cfg(False, head="fcn")
+    cfg.model = tiny_config(False, head="fcn")
     torch.manual_seed(0)
     model = lively(build_model(cfg.model))
     ckpt = checkpoint.save(tmp_path / "baseline.pth", model, cfg)
@@ -88,7 +61,7 @@ def test_baseline_from_a_checkpoint_at_the_lowest_opset_and_full_resolution(tmp_
 
 
 def test_export_errors(tmp_path):
-    baseline = build_model(tiny_cfg(False, head="fcn"))
+    baseline = build_model(tiny_config(False, head="fcn"))
     with pytest.raises(OvenetError, match="opset 11 is too old"):
         export_onnx(baseline, tmp_path / "a.onnx", opset=11)
     with pytest.raises(OvenetError, match="need an OVeNet model"):

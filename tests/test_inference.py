@@ -4,46 +4,16 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import tiny
 from torch import nn
 
-from ovenet.config import ModelConfig
 from ovenet.engine.inference import PAPER_SCALES, infer_logits, window_starts
 from ovenet.errors import OvenetError
-from ovenet.models import build_model
-
-
-def lively(model: nn.Module, seed: int = 0) -> nn.Module:
-    """He-initialise every conv and rescale the class/offset output convs to unit std, so that a random tiny model
-    gives spatially varied logits, offsets of visible length and confidences away from 0/1."""
-    model.eval()  # calibrate with running BN statistics, as used at inference (and without updating them)
-    g = torch.Generator().manual_seed(seed)
-    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    for conv in convs:
-        conv.weight.data = torch.randn(conv.weight.shape, generator=g) * (2.0 / conv.weight[0].numel()) ** 0.5
-    x = torch.randn(1, 3, 64, 96, generator=g)
-    for conv in convs:
-        if conv.out_channels in (model.num_classes, 3):
-            seen = {}
-            hook = conv.register_forward_hook(lambda m, i, o, seen=seen: seen.update(std=o.std()))  # returns None: keeps o
-            with torch.no_grad():
-                model(x)
-            hook.remove()
-            conv.weight.data /= seen["std"]
-            if conv.bias is not None:
-                conv.bias.data.zero_()
-    return model.eval()
-
-
-def tiny(ovenet: bool = True, head: str = "ocr") -> nn.Module:
-    cfg = ModelConfig(arch="hrnetv2_w18_small_v1", head=head, num_classes=5, ocr_mid_channels=16, ocr_key_channels=8)
-    cfg.offset.enabled = ovenet
-    torch.manual_seed(0)
-    return lively(build_model(cfg))
 
 
 @pytest.fixture(scope="module")
 def ovenet_model():
-    return tiny(True)
+    return tiny(True, zero_output_bias=True)
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +121,7 @@ def test_multi_scale_slide_and_output_size(ovenet_model):
 
 
 def test_baseline_and_output_choice(ovenet_model, image):
-    baseline = tiny(False, head="fcn")
+    baseline = tiny(False, head="fcn", zero_output_bias=True)
     out = infer_logits(baseline, image, flip=True)
     assert out["logits"].shape == (1, 5, 64, 96) and out["offsets"] is None and out["confidence"] is None
     with pytest.raises(OvenetError, match="output 'seed'"):

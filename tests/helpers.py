@@ -1,0 +1,43 @@
+"""Shared helpers for the tests (imported as a plain module: pytest puts tests/ on sys.path)."""
+
+import torch
+from torch import nn
+
+from ovenet.config import ModelConfig
+from ovenet.models import build_model
+
+
+def lively(model: nn.Module, seed: int = 0, zero_output_bias: bool = False) -> nn.Module:
+    """He-initialise every conv and rescale the class/offset output convs to unit std, so that a random tiny model
+    gives spatially varied logits, offsets of visible length and confidences away from 0/1 (the official init,
+    N(0, 1e-3), makes a random model's outputs nearly constant)."""
+    model.eval()  # calibrate with running BN statistics, as used at inference (and without updating them)
+    g = torch.Generator().manual_seed(seed)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    for conv in convs:
+        conv.weight.data = torch.randn(conv.weight.shape, generator=g) * (2.0 / conv.weight[0].numel()) ** 0.5
+    x = torch.randn(1, 3, 64, 96, generator=g)
+    for conv in convs:
+        if conv.out_channels in (model.num_classes, 3):
+            seen = {}
+            hook = conv.register_forward_hook(lambda m, i, o, seen=seen: seen.update(std=o.std()))  # keeps o
+            with torch.no_grad():
+                model(x)
+            hook.remove()
+            conv.weight.data /= seen["std"]
+            if zero_output_bias and conv.bias is not None:
+                conv.bias.data.zero_()
+    return model.eval()
+
+
+def tiny_config(ovenet: bool = True, head: str = "ocr", sampling: str = "exact", num_classes: int = 5) -> ModelConfig:
+    cfg = ModelConfig(arch="hrnetv2_w18_small_v1", head=head, num_classes=num_classes, ocr_mid_channels=16,
+                      ocr_key_channels=8)
+    cfg.offset.enabled = ovenet
+    cfg.offset.sampling = sampling
+    return cfg
+
+
+def tiny(ovenet: bool = True, head: str = "ocr", zero_output_bias: bool = False) -> nn.Module:
+    torch.manual_seed(0)
+    return lively(build_model(tiny_config(ovenet, head)), zero_output_bias=zero_output_bias)
