@@ -34,10 +34,45 @@ CITYSCAPES_PALETTE = [
     (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32),
 ]  # fmt: skip
 
-_TRAIN_ID_OF_LABEL_ID = {
-    7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12, 26: 13, 27: 14,
-    28: 15, 31: 16, 32: 17, 33: 18,
-}  # fmt: skip
+# (name, label id, train id, category, has instances, ignored in evaluation); 'license plate' (id -1) cannot
+# occur in a label map and is left out.
+LABELS: tuple[tuple[str, int, int, str, bool, bool], ...] = (
+    ("unlabeled", 0, 255, "void", False, True),
+    ("ego vehicle", 1, 255, "void", False, True),
+    ("rectification border", 2, 255, "void", False, True),
+    ("out of roi", 3, 255, "void", False, True),
+    ("static", 4, 255, "void", False, True),
+    ("dynamic", 5, 255, "void", False, True),
+    ("ground", 6, 255, "void", False, True),
+    ("road", 7, 0, "flat", False, False),
+    ("sidewalk", 8, 1, "flat", False, False),
+    ("parking", 9, 255, "flat", False, True),
+    ("rail track", 10, 255, "flat", False, True),
+    ("building", 11, 2, "construction", False, False),
+    ("wall", 12, 3, "construction", False, False),
+    ("fence", 13, 4, "construction", False, False),
+    ("guard rail", 14, 255, "construction", False, True),
+    ("bridge", 15, 255, "construction", False, True),
+    ("tunnel", 16, 255, "construction", False, True),
+    ("pole", 17, 5, "object", False, False),
+    ("polegroup", 18, 255, "object", False, True),
+    ("traffic light", 19, 6, "object", False, False),
+    ("traffic sign", 20, 7, "object", False, False),
+    ("vegetation", 21, 8, "nature", False, False),
+    ("terrain", 22, 9, "nature", False, False),
+    ("sky", 23, 10, "sky", False, False),
+    ("person", 24, 11, "human", True, False),
+    ("rider", 25, 12, "human", True, False),
+    ("car", 26, 13, "vehicle", True, False),
+    ("truck", 27, 14, "vehicle", True, False),
+    ("bus", 28, 15, "vehicle", True, False),
+    ("caravan", 29, 255, "vehicle", True, True),
+    ("trailer", 30, 255, "vehicle", True, True),
+    ("train", 31, 16, "vehicle", True, False),
+    ("motorcycle", 32, 17, "vehicle", True, False),
+    ("bicycle", 33, 18, "vehicle", True, False),
+)
+_TRAIN_ID_OF_LABEL_ID = {label_id: train_id for _, label_id, train_id, *_ in LABELS if train_id != 255}
 
 # uint8 lookup of 256: label id -> train id, 255 for every id that is not trained on.
 CITYSCAPES_ID_TO_TRAINID = np.full(256, 255, dtype=np.uint8)

@@ -24,46 +24,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ovenet.data.cityscapes import LABELS
 from ovenet.errors import CheckpointError, ConfigError, DataError
 
-# (name, label id, train id, category, has instances, ignored in evaluation); 'license plate' (id -1) cannot
-# occur in a label map and is left out.
-LABELS: tuple[tuple[str, int, int, str, bool, bool], ...] = (
-    ("unlabeled", 0, 255, "void", False, True),
-    ("ego vehicle", 1, 255, "void", False, True),
-    ("rectification border", 2, 255, "void", False, True),
-    ("out of roi", 3, 255, "void", False, True),
-    ("static", 4, 255, "void", False, True),
-    ("dynamic", 5, 255, "void", False, True),
-    ("ground", 6, 255, "void", False, True),
-    ("road", 7, 0, "flat", False, False),
-    ("sidewalk", 8, 1, "flat", False, False),
-    ("parking", 9, 255, "flat", False, True),
-    ("rail track", 10, 255, "flat", False, True),
-    ("building", 11, 2, "construction", False, False),
-    ("wall", 12, 3, "construction", False, False),
-    ("fence", 13, 4, "construction", False, False),
-    ("guard rail", 14, 255, "construction", False, True),
-    ("bridge", 15, 255, "construction", False, True),
-    ("tunnel", 16, 255, "construction", False, True),
-    ("pole", 17, 5, "object", False, False),
-    ("polegroup", 18, 255, "object", False, True),
-    ("traffic light", 19, 6, "object", False, False),
-    ("traffic sign", 20, 7, "object", False, False),
-    ("vegetation", 21, 8, "nature", False, False),
-    ("terrain", 22, 9, "nature", False, False),
-    ("sky", 23, 10, "sky", False, False),
-    ("person", 24, 11, "human", True, False),
-    ("rider", 25, 12, "human", True, False),
-    ("car", 26, 13, "vehicle", True, False),
-    ("truck", 27, 14, "vehicle", True, False),
-    ("bus", 28, 15, "vehicle", True, False),
-    ("caravan", 29, 255, "vehicle", True, True),
-    ("trailer", 30, 255, "vehicle", True, True),
-    ("train", 31, 16, "vehicle", True, False),
-    ("motorcycle", 32, 17, "vehicle", True, False),
-    ("bicycle", 33, 18, "vehicle", True, False),
-)
 NUM_LABEL_IDS = 34
 
 # Mean instance size per class over the Cityscapes training set at 1024x2048, as in cityscapesScripts.
