@@ -95,6 +95,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-root", type=Path, required=True)
     p.add_argument("--studies", nargs="+", default=["main", "ablations"], choices=list(STUDIES))
+    p.add_argument("--configs", nargs="+", help="run these configs instead of --studies")
     p.add_argument("--seeds", type=int, nargs="+", default=[304, 305])
     p.add_argument("--jobs", type=int, default=4, help="runs in parallel (they share the GPU)")
     p.add_argument("--epochs", type=int, default=None, help="override train.epochs of every config")
@@ -104,7 +105,7 @@ def main() -> None:
     p.add_argument("override", nargs="*", help="extra dotted overrides for every run")
     args = p.parse_args()
     args.data_root = args.data_root.resolve()
-    configs = [c for s in args.studies for c in STUDIES[s]]
+    configs = args.configs or [c for s in args.studies for c in STUDIES[s]]
     jobs = [(c, s) for c in configs for s in args.seeds]
     t0 = time.time()
     with ThreadPoolExecutor(args.jobs) as pool:
