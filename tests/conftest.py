@@ -24,3 +24,13 @@ def official_fixture(shared_dir):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a 2-core machine shared with other jobs, OpenMP threads waiting on each other make
+    tiny models 10-30x slower; one thread keeps such tests fast everywhere."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -24,14 +24,7 @@ FIXTURE = SHARED / "fixtures" / "official_ovenet_ocr_tiny.pt"
 TINY = ["data.num_samples=8", "data.image_size=[48,64]", "data.crop_size=[48,64]", "eval.crop_size=[48,64]"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a 2-core machine shared with other jobs, OpenMP threads waiting on each other make
-    these tiny models 10-30x slower; one thread keeps the tests fast everywhere."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:

@@ -14,15 +14,7 @@ from PIL import Image
 from ovenet.cli.main import main
 from ovenet.quickstart import MARKER, MIN_ITERS, plan_iterations, quickstart_config, seconds_per_iteration
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a 2-core machine shared with other jobs, OpenMP threads waiting on each other make
-    these tiny models 10-30x slower; one thread keeps the tests fast everywhere."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # Small enough for a test: 16 training scenes, 4 validation scenes of 48x64, batch 4.

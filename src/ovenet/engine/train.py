@@ -195,6 +195,14 @@ def autocast(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib.
     return torch.autocast(device.type, dtype=amp_dtype)
 
 
+def batch_to_device(batch: dict[str, Tensor], device: torch.device, channels_last: bool) -> tuple[Tensor, Tensor]:
+    """Images (channels_last if asked) and labels of a batch on ``device``, copied asynchronously."""
+    images = batch["image"].to(device, non_blocking=True)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, batch["label"].to(device, non_blocking=True)
+
+
 def train_step(
     model: nn.Module,
     criterion: nn.Module,
@@ -211,10 +219,7 @@ def train_step(
     loss and the loss terms as device tensors: nothing here waits for the GPU.
     """
     device = next(model.parameters()).device
-    images = batch["image"].to(device, non_blocking=True)
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    labels = batch["label"].to(device, non_blocking=True)
+    images, labels = batch_to_device(batch, device, channels_last)
     with autocast(device, amp_dtype):
         output = model(images)
         loss, terms = criterion(output, labels)
@@ -254,10 +259,7 @@ def validate(
     matrix = ConfusionMatrix(num_classes, ignore_index, device=device)
     first = None
     for batch in loader:
-        images = batch["image"].to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        labels = batch["label"].to(device, non_blocking=True)
+        images, labels = batch_to_device(batch, device, channels_last)
         with autocast(device, amp_dtype):
             output = model(images)
         logits = F.interpolate(
