@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import assert_close_scaled
 
 from ovenet import checkpoint
 from ovenet.config import Config, ModelConfig, OffsetConfig
@@ -26,7 +27,7 @@ def test_program_matches_eager_at_other_sizes(tmp_path):
         assert logits.shape[-2:] == ((shape[2] + 3) // 4, (shape[3] + 3) // 4)
         assert offsets.abs().max() > 0.5  # about 0.9 tau: many pixels away
         for got, want in ((logits, ref.logits_final), (offsets, ref.offsets), (confidence, ref.confidence)):
-            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            assert_close_scaled(got, want)
 
 
 def test_baseline_checkpoint_and_refusals(tmp_path):

@@ -3,9 +3,12 @@
 For each prediction S (initial, seed, final), L(S) sums the heads with ``aux_weights`` (OCR: 0.4 x aux + 1 x OCR;
 plain HRNetV2 has one head). Logits are upsampled to the label resolution first, as in HRNet.
 
-``formula: official`` reproduces the official training loop's numbers: its OHEM criterion returns the auxiliary
-term unreduced, so ``losses.mean()`` averages it over *all* pixels (ignored ones as 0), and its confidence loss
-is :func:`ovenet.method.confidence_loss_official`. ``formula: paper`` averages every CE term over valid pixels.
+``formula: official`` reproduces the official training loop's numbers. Its OHEM criterion returns the auxiliary
+term unreduced, so ``losses.mean()`` averages it over *all* pixels (ignored ones as 0); its plain CE criterion
+(the official Cityscapes/ACDC configs, ``USE_OHEM: false``) is a (class-weighted) mean over valid pixels for the
+auxiliary and the OCR output alike. Its confidence loss is :func:`ovenet.method.confidence_loss_official`.
+``formula: paper`` averages every CE term over valid pixels. Both are checked against terms recorded from the
+official criterion, with and without class weights (tests/test_official.py).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ class SegmentationLoss(nn.Module):
         if aux is None:
             return main
         aux = upsample_logits(aux, size, self.align_corners)
-        if self.cfg.formula == "official":
+        if self.cfg.formula == "official" and self.cfg.type == "ohem":
             aux_term = self.ce.per_pixel(aux, target).mean()  # unreduced map averaged over all pixels
         else:
             aux_term = self.ce(aux, target)  # the auxiliary head always uses plain CE, as in HRNet-OCR
