@@ -272,6 +272,16 @@ def test_eval_with_and_without_config(capsys, tiny_checkpoint, tmp_path):
     assert result["eval"]["scales"] == [0.75, 1.0] and result["eval"]["flip"] is True
 
 
+def test_eval_with_a_dataset_of_another_class_count_names_checkpoint_and_fix(capsys, tiny_checkpoint, tmp_path,
+                                                                           shared_dir):
+    code, _, err = run(capsys, "eval", "camvid_hrnetv2_w18s_ovenet", str(tiny_checkpoint),
+                       "--data-root", str(shared_dir / "data" / "camvid"), "--out", str(tmp_path / "o"))
+    assert code == 2
+    assert_one_line_error(err, f"checkpoint {tiny_checkpoint} predicts", "dataset 'camvid'", "has 11",
+                          "omit CONFIG to use the checkpoint's own")
+    assert not (tmp_path / "o").exists()
+
+
 def test_eval_model_overrides_reach_the_loaded_network(capsys, tiny_checkpoint, tmp_path, monkeypatch):
     from ovenet import checkpoint
 

@@ -153,3 +153,25 @@ def test_unknown_key_in_a_yaml_gives_the_nearest_spelling_through_the_cli(tmp_pa
     assert main(["train", str(bad)]) == 2
     err = capsys.readouterr().err
     assert err == "ovenet: error: unknown config key 'model.offest'; did you mean 'model.offset'?\n"
+
+
+@pytest.mark.parametrize("spelling,value", [("1e-3", 1e-3), ("5E-4", 5e-4), (".02", 0.02), ("2", 2.0),
+                                            ("1_000.5", 1000.5), ("0.01", 0.01)])
+def test_every_python_float_spelling_works_on_the_command_line_and_in_yaml(tmp_path, spelling, value):
+    cfg = load_config("camvid_hrnetv2_w18s_ovenet", [f"train.lr={spelling}", f"loss.class_weights=[{spelling}, 1]",
+                                                     f"data.scale_range=[{spelling}, 2e3]"])
+    assert cfg.train.lr == value and isinstance(cfg.train.lr, float)
+    assert cfg.loss.class_weights == [value, 1.0] and cfg.data.scale_range == [value, 2000.0]
+    path = tmp_path / "lr.yaml"
+    path.write_text(f"_base_: camvid_hrnetv2_w18s_ovenet\ntrain:\n  lr: {spelling}\n  weight_decay: 1e-4\n")
+    cfg = load_config(path)
+    assert cfg.train.lr == value and cfg.train.weight_decay == 1e-4
+
+
+def test_float_spellings_do_not_leak_into_other_types():
+    from ovenet.errors import ConfigError
+
+    assert load_config(None, ["loss.class_weights=cityscapes"]).loss.class_weights == "cityscapes"
+    for override in ("train.iters=1e3", "train.lr=fast", "train.lr=true", "train.batch_size=2.0"):
+        with pytest.raises(ConfigError, match="wrong type"):
+            load_config(None, [override])

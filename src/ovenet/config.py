@@ -231,15 +231,41 @@ def _build(cls: type, data: dict, path: str = "") -> Any:
                 raise ConfigError(f"config key '{full}' must be a section (mapping), got {value!r}")
             kwargs[key] = _build(tp, value, full + ".")
             continue
-        if tp is float or (typing.get_origin(tp) in (Union, types.UnionType) and float in typing.get_args(tp)):
-            if isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-        if typing.get_origin(tp) is list and typing.get_args(tp) == (float,) and isinstance(value, list):
-            value = [float(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
+        value = _coerce_floats(value, tp)
         if not _type_ok(value, tp):
             raise ConfigError(f"config key '{full}' has the wrong type: got {value!r}, expected {_type_name(tp)}")
         kwargs[key] = value
     return cls(**kwargs)
+
+
+def _float_kinds(tp: Any) -> tuple[bool, bool]:
+    """Whether ``tp`` admits a float, and whether it admits a list of floats (also inside ``X | None``)."""
+    options = typing.get_args(tp) if typing.get_origin(tp) in (Union, types.UnionType) else (tp,)
+    return float in options, any(typing.get_origin(t) is list and typing.get_args(t) == (float,) for t in options)
+
+
+def _coerce_floats(value: Any, tp: Any) -> Any:
+    """Ints and float spellings as floats where ``tp`` wants floats; the type check that follows judges the rest.
+
+    YAML 1.1 (PyYAML) reads ``1e-3`` -- no dot before the exponent -- as a string, on the command line and in
+    files alike, so float keys take every string that Python's ``float()`` parses ('1e-3', '5E-4', '.5')."""
+    scalar, listed = _float_kinds(tp)
+    if scalar and not isinstance(value, list):
+        return _as_float(value) if not isinstance(value, str) or not _type_ok(value, tp) else value
+    if listed and isinstance(value, list):
+        return [_as_float(v) for v in value]
+    return value
+
+
+def _as_float(value: Any) -> Any:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, str)):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def _type_name(tp: Any) -> str:

@@ -256,6 +256,11 @@ def evaluate(
     dataset = build_dataset(data, split_name, train=False)
     if len(dataset) == 0:
         raise DataError(f"split '{split_name}' of dataset '{cfg.data.name}' at {cfg.data.root} has no samples")
+    if model.num_classes != dataset.num_classes:
+        raise ConfigError(
+            f"checkpoint {checkpoint} predicts {model.num_classes} classes but dataset '{cfg.data.name}' "
+            f"(data.root {cfg.data.root}) has {dataset.num_classes}; evaluate it with the config it was trained "
+            "with (omit CONFIG to use the checkpoint's own), or pass the checkpoint trained for this dataset")
     distributed = dist.is_available() and dist.is_initialized()
     result = evaluate_model(model, dataset, cfg.eval, device, dataset.num_classes,
                             getattr(dataset, "ignore_index", 255), cityscapes=cityscapes,
