@@ -50,7 +50,13 @@ class ModelConfig:
     bn_momentum: float = 0.1
     offset: OffsetConfig = field(default_factory=OffsetConfig)
     pretrained: str | None = None  # ImageNet HRNet classification checkpoint (official file or timm)
-    freeze_main: bool = False  # ablation "Fr": train only the offset branch and head
+    # Trained segmentation weights loaded after `pretrained`: an ovenet checkpoint (a run's best.pth) or an official
+    # final_state.pth. Every tensor with the same name and shape loads: backbone and decode head, and an OVeNet
+    # source's offset branch/head too. Ablation "Fr" sets it to the trained baseline's best.pth (paper Sec. 4.3).
+    init_from: str | None = None
+    # Ablation "Fr": train only the offset branch and head. The frozen backbone and decode head run in eval mode,
+    # so their BN statistics stay fixed and OCR dropout is off (the official code left both active).
+    freeze_main: bool = False
 
 
 @dataclass

@@ -541,12 +541,8 @@ def _train(cfg: Config, resume: str | Path | None, run_dir: Path, info: D.DistIn
     ckpt = _read_resume(resume, run_dir, log)
     if ckpt is not None:
         checkpoint.load_state(model, ckpt["model"], f"checkpoint {ckpt['path']}")
-    elif cfg.model.pretrained:
-        report = checkpoint.load_pretrained_backbone(model, cfg.model.pretrained)
-        log.info(
-            f"ImageNet weights {cfg.model.pretrained}: {len(report['loaded'])} tensors loaded, "
-            f"{len(report['skipped'])} skipped (classifier), {len(report['missing'])} missing"
-        )
+    else:  # a resumed run has its weights already; a fresh one starts from model.pretrained, then model.init_from
+        checkpoint.load_initial_weights(model, cfg.model, log)
     _on_main_rank(info, lambda: check_free_space(run_dir, model))
     model.to(device)
     if channels_last:

@@ -114,7 +114,9 @@ class OVeNet(nn.Module):
         return [self.backbone, self.decode_head]
 
     def freeze_main(self) -> None:
-        """Ablation "Fr": only the offset branch and head train; the frozen part keeps its BN statistics."""
+        """Ablation "Fr": only the offset branch and head train. The frozen part stays in eval mode under
+        ``train()``, so it keeps its BN statistics and its OCR dropout is off. Its weights come from
+        ``model.init_from`` (the trained baseline), loaded after building."""
         if not self.is_ovenet:
             raise ConfigError("model.freeze_main needs the offset head (model.offset.enabled: true)")
         for m in self.main_modules():
@@ -173,5 +175,7 @@ class OVeNet(nn.Module):
 
 
 def build_model(cfg: ModelConfig) -> OVeNet:
-    """Build OVeNet (or the baseline when ``cfg.offset.enabled`` is False) from a model config."""
+    """Build OVeNet (or the baseline when ``cfg.offset.enabled`` is False) from a model config, freshly
+    initialised: no file is read. Training then applies ``cfg.pretrained`` and ``cfg.init_from`` with
+    :func:`ovenet.checkpoint.load_initial_weights`."""
     return OVeNet(cfg)
