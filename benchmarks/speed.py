@@ -65,7 +65,8 @@ def build(arch: str, ovenet: bool, mode: dict, device: torch.device):
         model = model.to(memory_format=torch.channels_last)
     if mode["compile"] == "regional":
         compile_regions(model)
-    criterion = build_loss(LossConfig(type="ohem", ohem_min_kept=131072), 19, align_corners=cfg.align_corners)
+    criterion = build_loss(LossConfig(type="ohem", ohem_min_kept=131072), 19, align_corners=cfg.align_corners,
+                           sampling=cfg.offset.sampling)
     return model, criterion.to(device)
 
 

@@ -108,6 +108,7 @@ def test_official_recipe_config_sets_the_official_choices():
     assert d["model.offset.tau"] == (0.5, 0.2)
     assert d["loss.type"] == ("ohem", "ce") and d["loss.class_weights"] == (None, "cityscapes")
     assert d["data.train_split"] == ("train", "trainval")
+    assert d["train.amp"] == ("bf16", "none")  # the official code trains and validates in fp32
 
 
 @pytest.mark.parametrize("dataset,arch", [("cityscapes", "hrnetv2_w48"), ("cityscapes", "hrnetv2_w48_ocr"),

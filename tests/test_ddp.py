@@ -104,5 +104,5 @@ def test_two_gloo_ranks_train_to_identical_weights(tmp_path):
     for name, value in params[0].items():
         assert torch.equal(last["model"][name], value), name
     log = (tmp_path / "run" / "train.log").read_text()
-    assert "2 process(es)" in log and "val iter 4: mIoU" in log
+    assert "2 process(es)" in log and "val iter 4 (fp32, whole image, one scale): mIoU" in log
     assert "SyncBatchNorm needs CUDA" in log

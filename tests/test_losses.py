@@ -74,6 +74,30 @@ def test_confidence_loss_skips_ignore_and_seeds_on_ignore():
     assert method.confidence_loss(conf, offsets, target).item() == pytest.approx(expected, rel=1e-5)
 
 
+def test_seed_labels_follow_the_models_sampling_convention():
+    """Labels = column index on a 6x9 map, x offset 0.2 (normalised) everywhere. Exact (zero offset = the pixel):
+    x + 0.2 * (9 - 1) / 2 = x + 0.8. Official (grid 2x/8 - 1 + 0.2 read as align_corners=False):
+    ((2x/8 + 0.2) * 9 - 1) / 2 = 1.125 x + 0.4. Nearest, clamped to the image."""
+    target = torch.arange(9).repeat(1, 6, 1)
+    offsets = torch.zeros(1, 2, 6, 9)
+    offsets[:, 0] = 0.2
+    exact = method.seed_labels(offsets, target, sampling_align_corners=True)[0, 0].tolist()
+    official = method.seed_labels(offsets, target, sampling_align_corners=False)[0, 0].tolist()
+    assert exact == [min(round(x + 0.8), 8) for x in range(9)] == [1, 2, 3, 4, 5, 6, 7, 8, 8]
+    assert official == [min(round(1.125 * x + 0.4), 8) for x in range(9)] == [0, 2, 3, 4, 5, 6, 7, 8, 8]
+
+    # The training loss reads the seed labels in the model's convention (model.offset.sampling).
+    conf = torch.rand(1, 1, 6, 9)
+    out = SegOutput(logits_initial=torch.randn(1, 9, 6, 9), logits_seed=torch.randn(1, 9, 6, 9),
+                    logits_final=torch.randn(1, 9, 6, 9), offsets=offsets, confidence=conf)
+    for sampling, flag in (("exact", True), ("official", False)):
+        terms = build_loss(LossConfig(type="ce"), 9, sampling=sampling)(out, target)[1]
+        expected = method.confidence_loss(conf, offsets, target, sampling_align_corners=flag)
+        assert terms["loss_confidence"].item() == pytest.approx(expected.item(), rel=1e-6), sampling
+    assert method.confidence_loss(conf, offsets, target, sampling_align_corners=False).item() != pytest.approx(
+        method.confidence_loss(conf, offsets, target).item(), rel=1e-3)
+
+
 def test_confidence_loss_trains_confidence_not_offsets():
     target = torch.randint(0, 3, (1, 8, 8))
     offsets = (torch.randn(1, 2, 2, 2) * 0.3).requires_grad_(True)

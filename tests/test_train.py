@@ -271,7 +271,7 @@ def test_epochs_mode_validates_each_epoch(tmp_path):
         tiny_config("train.iters=null", "train.epochs=2", "train.log_every=100"), run_dir=tmp_path / "run"
     )
     log = (run_dir / "train.log").read_text()
-    assert "val iter 4:" in log and "val iter 8:" in log and "iter 8/8" in log
+    assert "val iter 4 (fp32, whole image, one scale):" in log and "val iter 8 (fp32" in log and "iter 8/8" in log
     assert checkpoint.read(run_dir / "last.pth")["epoch"] == 2
 
 

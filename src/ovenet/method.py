@@ -62,8 +62,11 @@ def sample_bilinear(values: Tensor, px: Tensor, py: Tensor) -> Tensor:
 
 
 def resample(values: Tensor, offsets: Tensor, align_corners: bool = True) -> Tensor:
-    """Eq. 2-3: C_s(p) = C(p + o(p)), bilinear, border padding (sizes of values and offsets agree)."""
-    return sample_bilinear(values, *seed_positions(offsets, align_corners))
+    """Eq. 2-3: C_s(p) = C(p + o(p)), bilinear, border padding (sizes of values and offsets agree).
+
+    Computed in fp32 whatever the autocast dtype: in bf16 the bilinear weights (fractions of a pixel) lose their
+    low bits and the offsets' gradient, which comes only through them, is off by ~2%."""
+    return sample_bilinear(values.float(), *seed_positions(offsets.float(), align_corners))
 
 
 def refine_offsets(offsets: Tensor, align_corners: bool = True) -> Tensor:
@@ -72,8 +75,9 @@ def refine_offsets(offsets: Tensor, align_corners: bool = True) -> Tensor:
 
 
 def fuse(initial: Tensor, seed: Tensor, confidence: Tensor) -> Tensor:
-    """Eq. 4: S_f = (1 - F) S_i + F S_s."""
-    return (1.0 - confidence) * initial + confidence * seed
+    """Eq. 4: S_f = (1 - F) S_i + F S_s, in fp32 (S_f - S_i is small next to S_i: bf16 would round it away)."""
+    confidence = confidence.float()
+    return (1.0 - confidence) * initial.float() + confidence * seed.float()
 
 
 def semantic_loss(loss_final: Tensor, loss_seed: Tensor, loss_initial: Tensor, kappa: float = 0.5,
@@ -82,21 +86,27 @@ def semantic_loss(loss_final: Tensor, loss_seed: Tensor, loss_initial: Tensor, k
     return loss_final + kappa * loss_seed + lam * loss_initial
 
 
-def seed_labels(offsets: Tensor, target: Tensor) -> Tensor:
-    """H(p + o(p)) at label resolution: nearest sampling, so no gradient reaches the offsets."""
-    off = F.interpolate(offsets.float(), size=target.shape[-2:], mode="bilinear", align_corners=True)
-    px, py = seed_positions(off, align_corners=True)
+def seed_labels(offsets: Tensor, target: Tensor, align_corners: bool = True,
+                sampling_align_corners: bool = True) -> Tensor:
+    """H(p + o(p)) at label resolution: nearest sampling, so no gradient reaches the offsets.
+
+    The offsets are upsampled to the labels with the network's ``align_corners`` and read in the model's sampling
+    convention (``sampling_align_corners``: True for "exact", False for "official"), so the seed whose label is
+    compared is the one the model's S_s really read."""
+    off = F.interpolate(offsets.float(), size=target.shape[-2:], mode="bilinear", align_corners=align_corners)
+    px, py = seed_positions(off, sampling_align_corners)
     return _gather(target.unsqueeze(1), px.round().long(), py.round().long()).squeeze(1)
 
 
-def confidence_loss(confidence: Tensor, offsets: Tensor, target: Tensor, ignore_index: int = 255) -> Tensor:
+def confidence_loss(confidence: Tensor, offsets: Tensor, target: Tensor, ignore_index: int = 255,
+                    align_corners: bool = True, sampling_align_corners: bool = True) -> Tensor:
     """Eq. 6: L_f = -1[H(p) = H(p+o(p))] log F(p) - 1[H(p) != H(p+o(p))] log(1 - F(p)).
 
-    Averaged over pixels whose label and whose seed's label are both valid.
+    Averaged over pixels whose label and whose seed's label are both valid (conventions as :func:`seed_labels`).
     """
     h, w = target.shape[-2:]
-    conf = F.interpolate(confidence.float(), size=(h, w), mode="bilinear", align_corners=True).squeeze(1)
-    seed = seed_labels(offsets.detach(), target)
+    conf = F.interpolate(confidence.float(), size=(h, w), mode="bilinear", align_corners=align_corners).squeeze(1)
+    seed = seed_labels(offsets.detach(), target, align_corners, sampling_align_corners)
     valid = (target != ignore_index) & (seed != ignore_index)
     agree = (seed == target).float()
     eps = 1e-7

@@ -46,7 +46,8 @@ def seconds_per_iteration(cfg: Config, device: str, steps: int = 3, give_up_afte
 
     torch.manual_seed(0)
     model = build_model(cfg.model).to(device).train()
-    criterion = build_loss(cfg.loss, cfg.model.num_classes, align_corners=cfg.model.align_corners)
+    criterion = build_loss(cfg.loss, cfg.model.num_classes, align_corners=cfg.model.align_corners,
+                           sampling=cfg.model.offset.sampling)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
     h, w = cfg.data.crop_size
     images = torch.randn(cfg.train.batch_size, 3, h, w, device=device)

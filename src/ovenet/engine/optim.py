@@ -51,7 +51,11 @@ def step_unless_nonfinite(optimizer: torch.optim.Optimizer, loss: torch.Tensor) 
 
 
 def poly_factor(total_iters: int, power: float = 0.9, warmup_iters: int = 0) -> Callable[[int], float]:
-    """LR multiplier of iteration ``i``: poly decay, times a linear ramp over the first ``warmup_iters``."""
+    """LR multiplier of iteration ``i``: poly decay, times a linear ramp over the first ``warmup_iters``.
+
+    Iteration i steps with base * (1 - i/N)^power. The official loop sets the LR *after* each step from the index
+    of the step just taken, so its step i uses (1 - (i-1)/N)^power (step 0 and 1 both the base LR): one iteration
+    behind this schedule, a difference below 1/N of the LR everywhere but the last steps."""
 
     def factor(i: int) -> float:
         decay = max(0.0, 1.0 - i / total_iters) ** power

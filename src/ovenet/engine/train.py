@@ -552,7 +552,8 @@ def _train(cfg: Config, resume: str | Path | None, run_dir: Path, info: D.DistIn
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         else:
             log.info("train.sync_bn: SyncBatchNorm needs CUDA; keeping per-process BatchNorm on the CPU")
-    criterion = build_loss(cfg.loss, cfg.model.num_classes, dataset.ignore_index, cfg.model.align_corners)
+    criterion = build_loss(cfg.loss, cfg.model.num_classes, dataset.ignore_index, cfg.model.align_corners,
+                           cfg.model.offset.sampling)
     criterion.to(device)
     optimizer = build_optimizer(model, t)
     scheduler = build_scheduler(optimizer, total_iters, t.poly_power, t.warmup_iters)
@@ -670,12 +671,13 @@ def _train(cfg: Config, resume: str | Path | None, run_dir: Path, info: D.DistIn
                 or (t.val_every == 0 and t.iters is None and end_of_epoch)
             ):
                 watch.check(info, run_dir / "last.pth")
+                # fp32 whatever train.amp: this mIoU picks best.pth, so it must not move with bf16 rounding.
                 metrics, first = validate(
                     raw_model,
                     val_loader,
                     cfg.model.num_classes,
                     device,
-                    amp_dtype,
+                    None,
                     cfg.model.align_corners,
                     dataset.ignore_index,
                     channels_last,
@@ -684,8 +686,8 @@ def _train(cfg: Config, resume: str | Path | None, run_dir: Path, info: D.DistIn
                 if improved:
                     best_miou = metrics["miou"]
                 log.info(
-                    f"val iter {iteration}: mIoU {100 * metrics['miou']:.2f} pixel acc "
-                    f"{100 * metrics['pixel_acc']:.2f} (best {100 * best_miou:.2f})"
+                    f"val iter {iteration} (fp32, whole image, one scale): mIoU {100 * metrics['miou']:.2f} "
+                    f"pixel acc {100 * metrics['pixel_acc']:.2f} (best {100 * best_miou:.2f})"
                 )
                 tb.scalars(
                     {

@@ -27,11 +27,13 @@ from .ce import CrossEntropy, OhemCrossEntropy, class_weights
 class SegmentationLoss(nn.Module):
     """Loss of the baseline or OVeNet model; returns ``(total, terms)`` with ``terms`` detached for logging."""
 
-    def __init__(self, cfg: LossConfig, num_classes: int, ignore_index: int = 255, align_corners: bool = True):
+    def __init__(self, cfg: LossConfig, num_classes: int, ignore_index: int = 255, align_corners: bool = True,
+                 sampling: str = "exact"):
         super().__init__()
         self.cfg = cfg
         self.ignore_index = ignore_index
         self.align_corners = align_corners
+        self.sampling_align_corners = sampling == "exact"  # the model's seed-sampling convention (method.py)
         weight = class_weights(cfg.class_weights, num_classes)
         self.ce = CrossEntropy(ignore_index, weight)
         self.main = (OhemCrossEntropy(ignore_index, cfg.ohem_thresh, cfg.ohem_min_kept, weight)
@@ -63,13 +65,16 @@ class SegmentationLoss(nn.Module):
         elif self.cfg.confidence == "official":
             conf = method.confidence_loss_official(out.confidence, out.offsets, target, self.ignore_index)
         else:
-            conf = method.confidence_loss(out.confidence, out.offsets, target, self.ignore_index)
+            conf = method.confidence_loss(out.confidence, out.offsets, target, self.ignore_index,
+                                          self.align_corners, self.sampling_align_corners)
         total = method.total_loss(semantic, conf, self.cfg.confidence_weight)
         terms = {"loss": total, "loss_initial": initial, "loss_seed": seed, "loss_final": final,
                  "loss_confidence": conf}
         return total, {k: v.detach() for k, v in terms.items()}
 
 
-def build_loss(cfg: LossConfig, num_classes: int, ignore_index: int = 255, align_corners: bool = True
-               ) -> SegmentationLoss:
-    return SegmentationLoss(cfg, num_classes, ignore_index, align_corners)
+def build_loss(cfg: LossConfig, num_classes: int, ignore_index: int = 255, align_corners: bool = True,
+               sampling: str = "exact") -> SegmentationLoss:
+    """The training objective; ``align_corners`` and ``sampling`` are the model's (``model.align_corners``,
+    ``model.offset.sampling``), so labels are read where the model's seeds are."""
+    return SegmentationLoss(cfg, num_classes, ignore_index, align_corners, sampling)

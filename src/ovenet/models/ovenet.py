@@ -160,7 +160,7 @@ class OVeNet(nn.Module):
                 initial, seed, final = (torch.log(p.clamp_min(1e-8)) for p in (probs, seed, final))
             else:
                 seed = method.resample(initial, offsets, self.sampling_align_corners)
-                final = method.fuse(initial, seed, confidence.to(initial.dtype))
+                final = method.fuse(initial, seed, confidence)
             setattr(out, f"{name}_initial", initial)
             setattr(out, f"{name}_seed", seed)
             setattr(out, f"{name}_final", final)
