@@ -34,8 +34,22 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path):
     path = checkpoint.save(tmp_path / "m.pth", build_model(cfg.model), cfg)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="m.pth.*cannot be read"):
+    with pytest.raises(CheckpointError, match="m.pth' is a damaged or incomplete PyTorch file"):
         checkpoint.load(path)
+
+
+def test_random_bytes_are_not_a_checkpoint_and_pickles_are_not_weights(tmp_path):
+    path = tmp_path / "noise.pth"
+    path.write_bytes(bytes(range(256)) * 8)
+    with pytest.raises(CheckpointError) as info:
+        checkpoint.load(path)
+    message = str(info.value)
+    assert message == (f"checkpoint '{path}' is not a checkpoint (not a file written by torch.save); give a .pth "
+                       "from ovenet train or convert-official")
+    assert "weights_only" not in message and "\n" not in message
+    torch.save({"model": torch.nn.Linear(2, 2)}, tmp_path / "whole.pth")  # a pickled module, not weights
+    with pytest.raises(CheckpointError, match="holds pickled Python objects besides tensors"):
+        checkpoint.load(tmp_path / "whole.pth")
 
 
 def test_missing_and_foreign_files(tmp_path):

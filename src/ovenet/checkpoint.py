@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -64,8 +65,7 @@ def read(path: str | Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for truncated/corrupt files
-        raise CheckpointError(f"checkpoint '{path}' cannot be read ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:120]}); is it complete and a torch file?") from None
+        raise CheckpointError(f"checkpoint '{path}' {unreadable_reason(path, e)}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         hint = ""
         if isinstance(ckpt, dict) and any(str(k).startswith("model.") for k in ckpt):
@@ -73,6 +73,20 @@ def read(path: str | Path) -> dict:
                    f"{path.name} OUT.pth` first"
         raise CheckpointError(f"checkpoint '{path}' is not an ovenet checkpoint{hint}")
     return ckpt
+
+
+def unreadable_reason(path: Path, error: Exception) -> str:
+    """Why ``torch.load`` failed on ``path``, in words a user can act on (torch's own message blames the
+    ``weights_only`` default for any file that is not a PyTorch file)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head.startswith((b"PK", b"\x80")):  # neither torch's zip archive nor a legacy pickle
+        return "is not a checkpoint (not a file written by torch.save); give a .pth from ovenet train or convert-official"
+    if isinstance(error, pickle.UnpicklingError) and "Weights only load failed" in str(error):
+        return ("holds pickled Python objects besides tensors (e.g. a whole saved model); ovenet reads only "
+                "weight files: save model.state_dict() instead, or use a checkpoint from ovenet train")
+    return ("is a damaged or incomplete PyTorch file (the copy or download was cut short?); copy it again or use "
+            "another checkpoint")
 
 
 def load_state(model: nn.Module, state: dict, source: str = "checkpoint") -> None:
@@ -152,7 +166,7 @@ def load_pretrained_backbone(model: OVeNet, path: str | Path) -> dict[str, list[
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"pretrained weights '{path}' cannot be read: {type(e).__name__}") from None
+        raise CheckpointError(f"pretrained weights '{path}' {unreadable_reason(path, e)}") from None
     state = raw
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
@@ -224,8 +238,7 @@ def load_init_from(model: OVeNet, path: str | Path) -> dict[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for truncated/corrupt files
-        raise CheckpointError(f"model.init_from '{path}' cannot be read ({type(e).__name__}); is it complete and "
-                              "a torch file?") from None
+        raise CheckpointError(f"model.init_from '{path}' {unreadable_reason(path, e)}") from None
     state, kind = _trained_state(obj)
     own = model.state_dict()
     new: dict[str, torch.Tensor] = {}

@@ -146,7 +146,9 @@ def read_official_state(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"official checkpoint '{path}' cannot be read ({type(e).__name__})") from None
+        from .checkpoint import unreadable_reason  # lazy: checkpoint imports this module's converter lazily too
+
+        raise CheckpointError(f"official checkpoint '{path}' {unreadable_reason(path, e)}") from None
     if isinstance(state, dict) and "state_dict" in state:  # checkpoint.pth.tar: {epoch, state_dict, optimizer}
         state = state["state_dict"]
     if not isinstance(state, dict) or not any(str(k).startswith("model.") for k in state):
