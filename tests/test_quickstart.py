@@ -116,3 +116,20 @@ def test_deadline_stops_training_through_the_trainer_and_is_told_apart(tmp_path)
     with TrainingDeadline(0.01) as timer:
         time.sleep(0.3)
     assert timer.fired and signal.getsignal(signal.SIGTERM) == before
+
+
+def test_readme_python_snippet_runs_as_written_after_the_quickstart(tmp_path, monkeypatch):
+    """The README's Python block, unchanged but for running in a temporary folder, after a (short) quickstart
+    into its default place (runs/quickstart)."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    assert len(blocks) == 1, "the README has one Python snippet"
+    monkeypatch.chdir(tmp_path)
+    assert main(["quickstart", "--iters", "2", *SMALL]) == 0
+    namespace: dict = {}
+    exec(compile(blocks[0], "README.md", "exec"), namespace)
+    assert namespace["result"].labels.shape == (48, 64) and len(namespace["results"]) == 2
+    assert namespace["out"].logits_final.shape == (1, namespace["model"].num_classes, 24, 40)
+    assert namespace["net"].cfg.offset.tau == 0.2

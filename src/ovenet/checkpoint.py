@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .config import Config, ModelConfig, apply_overrides, from_dict
+from .device import resolve_device
 from .errors import CheckpointError, ConfigError
 from .models import OVeNet, build_model
 
@@ -110,7 +111,9 @@ def load(path: str | Path, device: str | torch.device = "cpu", overrides: list[s
     """The model of any ovenet checkpoint, in eval mode, on ``device``.
 
     ``overrides`` (dotted ``model.*`` keys) may change inference-only options such as ``model.offset.sampling``.
+    ``device`` is ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (or a ``torch.device``).
     """
+    device = resolve_device(device)  # before reading: a missing GPU is the first thing to tell
     ckpt = read(path)
     try:
         cfg = from_dict(apply_overrides(ckpt["config"], overrides or []))
