@@ -84,7 +84,7 @@ def test_cityscapes_follows_the_paper_recipe():
         assert (cfg.loss.type, cfg.loss.ohem_thresh, cfg.loss.ohem_min_kept) == ("ohem", 0.9, 131072)
         assert cfg.model.offset.tau == 0.5 and cfg.model.offset.branch_stage == 4
         assert cfg.model.arch == "hrnetv2_w48"
-        assert cfg.eval.mode == "whole" and cfg.eval.scales == [1.0]
+        assert cfg.eval.mode == "official" and cfg.eval.scales == [1.0]  # --paper-scales: the official protocol
     text = (CONFIG_DIR / "cityscapes" / "_base_cityscapes.yaml").read_text()
     for note in ("0.2", "class-weighted CE", "trainval", "2.1", "10", "0.5, 0.75, 1.0, 1.25, 1.5, 1.75"):
         assert note in text  # the official differences and the paper test scales are documented

@@ -214,6 +214,40 @@ def test_ade20k_reduces_zero_label(tmp_path):
     assert dataset.num_classes == 150 and len(dataset.class_names) == 150 and len(set(dataset.palette)) == 150
 
 
+def make_ade20k_val(root: Path, height: int, width: int, seed: int = 0) -> np.ndarray:
+    """One validation image/annotation pair; returns the annotation after reduce-zero (0 -> 255, k -> k-1)."""
+    annotation = np.random.default_rng(seed).integers(0, 151, (height, width)).astype(np.uint8)
+    write_png(root / "images/validation/ADE_val_00000001.jpg", random_image(height, width, seed))
+    write_png(root / "annotations/validation/ADE_val_00000001.png", annotation)
+    return np.where(annotation == 0, 255, annotation.astype(np.int64) - 1)
+
+
+def test_ade20k_official_label_resolution_resizes_and_pads_labels_as_the_official_loader(tmp_path):
+    import cv2
+
+    root = tmp_path / "ADEChallengeData2016"
+    reduced = make_ade20k_val(root, 13, 25)
+    data = {"name": "ade20k", "root": str(root), "eval_resize_short": 10}
+    # Short side 13 -> 10; long side int(25 * 10 / 13 + 0.5) = 19; padded to multiples of 8: 16 x 24.
+    official = build_dataset(data, train=False, label_resolution="official")[0]
+    assert official["image"].shape == (3, 16, 24) and official["label"].shape == (16, 24)
+    expected = np.full((16, 24), 255, dtype=np.int64)
+    expected[:10, :19] = cv2.resize(reduced.astype(np.uint8), (19, 10), interpolation=cv2.INTER_NEAREST)
+    np.testing.assert_array_equal(official["label"].numpy(), expected)
+    assert torch.all(official["image"][:, 10:] == 0) and torch.all(official["image"][:, :, 19:] == 0)  # mean colour
+
+    original = build_dataset(data, train=False, label_resolution="original")[0]
+    assert original["image"].shape == (3, 10, 19)  # the same image resize, no padding
+    np.testing.assert_array_equal(original["label"].numpy(), reduced)  # the full-size annotation
+    torch.testing.assert_close(official["image"][:, :10, :19], original["image"], rtol=0, atol=0)
+
+    # Without an eval resize there is nothing to follow: "official" keeps the annotation as it is.
+    unresized = build_dataset({**data, "eval_resize_short": 0}, train=False, label_resolution="official")[0]
+    np.testing.assert_array_equal(unresized["label"].numpy(), reduced)
+    with pytest.raises(ConfigError, match="eval.label_resolution 'full' is unknown"):
+        build_dataset(data, train=False, label_resolution="full")
+
+
 # --- CamVid --------------------------------------------------------------------------------------------------------
 
 

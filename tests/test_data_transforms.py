@@ -7,10 +7,10 @@ import random
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from helpers import assert_close_scaled
 
 from ovenet.data import EvalTransform, TrainTransform, denormalize, normalize
-from ovenet.data.transforms import CropParams
+from ovenet.data.transforms import CropParams, resize_image, resize_label
 
 # Distinct colours per class so a label can be read back from the image.
 COLOURS = np.array(
@@ -66,38 +66,105 @@ def test_flip_mirrors_image_and_label_together():
     np.testing.assert_array_equal(denormalize(out["image"]), sample["image"][:, ::-1])
 
 
-def test_crop_of_scaled_box_matches_full_resize_then_crop():
+def test_crop_window_matches_full_resize_then_crop():
     image = np.random.default_rng(0).integers(0, 256, (64, 128, 3), dtype=np.uint8)
     label = np.random.default_rng(1).integers(0, 19, (64, 128), dtype=np.uint8)
     transform = TrainTransform((48, 64), base_size=128)
     rng = random.Random(3)
-    for _ in range(4):
+    for _ in range(6):
         params = transform.sample_params(64, 128, rng)
         out = transform.apply({"image": image, "label": label}, params)
-        size = (params.scaled_w, params.scaled_h)
+        size = (params.scaled_h, params.scaled_w)
         window = (
             slice(params.top, params.top + params.height),
             slice(params.left, params.left + params.width),
         )
-        ref_image = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))[window]
-        # Nearest by pixel centres, like PIL NEAREST (which breaks exact ties the other way, hence no PIL here).
-        rows = ((np.arange(params.scaled_h) + 0.5) * 64 / params.scaled_h).astype(int)
-        cols = ((np.arange(params.scaled_w) + 0.5) * 128 / params.scaled_w).astype(int)
-        ref_label = label[rows[:, None], cols[None, :]][window]
+        ref_image = resize_image(torch.from_numpy(image).permute(2, 0, 1), size)[:, window[0], window[1]]
+        ref_label = resize_label(label, size)[window]
+        if params.flip:
+            ref_image, ref_label = ref_image.flip(-1), ref_label[:, ::-1]
+        got = out["image"][:, : params.height, : params.width]
+        assert_close_scaled(got, normalize(ref_image.permute(1, 2, 0).to(torch.uint8).numpy()))
+        np.testing.assert_array_equal(out["label"][: params.height, : params.width].numpy(), ref_label)
+
+
+SCALES = (0.5, 0.75, 1.5, 1.75)
+
+
+def _cv2():
+    return pytest.importorskip("cv2", reason="opencv-python-headless (the test extra) is the reference")
+
+
+@pytest.mark.parametrize("scale", SCALES)
+def test_image_resize_matches_opencv_inter_linear(scale):
+    cv2 = _cv2()
+    rng = np.random.default_rng(2)
+    image = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)  # odd sides: no exact 2x shortcut anywhere
+    size = (int(37 * scale + 0.5), int(53 * scale + 0.5))
+    expected = cv2.resize(image, size[::-1], interpolation=cv2.INTER_LINEAR).astype(np.int64)
+    got = resize_image(image, size)  # numpy HxWx3 -> [3, h, w]
+    assert got.shape == (3, *size)
+    # OpenCV's uint8 path uses 11-bit fixed-point weights: 1 grey level of rounding.
+    assert np.abs(got.permute(1, 2, 0).numpy().astype(np.int64) - expected).max() <= 1
+    # Float inputs (as at test time, after normalisation) match to float rounding, channels-first and batched.
+    floats = rng.normal(0.0, 2.0, (37, 53, 3)).astype(np.float32)
+    expected = torch.from_numpy(cv2.resize(floats, size[::-1], interpolation=cv2.INTER_LINEAR)).permute(2, 0, 1)
+    got = resize_image(torch.from_numpy(floats).permute(2, 0, 1)[None], size)[0]
+    assert_close_scaled(got, expected)
+
+
+@pytest.mark.parametrize("scale", SCALES)
+def test_label_resize_matches_opencv_inter_nearest(scale):
+    cv2 = _cv2()
+    label = np.random.default_rng(3).integers(0, 19, (37, 53), dtype=np.uint8)
+    label[::7] = 255
+    size = (int(37 * scale + 0.5), int(53 * scale + 0.5))
+    expected = cv2.resize(label, size[::-1], interpolation=cv2.INTER_NEAREST)
+    np.testing.assert_array_equal(resize_label(label, size), expected)
+    # Any integer dtype (instance ids do not fit in uint8).
+    wide = label.astype(np.int32) * 1000
+    np.testing.assert_array_equal(resize_label(wide, size), expected.astype(np.int32) * 1000)
+
+
+def test_train_transform_reproduces_the_official_opencv_augmentation():
+    """resize (cv2 INTER_LINEAR / INTER_NEAREST) -> crop -> flip, as the official multi_scale_aug/gen_sample."""
+    cv2 = _cv2()
+    rng = np.random.default_rng(4)
+    image = rng.integers(0, 256, (45, 67, 3), dtype=np.uint8)
+    label = rng.integers(0, 19, (45, 67), dtype=np.uint8)
+    transform = TrainTransform((24, 32), base_size=67, scale_range=(0.5, 1.75))
+    draws = random.Random(5)
+    for _ in range(8):
+        params = transform.sample_params(45, 67, draws)
+        out = transform.apply({"image": image, "label": label}, params)
+        dsize = (params.scaled_w, params.scaled_h)
+        rows = slice(params.top, params.top + params.height)
+        cols = slice(params.left, params.left + params.width)
+        ref_image = cv2.resize(image, dsize, interpolation=cv2.INTER_LINEAR)[rows, cols]
+        ref_label = cv2.resize(label, dsize, interpolation=cv2.INTER_NEAREST)[rows, cols]
         if params.flip:
             ref_image, ref_label = ref_image[:, ::-1], ref_label[:, ::-1]
-        got_image = denormalize(out["image"])[: params.height, : params.width].astype(int)
-        assert np.abs(got_image - ref_image).max() <= 2  # PIL fixed-point rounding
-        got_label = out["label"][: params.height, : params.width].numpy()
-        np.testing.assert_array_equal(got_label, ref_label)
+        got_image = denormalize(out["image"])[: params.height, : params.width].astype(np.int64)
+        assert np.abs(got_image - ref_image).max() <= 1
+        np.testing.assert_array_equal(out["label"][: params.height, : params.width].numpy(), ref_label)
 
 
-def test_image_smaller_than_crop_is_padded_with_ignore_and_zero():
+def test_resize_window_must_lie_inside_the_output():
+    with pytest.raises(ValueError, match="window"):
+        resize_image(torch.zeros(3, 8, 8), (4, 4), window=(2, 0, 3, 4))
+    with pytest.raises(ValueError, match="window"):
+        resize_label(np.zeros((8, 8), np.uint8), (0, 4))
+
+
+def test_image_smaller_than_crop_is_padded_with_ignore_and_black():
     sample = block_sample(20, 30)
     out = TrainTransform((32, 40), scale_range=(1.0, 1.0), flip=False)(sample)
     np.testing.assert_array_equal(out["label"][:20, :30].numpy(), sample["label"])
     assert torch.all(out["label"][20:] == 255) and torch.all(out["label"][:, 30:] == 255)
-    assert torch.all(out["image"][:, 20:] == 0) and torch.all(out["image"][:, :, 30:] == 0)
+    # The official code pads the raw image with 0 (black) before normalising.
+    black = normalize(np.zeros((1, 1, 3), dtype=np.uint8))
+    assert torch.equal(out["image"][:, 20:], black.expand(3, 12, 40))
+    assert torch.equal(out["image"][:, :, 30:], black.expand(3, 32, 10))
     np.testing.assert_array_equal(denormalize(out["image"][:, :20, :30]), sample["image"])
 
 

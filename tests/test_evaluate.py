@@ -212,3 +212,51 @@ def test_evaluate_writes_json_and_markdown_and_never_overwrites(tmp_path):
     other = evaluate(None, ckpt, out_dir=tmp_path / "elsewhere", progress=False)  # the checkpoint's own config
     assert (tmp_path / "elsewhere" / "eval_val.json").is_file()
     assert other["miou"] == pytest.approx(result["miou"])
+
+
+@pytest.mark.parametrize("label_resolution", ["official", "original"])
+def test_ade20k_label_resolution_decides_the_labels_the_metric_counts(tmp_path, monkeypatch, label_resolution):
+    from PIL import Image
+
+    import ovenet.engine.evaluate as evaluate_module
+
+    seen = []
+
+    class Spy(evaluate_module.ConfusionMatrix):
+        def update(self, pred, target):
+            seen.append((tuple(pred.shape), target.clone()))
+            super().update(pred, target)
+
+    monkeypatch.setattr(evaluate_module, "ConfusionMatrix", Spy)
+    root = tmp_path / "ADEChallengeData2016"
+    rng = np.random.default_rng(0)
+    annotation = rng.integers(0, 151, (13, 25)).astype(np.uint8)
+    for folder, name, array in (("images", "ADE_val_00000001.jpg", rng.integers(0, 256, (13, 25, 3), np.uint8)),
+                                ("annotations", "ADE_val_00000001.png", annotation)):
+        (root / folder / "validation").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(array).save(root / folder / "validation" / name)
+    cfg = Config()
+    cfg.data.name, cfg.data.root, cfg.data.val_split = "ade20k", str(root), "validation"
+    cfg.data.eval_resize_short = 10  # stands in for 520: short side 13 -> 10, long side 25 -> 19
+    cfg.model.arch, cfg.model.head, cfg.model.num_classes = "hrnetv2_w18_small_v1", "fcn", 150
+    cfg.model.offset.enabled = False
+    cfg.eval.label_resolution = label_resolution
+    torch.manual_seed(0)
+    ckpt = checkpoint.save(tmp_path / "run" / "best.pth", build_model(cfg.model), cfg)
+
+    result = evaluate(cfg, ckpt, progress=False)
+    (pred_shape, label), = seen
+    reduced = torch.from_numpy(np.where(annotation == 0, 255, annotation.astype(np.int64) - 1))
+    if label_resolution == "official":
+        # Short side 10, padded with ignore to multiples of 8: 16 x 24; the prediction is made at that size too.
+        assert pred_shape == tuple(label.shape) == (16, 24)
+        assert torch.all(label[10:] == 255) and torch.all(label[:, 19:] == 255)
+        rows = (np.arange(10) * 13 / 10).astype(np.int64)  # nearest: source floor(i * in / out)
+        cols = (np.arange(19) * 25 / 19).astype(np.int64)
+        assert torch.equal(label[:10, :19], reduced[rows][:, cols])
+    else:
+        assert pred_shape == tuple(label.shape) == (13, 25) and torch.equal(label, reduced)
+    assert result["eval"]["label_resolution"] == label_resolution
+    saved = json.loads((tmp_path / "run" / "eval_validation.json").read_text())
+    assert saved["eval"]["label_resolution"] == label_resolution
+    assert f"labels {label_resolution}" in (tmp_path / "run" / "eval_validation.md").read_text()

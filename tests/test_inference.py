@@ -7,6 +7,7 @@ import torch
 from helpers import tiny
 from torch import nn
 
+from ovenet.data.transforms import resize_image
 from ovenet.engine.inference import PAPER_SCALES, infer_logits, window_starts
 from ovenet.errors import OvenetError
 
@@ -120,6 +121,24 @@ def test_multi_scale_slide_and_output_size(ovenet_model):
     assert torch.isfinite(out["logits"]).all()
 
 
+def test_scaled_inputs_are_the_official_size_and_resize():
+    """A 6x11 image at 0.75x is 4x8 for the official multi_scale_aug (long side round(8.25) = 8, short side
+    round(6 * 8 / 11) = 4), not round(4.5) = 5 rows; the pixels are OpenCV's bilinear (resize_image)."""
+    seen = []
+
+    class Recorder(PixelModel):
+        def forward(self, x):
+            seen.append(x.clone())
+            return super().forward(x)
+
+    x = torch.randn(1, 3, 6, 11, generator=torch.Generator().manual_seed(2))
+    for mode in ("whole", "official"):
+        seen.clear()
+        infer_logits(Recorder().eval(), x, mode=mode, scales=(0.75,))
+        assert len(seen) == 1 and seen[0].shape == (1, 3, 4, 8)
+        assert torch.equal(seen[0], resize_image(x, (4, 8)))
+
+
 def test_baseline_and_output_choice(ovenet_model, image):
     baseline = tiny(False, head="fcn", zero_output_bias=True)
     out = infer_logits(baseline, image, flip=True)
@@ -134,7 +153,7 @@ def test_baseline_and_output_choice(ovenet_model, image):
 def test_bad_arguments_raise_clear_errors(ovenet_model, image):
     with pytest.raises(OvenetError, match="crop_size"):
         infer_logits(ovenet_model, image, mode="slide")
-    with pytest.raises(OvenetError, match="mode"):
+    with pytest.raises(OvenetError, match="whole, slide, official"):
         infer_logits(ovenet_model, image, mode="tiles")
     with pytest.raises(OvenetError, match="scales"):
         infer_logits(ovenet_model, image, scales=(0.0,))

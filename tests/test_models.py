@@ -175,3 +175,80 @@ def test_freeze_main_trains_only_the_offset_head():
     before = model.backbone.bn1.running_mean.clone()
     model(torch.randn(2, 3, 64, 64))
     assert torch.equal(before, model.backbone.bn1.running_mean)  # frozen statistics stay frozen
+
+
+# --- init and recipe settings of the two official codes --------------------------------------------------------------
+
+def _convs(model: torch.nn.Module) -> list[tuple[str, torch.nn.Conv2d]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
+
+
+def _assert_official_normal(name: str, weight: torch.Tensor) -> None:
+    # N(0, 1e-3): the sample std is within 10% for layers big enough (relative std error 1/sqrt(2n) <= 2.7%),
+    # and no weight lies beyond 7 sigma. PyTorch's default (kaiming uniform, std 1/sqrt(3 fan_in)) is >= 1e-2 here.
+    if weight.numel() >= 700:
+        assert abs(weight.std().item() - 1e-3) <= 1e-4, f"{name}: std {weight.std().item():.3g}, expected 1e-3"
+    assert weight.abs().max().item() <= 7e-3, f"{name}: |w| up to {weight.abs().max().item():.3g}"
+
+
+def test_fcn_model_initialises_every_conv_as_the_plain_hrnet_code():
+    # Thesis branched_seg_hrnet.py / upstream seg_hrnet.py init_weights: every conv N(0, 1e-3), the class layer
+    # (last_layer) and the offset head (offset_layer) included; every BN (1, 0).
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**TINY, head="fcn"))
+    convs = dict(_convs(model))
+    assert {"decode_head.0", "decode_head.3", "offset_head.0", "offset_head.3"} <= set(convs)
+    for name, conv in convs.items():
+        _assert_official_normal(name, conv.weight.detach())
+    for name in ("decode_head.3", "offset_head.3"):  # the class layer and the offset/confidence output
+        assert convs[name].weight.numel() >= 700
+    pooled = torch.cat([c.weight.detach().flatten() for c in convs.values()])
+    assert abs(pooled.std().item() - 1e-3) <= 2e-5  # > 2e5 weights: relative std error < 0.2%
+    for name, bn in model.named_modules():
+        if isinstance(bn, torch.nn.BatchNorm2d):
+            assert torch.equal(bn.weight, torch.ones_like(bn.weight)), name
+            assert torch.equal(bn.bias, torch.zeros_like(bn.bias)), name
+
+
+def test_ocr_model_keeps_default_init_where_the_official_ocr_code_does():
+    # seg_hrnet_ocr.py init_weights skips modules named with 'cls', 'aux' or 'ocr': the OCR head, the aux head and
+    # the offset head (aux_head_offset). The backbone and the offset branch are N(0, 1e-3).
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**TINY, head="ocr"))
+    kept = [(n, c) for n, c in _convs(model) if n.startswith(("decode_head.", "offset_head."))]
+    assert {"decode_head.cls_head", "decode_head.aux_head.3", "decode_head.conv3x3_ocr.0", "offset_head.3"} <= {
+        n for n, _ in kept}
+    for name, conv in _convs(model):
+        weight = conv.weight.detach()
+        if (name, conv) not in kept:
+            _assert_official_normal(name, weight)
+            continue
+        fan_in = weight[0].numel()
+        default_std = (3 * fan_in) ** -0.5  # kaiming_uniform_(a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+        assert weight.abs().max().item() <= fan_in ** -0.5 * (1 + 1e-6), name
+        tolerance = 0.1 if weight.numel() >= 700 else 0.5
+        assert abs(weight.std().item() - default_std) <= tolerance * default_std, name
+
+
+def test_recipes_carry_their_official_codes_bn_momentum_and_align_corners():
+    # FCN recipes: the plain-HRNet code (BN_MOMENTUM 0.01, bilinear without align_corners, i.e. False).
+    # OCR recipes: seg_hrnet_ocr.py (BN_MOMENTUM 0.1, MODEL.ALIGN_CORNERS True).
+    from ovenet.config import CONFIG_DIR, load_config
+
+    seen = {"fcn": set(), "ocr": set()}
+    for path in sorted(CONFIG_DIR.rglob("*.yaml")):
+        if path.name.startswith("_") or path.stem == "quickstart":  # quickstart: a toy, not a recipe
+            continue
+        model = load_config(path).model
+        expected = (0.01, False) if model.head == "fcn" else (0.1, True)
+        assert (model.bn_momentum, model.align_corners) == expected, path.stem
+        seen[model.head].add(path.stem)
+    for dataset in ("cityscapes", "acdc", "ade20k"):
+        assert {f"{dataset}_hrnetv2_w48", f"{dataset}_hrnetv2_w48_ovenet"} <= seen["fcn"]
+        assert {f"{dataset}_hrnetv2_w48_ocr", f"{dataset}_hrnetv2_w48_ocr_ovenet"} <= seen["ocr"]
+    assert "camvid_hrnetv2_w18s_ovenet" in seen["fcn"]
+    # The layers really get the momentum.
+    with torch.device("meta"):
+        built = build_model(load_config("cityscapes_hrnetv2_w48").model)
+    assert {m.momentum for m in built.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {0.01}
+    assert built.align_corners is False

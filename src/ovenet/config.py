@@ -120,12 +120,16 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    mode: str = "whole"  # "whole" image or sliding "slide" window
+    mode: str = "whole"  # "whole" image, sliding "slide" window, or the authors' multi-scale test "official"
     crop_size: list[int] = field(default_factory=lambda: [1024, 2048])
     stride: list[int] | None = None  # sliding-window stride; None: 2/3 of the crop
     scales: list[float] = field(default_factory=lambda: [1.0])
     flip: bool = False
     boundary_width: int = 3  # trimap width in pixels for the boundary mIoU
+    # "original": score against the annotation at its own size. "official": where data.eval_resize_short resizes
+    # the image (ADE20K), resize the label with it (nearest) and pad both to a multiple of 8 (label: ignore), as
+    # the official ADE20K val loader; elsewhere the same as "original".
+    label_resolution: str = "original"
 
 
 @dataclass
@@ -155,7 +159,8 @@ _CHOICES = {
     "train.amp": ("bf16", "fp16", "none"),
     "train.compile": ("none", "regional", "full"),
     "train.bad_sample": ("stop", "skip"),
-    "eval.mode": ("whole", "slide"),
+    "eval.mode": ("whole", "slide", "official"),
+    "eval.label_resolution": ("original", "official"),
 }
 
 

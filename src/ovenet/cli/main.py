@@ -51,7 +51,24 @@ def _add_inference_options(p: argparse.ArgumentParser) -> None:
     scales.add_argument("--paper-scales", action="store_true",
                         help=f"the paper's test protocol: scales {' '.join(map(str, PAPER_SCALES))} plus flipping")
     p.add_argument("--flip", action="store_true", default=None, help="also average the horizontally flipped image")
-    p.add_argument("--mode", choices=("whole", "slide"), help="whole image or sliding window (default: config)")
+    p.add_argument("--mode", choices=("whole", "slide", "official"),
+                   help="whole: each scaled image in one pass, probabilities averaged over scales and flips; "
+                        "slide: windows of eval.crop_size (stride eval.stride, default 2/3 of the crop), a scaled "
+                        "image smaller than the crop padded up to it (which changes OCR's global context and the "
+                        "offsets' normalisation); official: the authors' test, scales <= 1 whole, scales > 1 in "
+                        "unpadded windows of eval.crop_size with stride = crop, logits averaged with the flip, "
+                        "then exp(logits) summed over scales (default: the config's eval.mode)")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ovenet")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        from ovenet import __version__
+
+        return __version__
 
 
 def build_parser() -> argparse.ArgumentParser:

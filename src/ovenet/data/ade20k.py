@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import torch
+import torch.nn.functional as F
+
 from ovenet.data.base import (
+    IGNORE_INDEX,
     LabelTable,
     SampleFiles,
     SegmentationDataset,
@@ -13,6 +18,7 @@ from ovenet.data.base import (
     generic_palette,
     missing_label_error,
 )
+from ovenet.data.transforms import EvalTransform, resize_label
 from ovenet.errors import DataError
 
 ADE20K_CLASSES = [
@@ -76,3 +82,41 @@ class ADE20KDataset(SegmentationDataset):
         if missing:
             raise missing_label_error(missing)
         super().__init__(samples, _ADE20K_TABLE, transform)
+
+
+class OfficialEvalTransform:
+    """The official ADE20K validation protocol (``lib/datasets/ade20k.py``, 'val' lists): the label is resized
+    with the image (short side ``resize_short``, nearest as ``cv2.INTER_NEAREST``) and both are padded at the
+    bottom/right to a multiple of ``pad_multiple``, the image with the mean colour (0 once normalised), the label
+    with ``ignore_index``. mIoU is then counted at that resolution, not on the full-size annotation.
+
+    Wraps ``base`` (an :class:`EvalTransform` with ``resize_short`` set), which resizes and normalises the image,
+    so image and label always get the same size. Other integer maps follow the label and pad with 0.
+    """
+
+    def __init__(self, base: EvalTransform, pad_multiple: int = 8, ignore_index: int = IGNORE_INDEX):
+        if not base.resize_short:
+            raise ValueError("OfficialEvalTransform needs an EvalTransform that resizes (resize_short)")
+        self.base = base
+        self.pad_multiple = int(pad_multiple)
+        self.ignore_index = int(ignore_index)
+
+    def __call__(self, sample: dict) -> dict:
+        size = self.base.output_size(*sample["image"].shape[:2])
+        resized = dict(sample)
+        for key, value in sample.items():
+            if key != "image" and isinstance(value, np.ndarray):
+                resized[key] = resize_label(value, size)
+        out = self.base(resized)
+        height, width = out["image"].shape[-2:]
+        pad_h, pad_w = -height % self.pad_multiple, -width % self.pad_multiple
+        if pad_h or pad_w:
+            out["image"] = F.pad(out["image"], (0, pad_w, 0, pad_h), value=0.0)
+            for key, value in out.items():
+                if key != "image" and isinstance(value, torch.Tensor) and value.shape[-2:] == (height, width):
+                    fill = self.ignore_index if key == "label" else 0
+                    out[key] = F.pad(value, (0, pad_w, 0, pad_h), value=fill)
+        return out
+
+    def __repr__(self) -> str:
+        return f"OfficialEvalTransform({self.base!r}, pad_multiple={self.pad_multiple})"

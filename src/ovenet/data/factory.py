@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ovenet.data.ade20k import ADE20K_CLASSES, ADE20K_PALETTE, ADE20KDataset
+from ovenet.data.ade20k import ADE20K_CLASSES, ADE20K_PALETTE, ADE20KDataset, OfficialEvalTransform
 from ovenet.data.base import SegmentationDataset, generic_palette
 from ovenet.data.camvid import CAMVID_CLASSES, CAMVID_PALETTE, CamVidDataset
 from ovenet.data.cityscapes import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, ACDCDataset, CityscapesDataset
@@ -16,6 +16,7 @@ from ovenet.data.transforms import EvalTransform, TrainTransform
 from ovenet.errors import ConfigError
 
 DATASET_NAMES = ("cityscapes", "acdc", "ade20k", "camvid", "folder", "list", "synthetic")
+LABEL_RESOLUTIONS = ("original", "official")
 
 # Per-dataset defaults for keys the config leaves out (crop/base sizes follow the OVeNet training recipes).
 _DEFAULTS: dict[str, dict[str, Any]] = {
@@ -61,12 +62,25 @@ def _dataset_name(cfg_data: Any) -> str:
     return name
 
 
-def build_transform(cfg_data: Any, train: bool) -> TrainTransform | EvalTransform:
-    """TrainTransform from crop_size/base_size/scale_range/flip, or EvalTransform (ADE20K: short side 520)."""
+def build_transform(
+    cfg_data: Any, train: bool, label_resolution: str = "original"
+) -> TrainTransform | EvalTransform | OfficialEvalTransform:
+    """TrainTransform from crop_size/base_size/scale_range/flip, or EvalTransform (ADE20K: short side 520).
+
+    ``label_resolution`` (eval only, the config's ``eval.label_resolution``): "original" keeps label maps at their
+    own size; "official" resizes them with the image and pads both to a multiple of 8 when the image is resized
+    (``eval_resize_short``), as the official ADE20K val loader (:class:`OfficialEvalTransform`).
+    """
+    if label_resolution not in LABEL_RESOLUTIONS:
+        raise ConfigError(f"eval.label_resolution '{label_resolution}' is unknown; use one of "
+                          f"{', '.join(LABEL_RESOLUTIONS)}")
     name = _dataset_name(cfg_data)
     get = _getter(cfg_data, name)
     if not train:
-        return EvalTransform(resize_short=get("eval_resize_short"))
+        transform = EvalTransform(resize_short=get("eval_resize_short"))
+        if label_resolution == "official" and transform.resize_short:
+            return OfficialEvalTransform(transform)
+        return transform
     crop_size = get("crop_size") or (get("image_size") if name == "synthetic" else None)
     if crop_size is None:
         raise ConfigError(f"data.crop_size [h, w] is required to train on dataset '{name}'")
@@ -76,14 +90,17 @@ def build_transform(cfg_data: Any, train: bool) -> TrainTransform | EvalTransfor
         raise ConfigError(f"bad data augmentation settings: {exc}") from None
 
 
-def build_dataset(cfg_data: Any, split: str | None = None, train: bool = True) -> SegmentationDataset:
+def build_dataset(
+    cfg_data: Any, split: str | None = None, train: bool = True, label_resolution: str = "original"
+) -> SegmentationDataset:
     """The dataset named by ``cfg_data.name`` for ``split`` (default: ``train_split`` when training, else
-    ``val_split``), with a TrainTransform when ``train`` and an EvalTransform otherwise.
+    ``val_split``), with a TrainTransform when ``train`` and an eval transform otherwise (``label_resolution``:
+    see :func:`build_transform`).
     """
     name = _dataset_name(cfg_data)
     get = _getter(cfg_data, name)
     split = split or get("train_split" if train else "val_split")
-    transform = build_transform(cfg_data, train)
+    transform = build_transform(cfg_data, train, label_resolution)
 
     if name == "synthetic":
         # The eval split gets its own seed so it never repeats a training scene.

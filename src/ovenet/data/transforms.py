@@ -1,22 +1,27 @@
-"""Train and eval transforms on decoded samples.
+"""Train and eval transforms on decoded samples, and the one image / label resize used everywhere.
 
 A transform takes the dict from ``SegmentationDataset.load`` (uint8 ``image`` HxWx3 plus integer maps such as
 ``label``) and returns tensors: ``image`` float32 [3,H,W] ImageNet-normalised, maps as integer tensors [H,W].
 
-Speed: ``TrainTransform`` never resizes the whole image. It draws the scale and the crop window first, then asks
-PIL to resample only the source box that lands in the crop (``Image.resize(box=...)``), which gives the same pixels
-as "resize everything, then crop" at a fraction of the cost (2x upscaled Cityscapes frames are 4096x8192).
+Resizing follows the official code, which used OpenCV: images with ``cv2.INTER_LINEAR`` (half-pixel centres, no
+antialiasing even when shrinking, clamped at the borders) and label maps with ``cv2.INTER_NEAREST`` (source index
+``floor(i * in / out)``). :func:`resize_image` and :func:`resize_label` reproduce both in torch/numpy; training
+(here) and multi-scale testing (``engine.inference``) both use them, so a model sees the same resampling in both.
+
+Speed: ``TrainTransform`` never resizes the whole image. It draws the scale and the crop window first, then
+resamples only the output pixels inside the crop (``window=``), which gives the same pixels as "resize everything,
+then crop" at a fraction of the cost (2x upscaled Cityscapes frames are 4096x8192).
 """
 
 from __future__ import annotations
 
 import random
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
 
 from ovenet.data.base import IGNORE_INDEX
 
@@ -25,6 +30,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _MEAN_255 = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255.0
 _STD_255 = torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255.0
 _INV_STD_255 = 1.0 / _STD_255
+_PAD_NORMALISED = -_MEAN_255 * _INV_STD_255  # a raw black pixel after normalisation
 
 # Integer maps a sample may carry, with their padding value and output dtype.
 # label_ids pads with 0 (Cityscapes "unlabeled"), instance with 0 (no instance).
@@ -33,9 +39,7 @@ _MAP_DTYPES = {"label": torch.int64, "label_ids": torch.int64, "instance": torch
 
 def normalize(image: np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 HxWx3 RGB -> float32 [3,H,W], ImageNet mean/std; written into ``out`` when given."""
-    if not image.flags.writeable:  # PIL-backed arrays are read-only; torch wants writable memory
-        image = image.copy()
-    pixels = torch.from_numpy(image).permute(2, 0, 1)
+    pixels = _tensor_view(image).permute(2, 0, 1)
     if out is None:
         out = torch.empty(pixels.shape, dtype=torch.float32)
     # In place on one buffer: the uint8->float copy is the only allocation (fresh pages are costly at 6 MB).
@@ -57,9 +61,115 @@ def _maps(sample: dict) -> list[str]:
     return [key for key in sample if key != "image" and isinstance(sample[key], np.ndarray)]
 
 
-def _resize_image(image: np.ndarray, size_hw: tuple[int, int], box=None) -> np.ndarray:
-    height, width = size_hw
-    return np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR, box=box))
+def _inverse_scale(in_len: int, out_len: int) -> float:
+    # OpenCV derives the step as 1 / (out / in) in double precision; the same expression puts our source
+    # coordinates on the same side of integer boundaries as its own.
+    return 1.0 / (out_len / in_len)
+
+
+def linear_taps(in_len: int, out_len: int, start: int = 0, count: int | None = None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``cv2.INTER_LINEAR`` along one axis of an ``in_len -> out_len`` resize, for outputs ``start`` to
+    ``start + count - 1``.
+
+    Returns the two source indices (int64) and the weight of the second (float32). Output pixel ``i`` samples
+    ``(i + 0.5) * in / out - 0.5`` (OpenCV rounds it to float32), clamped to ``[0, in_len - 1]``.
+    """
+    count = out_len - start if count is None else count
+    step = _inverse_scale(in_len, out_len)
+    src = ((np.arange(start, start + count, dtype=np.float64) + 0.5) * step - 0.5).astype(np.float32)
+    src = np.clip(src, 0, in_len - 1)
+    first = np.floor(src).astype(np.int64)
+    return first, np.minimum(first + 1, in_len - 1), (src - first).astype(np.float32)
+
+
+def nearest_taps(in_len: int, out_len: int, start: int = 0, count: int | None = None) -> np.ndarray:
+    """``cv2.INTER_NEAREST`` along one axis: output ``i`` reads source ``floor(i * in / out)`` (not the pixel
+    centre, so shrinking by 2 keeps the even rows); for outputs ``start .. start+count-1``."""
+    count = out_len - start if count is None else count
+    index = np.floor(np.arange(start, start + count, dtype=np.float64) * _inverse_scale(in_len, out_len))
+    return np.minimum(index.astype(np.int64), in_len - 1)
+
+
+def _window(size: Sequence[int], window: Sequence[int] | None) -> tuple[int, int, int, int, int, int]:
+    out_h, out_w = int(size[0]), int(size[1])
+    top, left, height, width = (0, 0, out_h, out_w) if window is None else (int(v) for v in window)
+    if out_h < 1 or out_w < 1 or top < 0 or left < 0 or height < 1 or width < 1 \
+            or top + height > out_h or left + width > out_w:
+        raise ValueError(f"resize to {out_h}x{out_w} with window (top, left, height, width) "
+                         f"{(top, left, height, width)}: sizes must be positive and the window inside the output")
+    return out_h, out_w, top, left, height, width
+
+
+def resize_image(image: torch.Tensor | np.ndarray, size: Sequence[int], window: Sequence[int] | None = None,
+                 flip: bool = False) -> torch.Tensor:
+    """Resize an image to ``size`` (h, w) as ``cv2.INTER_LINEAR``: a tensor's last two dims ([..., H, W], any
+    device), or a numpy HxWxC array (decoded images; HxW counts as one channel), returned as a [C, h, w] tensor.
+
+    ``window`` (top, left, height, width) computes only that part of the resized image, reading only the source
+    pixels it needs; ``flip`` mirrors the result horizontally. Returns float32 (float64 stays float64); integer
+    images are rounded to whole values, as OpenCV does for uint8 (it uses 11-bit fixed-point weights, so uint8
+    results may differ from it by 1 grey level; float inputs match it to float rounding).
+    """
+    if isinstance(image, np.ndarray):
+        # Decoded images are channels-last: gathering whole rows of contiguous pixels is several times faster
+        # than gathering through a channels-first view of the same memory.
+        pixels = _tensor_view(image if image.ndim == 3 else image[..., None])
+        return _resize_linear(pixels, size, window, flip, dims=(0, 1)).permute(2, 0, 1)
+    return _resize_linear(image, size, window, flip, dims=(image.dim() - 2, image.dim() - 1))
+
+
+def _resize_linear(image: torch.Tensor, size: Sequence[int], window: Sequence[int] | None, flip: bool,
+                   dims: tuple[int, int]) -> torch.Tensor:
+    row_dim, col_dim = dims
+    out_h, out_w, top, left, height, width = _window(size, window)
+    rows0, rows1, row_w = linear_taps(image.shape[row_dim], out_h, top, height)
+    cols0, cols1, col_w = linear_taps(image.shape[col_dim], out_w, left, width)
+    if flip:
+        cols0, cols1, col_w = cols0[::-1], cols1[::-1], col_w[::-1]
+    dtype = torch.float64 if image.dtype == torch.float64 else torch.float32
+    device = image.device
+
+    def index(array: np.ndarray, shift: int) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array - shift)).to(device)
+
+    def weight(array: np.ndarray, dim: int) -> torch.Tensor:  # shaped to broadcast along ``dim``
+        shape = [1] * (image.dim() - dim)
+        shape[0] = -1
+        return torch.from_numpy(np.ascontiguousarray(array)).to(device, dtype).view(shape)
+
+    # The taps are monotone: slice the source box first, so the gathers below touch box-sized data only.
+    r0, c0 = int(rows0[0]), int(min(cols0[0], cols0[-1]))
+    box = image.narrow(row_dim, r0, int(rows1[-1]) + 1 - r0)
+    box = box.narrow(col_dim, c0, int(max(cols1[0], cols1[-1])) + 1 - c0)
+    # Gather before converting to float: integer copies are cheaper than float ones.
+    upper = box.index_select(row_dim, index(rows0, r0)).to(dtype)
+    rows = upper.lerp_(box.index_select(row_dim, index(rows1, r0)).to(dtype), weight(row_w, row_dim))
+    out = rows.index_select(col_dim, index(cols0, c0))
+    out = out.lerp_(rows.index_select(col_dim, index(cols1, c0)), weight(col_w, col_dim))
+    return out if image.is_floating_point() else out.round_()
+
+
+def resize_label(label: np.ndarray, size: Sequence[int], window: Sequence[int] | None = None,
+                 flip: bool = False) -> np.ndarray:
+    """Resize an integer map HxW to ``size`` (h, w) as ``cv2.INTER_NEAREST``; ``window`` and ``flip`` as in
+    :func:`resize_image`. Any dtype; values are copied, never mixed."""
+    out_h, out_w, top, left, height, width = _window(size, window)
+    rows = nearest_taps(label.shape[0], out_h, top, height)
+    cols = nearest_taps(label.shape[1], out_w, left, width)
+    if flip:
+        cols = cols[::-1]
+    return np.take(label[rows], cols, axis=1)  # rows first: whole-row copies
+
+
+def _tensor_view(image: np.ndarray) -> torch.Tensor:
+    """A numpy array as a tensor on the same memory. Decoded PIL buffers are read-only; nothing here writes
+    to them, so torch's warning about non-writable arrays does not apply (and a copy would cost a frame)."""
+    if any(stride < 0 for stride in image.strides):  # torch cannot view mirrored numpy arrays
+        image = np.ascontiguousarray(image)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(image)
 
 
 @dataclass(frozen=True)
@@ -79,10 +189,11 @@ class TrainTransform:
     """Random scale, pad-to-crop, random crop, horizontal flip and ImageNet normalisation.
 
     The scale ``s`` is uniform in ``scale_range``; the long side becomes ``base_size * s`` (or the image's own long
-    side times ``s`` when ``base_size`` is None). Images are resampled bilinearly, label maps with nearest.
-    When the scaled image is smaller than the crop, it sits top-left and the rest is padded: 0 in the normalised
-    image (the mean colour), ``ignore_index`` in the label. Randomness comes from Python's ``random`` module, which
-    DataLoader seeds per worker.
+    side times ``s`` when ``base_size`` is None). Images are resampled with :func:`resize_image`, label maps with
+    :func:`resize_label` (OpenCV's bilinear and nearest, as the official code). When the scaled image is smaller
+    than the crop, it sits top-left and the rest is padded as the official code does: black (raw 0, i.e.
+    ``-mean/std`` once normalised) in the image, ``ignore_index`` in the label, 0 in other maps. Randomness comes
+    from Python's ``random`` module, which DataLoader seeds per worker.
     """
 
     def __init__(
@@ -123,37 +234,22 @@ class TrainTransform:
 
     def apply(self, sample: dict, params: CropParams) -> dict:
         """Apply one fixed draw (split from ``__call__`` so tests can compare against a reference)."""
-        height, width = sample["image"].shape[:2]
-        step_y, step_x = height / params.scaled_h, width / params.scaled_w  # source pixels per scaled pixel
-        box = (
-            params.left * step_x,
-            params.top * step_y,
-            (params.left + params.width) * step_x,
-            (params.top + params.height) * step_y,
-        )
-        image = _resize_image(sample["image"], (params.height, params.width), box=box)
-        if params.flip:
-            image = image[:, ::-1]
+        scaled = (params.scaled_h, params.scaled_w)
+        window = (params.top, params.left, params.height, params.width)
+        image = resize_image(sample["image"], scaled, window, flip=params.flip)
         crop_h, crop_w = self.crop_size
         padded = (params.height, params.width) != (crop_h, crop_w)
-        out_image = torch.zeros(3, crop_h, crop_w) if padded else torch.empty(3, crop_h, crop_w)
-        normalize(np.ascontiguousarray(image), out=out_image[:, : params.height, : params.width])
+        if padded:
+            # The official code pads the raw image with black (0) before normalising, i.e. -mean/std here.
+            out_image = _PAD_NORMALISED.expand(3, crop_h, crop_w).clone()
+        else:
+            out_image = torch.empty(3, crop_h, crop_w)
+        out_image[:, : params.height, : params.width].copy_(image).sub_(_MEAN_255).mul_(_INV_STD_255)
         out = dict(sample)
         out["image"] = out_image
 
-        # Nearest neighbour by index arithmetic: same pixel centres as PIL's box resize, any integer dtype.
-        rows = np.minimum(
-            ((params.top + np.arange(params.height) + 0.5) * step_y).astype(np.int64), height - 1
-        )
-        cols = np.minimum(
-            ((params.left + np.arange(params.width) + 0.5) * step_x).astype(np.int64), width - 1
-        )
-        if params.flip:
-            cols = cols[::-1]
         for key in _maps(sample):
-            cropped = torch.from_numpy(
-                np.take(sample[key][rows], cols, axis=1)
-            )  # rows first: whole-row copies
+            cropped = torch.from_numpy(resize_label(sample[key], scaled, window, flip=params.flip))
             dtype = _MAP_DTYPES.get(key, torch.int64)
             if padded:
                 pad_value = self.ignore_index if key == "label" else 0
@@ -196,10 +292,11 @@ class EvalTransform:
     def __call__(self, sample: dict) -> dict:
         image = sample["image"]
         size = self.output_size(*image.shape[:2])
-        if size != image.shape[:2]:
-            image = _resize_image(image, size)
         out = dict(sample)
-        out["image"] = normalize(image)
+        if size != image.shape[:2]:
+            out["image"] = resize_image(image, size).contiguous().sub_(_MEAN_255).mul_(_INV_STD_255)
+        else:
+            out["image"] = normalize(image)
         for key in _maps(sample):
             out[key] = _map_to_tensor(key, sample[key])
         return out

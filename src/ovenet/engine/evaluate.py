@@ -58,8 +58,12 @@ def evaluate_model(
     precision: str = "fp32",
     output: str = "final",
     progress: bool = False,
+    base_size: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on every sample of ``dataset`` (batch 1; label maps at their own resolution).
+
+    ``base_size`` (``eval.mode: official`` only): the long side at scale 1, as the official test scales every
+    image from ``data.base_size`` (ADE20K: 520 on an image already resized to short side 520).
 
     Returns ``miou``, ``miou_all``, ``iou`` (per class), ``pixel_acc``, ``mean_acc``, ``per_class_acc``, the
     boundary band figures ``boundary_miou``/``boundary_iou``, ``per_condition`` (when samples carry a
@@ -92,7 +96,8 @@ def evaluate_model(
             image = sample["image"].unsqueeze(0).to(device)
             out = infer_logits(model, image, mode=eval_cfg.mode, crop_size=eval_cfg.crop_size,
                                stride=eval_cfg.stride, scales=eval_cfg.scales, flip=eval_cfg.flip, output=output,
-                               size=label.shape[-2:], precision=precision)
+                               size=label.shape[-2:], precision=precision,
+                               base_size=base_size if eval_cfg.mode == "official" else None)
             pred = out["logits"].argmax(dim=1)[0]
             confusion.update(pred, label)
             boundary.update(pred, label)
@@ -133,7 +138,7 @@ def evaluate_model(
         "boundary_miou": band["miou"],
         "boundary_iou": band["iou"],
         "eval": {"mode": eval_cfg.mode, "scales": list(eval_cfg.scales), "flip": eval_cfg.flip,
-                 "crop_size": list(eval_cfg.crop_size) if eval_cfg.mode == "slide" else None,
+                 "crop_size": list(eval_cfg.crop_size) if eval_cfg.mode in ("slide", "official") else None,
                  "stride": eval_cfg.stride, "output": output, "precision": precision},
         "seconds": seconds,
     }
@@ -185,7 +190,8 @@ def results_markdown(result: dict[str, Any], title: str = "Evaluation") -> str:
             lines.append(f"- {key}: `{result[key]}`")
     setting = result.get("eval", {})
     lines.append(f"- images: {result['num_images']}; mode {setting.get('mode')}, scales {setting.get('scales')}, "
-                 f"flip {setting.get('flip')}")
+                 f"flip {setting.get('flip')}"
+                 + (f", labels {setting['label_resolution']}" if "label_resolution" in setting else ""))
     lines += ["", "| metric | value (%) |", "|---|---:|"]
     summary = [("mIoU", "miou"), ("mIoU over all classes", "miou_all"), ("pixel accuracy", "pixel_acc"),
                ("mean class accuracy", "mean_acc"), (f"boundary mIoU ({result['boundary_width']} px)", "boundary_miou")]
@@ -253,7 +259,7 @@ def evaluate(
     cityscapes = cfg.data.name == "cityscapes"
     data = asdict(cfg.data)
     data["with_instances"] = cityscapes  # instance maps for iIoU; read only for Cityscapes
-    dataset = build_dataset(data, split_name, train=False)
+    dataset = build_dataset(data, split_name, train=False, label_resolution=cfg.eval.label_resolution)
     if len(dataset) == 0:
         raise DataError(f"split '{split_name}' of dataset '{cfg.data.name}' at {cfg.data.root} has no samples")
     if model.num_classes != dataset.num_classes:
@@ -264,8 +270,10 @@ def evaluate(
     distributed = dist.is_available() and dist.is_initialized()
     result = evaluate_model(model, dataset, cfg.eval, device, dataset.num_classes,
                             getattr(dataset, "ignore_index", 255), cityscapes=cityscapes,
-                            distributed=distributed, precision=precision, progress=progress)
+                            distributed=distributed, precision=precision, progress=progress,
+                            base_size=cfg.data.base_size)
     result = {"checkpoint": str(checkpoint), "dataset": cfg.data.name, "split": split_name, **result}
+    result["eval"]["label_resolution"] = cfg.eval.label_resolution  # how the dataset above was built
     if not distributed or dist.get_rank() == 0:
         json_path, md_path = result_paths(out_dir, split_name)
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,15 +1,29 @@
-"""Test-time inference: whole image or sliding window, multi-scale and flip, and the Python ``predict`` API.
+"""Test-time inference: whole image, sliding window or the official protocol, multi-scale and flip, and the
+Python ``predict`` API.
 
-How passes are combined (:func:`infer_logits`):
+Modes of :func:`infer_logits`:
 
-- Inside one pass (one scale, one flip state) overlapping sliding windows average their *logits* through a
-  count map, as the official code and mmsegmentation do.
-- Passes (scales x flips) are combined by averaging *softmax probabilities* at the output size. The returned
-  ``logits`` are the raw logits for a single pass and ``log(mean probability)`` otherwise, so
-  ``softmax(logits)`` is always the averaged probability and ``argmax`` the prediction.
-- The official OVeNet/HRNet test code instead averaged the logits of the plain and flipped pass, took ``exp``
-  of that and summed over scales. Both are monotone mixtures of the same passes; the probability average is
-  the standard, scale-free choice (``exp`` of raw logits is not a probability) and rarely changes the argmax.
+- ``whole``: every scaled image goes through the network at once.
+- ``slide``: every scaled image is cut into windows of ``crop_size`` (stride 2/3 of the crop by default); an image
+  smaller than the crop is padded up to it (with 0, the mean colour), so the network always sees a full crop.
+  Overlapping windows average their *logits* through a count map, as mmsegmentation does.
+- ``official``: the authors' multi-scale test (``cityscapes.py:125-178`` of the official code). Scales <= 1 run
+  on the whole scaled image; scales > 1 as windows of ``crop_size`` with stride = the crop (the last one shifted
+  to the border) and never padded. Each window averages the logits of the plain and the mirrored pass, takes
+  ``exp``; windows average those ``exp`` values through a count map, and the scales' ``exp`` maps are summed at
+  the input size. Nothing is padded, so OCR's global context and the offsets' normalisation always cover the
+  real (scaled) image only.
+
+How passes are combined in ``whole`` and ``slide``: passes (scales x flips) average their *softmax
+probabilities* at the output size. The returned ``logits`` are the raw logits for a single pass and
+``log(mean probability)`` otherwise, so ``softmax(logits)`` is always the averaged probability and ``argmax`` the
+prediction. The official protocol instead averages ``exp(logits)``, which is not a probability (its scale differs
+per pixel and pass); ``official`` returns ``log(sum of exp maps / number of scales)``, whose argmax is the
+official prediction. The two mixtures are monotone in the same passes and rarely disagree on the argmax.
+
+Scaled images are resized with :func:`ovenet.data.transforms.resize_image` (OpenCV's bilinear, as the official
+code and our training augmentation); the long side becomes ``round(long * scale)`` and the short side keeps the
+aspect ratio, rounded, as the official ``multi_scale_aug`` does.
 
 Offsets are normalised image coordinates (x, y), so they survive resizing unchanged; a flipped pass negates the
 x component, and a sliding window's offsets (normalised to the window) are rescaled to the whole image. The
@@ -19,7 +33,7 @@ returned offsets/confidence are the plain means over passes, meant for visualisa
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,12 +45,13 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from ovenet.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ovenet.data.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_image
 from ovenet.errors import OvenetError
 
 # The six test scales of the paper's Cityscapes/ADE20K results (used with flip).
 PAPER_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 OUTPUTS = ("final", "initial", "seed")
+MODES = ("whole", "slide", "official")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -83,44 +98,96 @@ def _upsample(x: Tensor, size: tuple[int, int], align_corners: bool) -> Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=align_corners)
 
 
-def _slide(model: nn.Module, image: Tensor, crop: tuple[int, int], stride: tuple[int, int], output: str,
-           precision: str, align_corners: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """One sliding-window pass over ``image``; outputs at the image's own size."""
+def _mirror(offsets: Tensor) -> Tensor:
+    """The offset field of the mirrored image, mirrored back: flip the map and negate its x component."""
+    return offsets.flip(-1) * offsets.new_tensor([-1.0, 1.0]).view(1, 2, 1, 1)
+
+
+def scaled_size(height: int, width: int, scale: float, base_size: int | None = None) -> tuple[int, int]:
+    """Size of an image scaled by ``scale`` as the official ``multi_scale_aug``: the long side becomes
+    ``base_size * scale`` (``base_size`` defaults to the image's own long side), rounded; the short side keeps the
+    aspect ratio of the rounded long side."""
+    long_side, short_side = max(height, width), min(height, width)
+    new_long = max(1, int((long_side if base_size is None else base_size) * scale + 0.5))
+    new_short = max(1, int(short_side * new_long / long_side + 0.5))
+    return (new_long, new_short) if height > width else (new_short, new_long)
+
+
+# One window's outputs at the window's own size: (scores, offsets, confidence).
+WindowFn = Callable[[Tensor], tuple[Tensor, Tensor | None, Tensor | None]]
+
+
+def _plain_window(model: nn.Module, output: str, precision: str, align_corners: bool) -> WindowFn:
+    def run(window: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        size = tuple(window.shape[-2:])
+        logits, offsets, confidence = _forward(model, window, output, precision)
+        if offsets is not None:
+            offsets = _upsample(offsets, size, align_corners)
+            confidence = _upsample(confidence, size, align_corners)
+        return _upsample(logits, size, align_corners), offsets, confidence
+
+    return run
+
+
+def _official_window(model: nn.Module, output: str, precision: str, align_corners: bool, flip: bool) -> WindowFn:
+    """The official ``inference()``: logits at the window size, averaged with the mirrored pass in logit space,
+    then ``exp``. The ``exp`` is taken in float64: float32 overflows for logits above 88."""
+    plain = _plain_window(model, output, precision, align_corners)
+
+    def run(window: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        logits, offsets, confidence = plain(window)
+        if flip:
+            logits_m, offsets_m, confidence_m = plain(window.flip(-1))
+            logits = (logits + logits_m.flip(-1)) * 0.5
+            if offsets is not None:
+                offsets = (offsets + _mirror(offsets_m)) * 0.5
+                confidence = (confidence + confidence_m.flip(-1)) * 0.5
+        return logits.double().exp(), offsets, confidence
+
+    return run
+
+
+def _slide(image: Tensor, crop: tuple[int, int], stride: tuple[int, int], run: WindowFn, pad: bool
+           ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Sliding windows over ``image``, averaged through a count map; outputs at the image's own size.
+
+    With ``pad`` an image smaller than the crop is padded (bottom/right, with 0 = the mean colour after
+    normalisation) so that every window is a full crop; without it such windows are just smaller.
+    """
     batch, _, height, width = image.shape
-    # Images smaller than the crop are padded (bottom/right, with 0 = the mean colour after normalisation).
-    pad_h, pad_w = max(crop[0] - height, 0), max(crop[1] - width, 0)
+    pad_h, pad_w = (max(crop[0] - height, 0), max(crop[1] - width, 0)) if pad else (0, 0)
     if pad_h or pad_w:
         image = F.pad(image, (0, pad_w, 0, pad_h))
     full_h, full_w = image.shape[-2:]
-    logits_sum = offsets_sum = confidence_sum = None
+    scores_sum = offsets_sum = confidence_sum = None
     count = image.new_zeros((1, 1, full_h, full_w))
     for top in window_starts(full_h, crop[0], stride[0]):
         for left in window_starts(full_w, crop[1], stride[1]):
             window = image[:, :, top:top + crop[0], left:left + crop[1]]
             win_h, win_w = window.shape[-2:]
-            logits, offsets, confidence = _forward(model, window, output, precision)
+            scores, offsets, confidence = run(window)
             region = (slice(None), slice(None), slice(top, top + win_h), slice(left, left + win_w))
-            if logits_sum is None:
-                logits_sum = image.new_zeros((batch, logits.shape[1], full_h, full_w))
+            if scores_sum is None:
+                scores_sum = scores.new_zeros((batch, scores.shape[1], full_h, full_w))
                 if offsets is not None:
                     offsets_sum = image.new_zeros((batch, 2, full_h, full_w))
                     confidence_sum = image.new_zeros((batch, 1, full_h, full_w))
-            logits_sum[region] += _upsample(logits, (win_h, win_w), align_corners)
+            scores_sum[region] += scores
             if offsets is not None:
                 # Normalised to the window -> normalised to the (padded) image: lengths scale by the size ratio.
                 ratio = offsets.new_tensor([(win_w - 1) / max(full_w - 1, 1), (win_h - 1) / max(full_h - 1, 1)])
-                offsets_sum[region] += _upsample(offsets, (win_h, win_w), align_corners) * ratio.view(1, 2, 1, 1)
-                confidence_sum[region] += _upsample(confidence, (win_h, win_w), align_corners)
+                offsets_sum[region] += offsets * ratio.view(1, 2, 1, 1)
+                confidence_sum[region] += confidence
             count[region] += 1
     crop_back = (slice(None), slice(None), slice(0, height), slice(0, width))
-    logits = (logits_sum / count)[crop_back]
+    scores = (scores_sum / count)[crop_back]
     if offsets_sum is None:
-        return logits, None, None
+        return scores, None, None
     offsets = (offsets_sum / count)[crop_back]
     if pad_h or pad_w:  # back from the padded image's normalisation to the real image's
         offsets = offsets * offsets.new_tensor([(full_w - 1) / max(width - 1, 1),
                                                 (full_h - 1) / max(height - 1, 1)]).view(1, 2, 1, 1)
-    return logits, offsets, (confidence_sum / count)[crop_back]
+    return scores, offsets, (confidence_sum / count)[crop_back]
 
 
 @torch.no_grad()
@@ -135,18 +202,23 @@ def infer_logits(
     output: str = "final",
     size: Sequence[int] | None = None,
     precision: str = "fp32",
+    base_size: int | None = None,
 ) -> dict[str, Tensor | None]:
-    """Segment a normalised batch ``[B, 3, H, W]``; see the module docstring for how passes are combined.
+    """Segment a normalised batch ``[B, 3, H, W]``; see the module docstring for the modes and how passes combine.
 
     ``mode`` "whole" feeds each scaled image at once; "slide" runs windows of ``crop_size`` (h, w) with
-    ``stride`` (default 2/3 of the crop). ``output`` picks S_f ("final"), S_i ("initial") or S_s ("seed").
+    ``stride`` (default 2/3 of the crop); "official" is the authors' multi-scale protocol (windows of
+    ``crop_size`` with stride = crop for scales > 1; ``stride`` is not used). ``output`` picks S_f ("final"),
+    S_i ("initial") or S_s ("seed"). ``base_size`` (official mode only) is the long side at scale 1, as the
+    official ``TEST.BASE_SIZE``; the default, the input's long side, is what it amounts to on Cityscapes and ACDC
+    (on ADE20K the official 520 shrinks the short-side-520 test image even at scale 1).
     Returns ``{"logits": [B, C, h, w], "offsets": [B, 2, h, w] | None, "confidence": [B, 1, h, w] | None}`` at
     ``size`` (default the input's ``H, W``). The caller sets eval mode.
     """
     if image.dim() != 4 or image.shape[1] != 3:
         raise OvenetError(f"image must be a normalised [B, 3, H, W] tensor, got shape {tuple(image.shape)}")
-    if mode not in ("whole", "slide"):
-        raise OvenetError(f"inference mode '{mode}' is unknown; use 'whole' or 'slide'")
+    if mode not in MODES:
+        raise OvenetError(f"inference mode '{mode}' is unknown; use one of {', '.join(MODES)}")
     if output not in OUTPUTS:
         raise OvenetError(f"output '{output}' is unknown; use one of {', '.join(OUTPUTS)}")
     scales = [float(s) for s in scales]
@@ -154,25 +226,29 @@ def infer_logits(
         raise OvenetError(f"scales must be a non-empty list of positive numbers, got {scales}")
     height, width = image.shape[-2:]
     out_size = (height, width) if size is None else _pair(size, "size")
-    if mode == "slide":
+    crop = strides = None
+    if mode == "slide" or (mode == "official" and max(scales) > 1.0):
         if crop_size is None:
-            raise OvenetError("sliding-window inference needs crop_size [height, width] (eval.crop_size)")
+            raise OvenetError(f"{mode} inference needs crop_size [height, width] for its windows (eval.crop_size)")
         crop = _pair(crop_size, "crop_size")
         strides = (max(1, crop[0] * 2 // 3), max(1, crop[1] * 2 // 3)) if stride is None else _pair(stride, "stride")
     align = bool(getattr(model, "align_corners", True))
+    if base_size is not None and int(base_size) < 1:
+        raise OvenetError(f"base_size must be a positive number of pixels, got {base_size}")
+    if mode == "official":
+        return _infer_official(model, image, crop, scales, flip, output, precision, out_size, align, base_size)
+    if base_size is not None:
+        raise OvenetError(f"base_size applies to the official mode only, not to '{mode}'")
 
+    run = _plain_window(model, output, precision, align)
     passes = [(s, f) for s in scales for f in ((False, True) if flip else (False,))]
     prob_sum = logits_single = offsets_sum = confidence_sum = None
     for scale, flipped in passes:
-        x = image
-        if scale != 1.0:
-            scaled = (max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5)))
-            # Resizing the input image follows PIL/OpenCV (half-pixel centres), as the official test code did.
-            x = F.interpolate(x, size=scaled, mode="bilinear", align_corners=False)
+        x = image if scale == 1.0 else resize_image(image, scaled_size(height, width, scale))
         if flipped:
             x = x.flip(-1)
         if mode == "slide":
-            logits, offsets, confidence = _slide(model, x, crop, strides, output, precision, align)
+            logits, offsets, confidence = _slide(x, crop, strides, run, pad=True)
         else:
             logits, offsets, confidence = _forward(model, x, output, precision)
         logits = _upsample(logits, out_size, align)
@@ -182,9 +258,7 @@ def infer_logits(
             offsets = _upsample(offsets, out_size, align)
             confidence = _upsample(confidence, out_size, align)
             if flipped:
-                # Mirroring the image mirrors the vector field: flip the map and negate its x component.
-                offsets = offsets.flip(-1) * offsets.new_tensor([-1.0, 1.0]).view(1, 2, 1, 1)
-                confidence = confidence.flip(-1)
+                offsets, confidence = _mirror(offsets), confidence.flip(-1)
             offsets_sum = offsets if offsets_sum is None else offsets_sum + offsets
             confidence_sum = confidence if confidence_sum is None else confidence_sum + confidence
         if len(passes) == 1:
@@ -200,6 +274,38 @@ def infer_logits(
     n = len(passes)
     return {
         "logits": logits,
+        "offsets": None if offsets_sum is None else offsets_sum / n,
+        "confidence": None if confidence_sum is None else confidence_sum / n,
+    }
+
+
+def _infer_official(model: nn.Module, image: Tensor, crop: tuple[int, int] | None, scales: list[float],
+                    flip: bool, output: str, precision: str, out_size: tuple[int, int], align: bool,
+                    base_size: int | None) -> dict[str, Tensor | None]:
+    """The official ``multi_scale_inference`` (see the module docstring)."""
+    height, width = image.shape[-2:]
+    run = _official_window(model, output, precision, align, flip)
+    exp_sum = offsets_sum = confidence_sum = None
+    for scale in scales:
+        new_size = scaled_size(height, width, scale, base_size)
+        x = image if new_size == (height, width) else resize_image(image, new_size)
+        if scale <= 1.0:
+            scores, offsets, confidence = run(x)
+        else:
+            scores, offsets, confidence = _slide(x, crop, crop, run, pad=False)
+        # The official code brings each scale back to the input image's size and sums there; the sum is
+        # resized to the label's size only at the end.
+        scores = _upsample(scores, (height, width), align)
+        exp_sum = scores if exp_sum is None else exp_sum + scores
+        if offsets is not None:
+            offsets, confidence = _upsample(offsets, out_size, align), _upsample(confidence, out_size, align)
+            offsets_sum = offsets if offsets_sum is None else offsets_sum + offsets
+            confidence_sum = confidence if confidence_sum is None else confidence_sum + confidence
+    exp_sum = _upsample(exp_sum, out_size, align)
+    n = len(scales)
+    return {
+        # Dividing by the number of scales does not move the argmax; it keeps one scale's logits unchanged.
+        "logits": torch.log(exp_sum / n).float(),
         "offsets": None if offsets_sum is None else offsets_sum / n,
         "confidence": None if confidence_sum is None else confidence_sum / n,
     }
@@ -318,7 +424,7 @@ def predict(
     if device is not None:
         model.to(device)
     device = _model_device(model)
-    if mode == "slide" and crop_size is None:
+    if mode in ("slide", "official") and crop_size is None:
         cfg = getattr(model, "config", None)
         crop_size = cfg.eval.crop_size if cfg is not None else None
     with_outputs = return_probs or return_logits

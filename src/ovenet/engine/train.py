@@ -522,7 +522,7 @@ def _train(cfg: Config, resume: str | Path | None, run_dir: Path, info: D.DistIn
     total_iters = t.iters if t.iters is not None else t.epochs * iters_per_epoch
     val_loader = None
     try:
-        val_set = build_dataset(cfg.data, train=False)
+        val_set = build_dataset(cfg.data, train=False, label_resolution=cfg.eval.label_resolution)
         if not getattr(val_set, "has_labels", True):
             raise DataError(f"the {cfg.data.val_split} split has no labels")
         val_loader = build_loader(

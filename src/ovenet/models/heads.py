@@ -8,7 +8,10 @@ from torch import Tensor, nn
 
 
 def fcn_head(cin: int, cout: int, bn_momentum: float = 0.1) -> nn.Sequential:
-    """conv1x1-BN-ReLU-conv1x1: HRNetV2's ``last_layer``, OCR's ``aux_head`` and OVeNet's offset head."""
+    """conv1x1-BN-ReLU-conv1x1: HRNetV2's ``last_layer``, OCR's ``aux_head`` and OVeNet's offset head.
+
+    Built with PyTorch's default init; ``OVeNet`` re-initialises it as the official code of its variant does.
+    """
     return nn.Sequential(
         nn.Conv2d(cin, cin, 1),
         nn.BatchNorm2d(cin, momentum=bn_momentum),

@@ -99,8 +99,16 @@ class OVeNet(nn.Module):
         return self.offset_head is not None
 
     def _init_weights(self) -> None:
-        # As the official code: HRNet convs N(0, 1e-3), BN (1, 0); heads keep PyTorch's default init.
-        for part in (self.backbone, self.offset_branch):
+        # Conv weights N(0, 1e-3), BN (1, 0); conv biases keep PyTorch's default, as in both official codes.
+        # The OCR code (OVeNet seg_hrnet_ocr.py) skips every module whose name contains 'cls', 'aux' or 'ocr':
+        # the whole OCR head, the aux head and the offset head (`aux_head_offset`) keep PyTorch's default init.
+        # The plain-HRNet code the FCN rows were trained with (thesis branched_seg_hrnet.py, upstream
+        # seg_hrnet.py) has no exception: its class layer (`last_layer`) and offset head (`offset_layer`) are
+        # drawn from N(0, 1e-3) too.
+        parts: list[nn.Module | None] = [self.backbone, self.offset_branch]
+        if not isinstance(self.decode_head, OCRHead):
+            parts += [self.decode_head, self.offset_head]
+        for part in parts:
             if part is None:
                 continue
             for m in part.modules():
