@@ -77,7 +77,7 @@ def test_prediction_kinds_match_the_engine():
 
 def test_usage_errors_exit_2(capsys):
     assert run(capsys, "no-such-command")[0] == 2
-    assert run(capsys)[0] == 2  # a command is required
+    assert run(capsys, "--debug")[0] == 2  # a command is still required once anything is given
     code, _, err = run(capsys, "info", "a.pth", "--no-such-flag")
     assert code == 2 and "unrecognized arguments: --no-such-flag" in err
     code, _, err = run(capsys, "info", "a.pth", "train.lr=1")
@@ -380,3 +380,23 @@ def test_check_data_lists_every_problem(capsys, tmp_path):
     lines = [line for line in out.splitlines() if line.startswith("[val]")]
     assert any("im1" in line for line in lines) and any("im2" in line for line in lines)
     assert any("im3" in line for line in lines) and not any("im0" in line for line in lines[:-1])
+
+
+def test_mistyped_config_name_suggests_the_nearest_shipped_one(capsys):
+    code, out, err = run(capsys, "train", "camvid_hrnet_w18s_ovenet")
+    assert code == 2 and out == ""
+    assert_one_line_error(err, "config 'camvid_hrnet_w18s_ovenet'", "did you mean 'camvid_hrnetv2_w18s_ovenet'?")
+    assert "_base_" not in err and "quickstart" not in err  # no dump of every name
+    code, _, err = run(capsys, "check-data", "no_such_recipe_at_all")
+    assert code == 2
+    assert_one_line_error(err, "`ovenet configs` lists them")
+
+
+def test_bare_ovenet_prints_the_help_and_version_is_reported(capsys):
+    from ovenet import __version__
+
+    code, out, err = run(capsys)
+    assert code == 0 and err == ""
+    assert out.startswith("usage: ovenet") and "first steps:" in out and "quickstart" in out
+    code, out, _ = run(capsys, "--version")
+    assert code == 0 and out.strip() == f"ovenet {__version__}"

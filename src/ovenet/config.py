@@ -303,8 +303,12 @@ def resolve_config_path(name: str | Path, relative_to: Path | None = None) -> Pa
     for c in candidates:
         if c.is_file():
             return c
-    shipped = ", ".join(sorted(p.stem for p in CONFIG_DIR.rglob("*.yaml")))
-    raise ConfigError(f"config file '{name}' not found; give a path or one of the shipped configs: {shipped}")
+    shipped = sorted(p.stem for p in CONFIG_DIR.rglob("*.yaml") if not p.stem.startswith("_"))
+    near = difflib.get_close_matches(Path(stem).name, shipped, n=1, cutoff=0.6)
+    if near:
+        raise ConfigError(f"config '{name}' is neither a file nor a shipped config; did you mean '{near[0]}'?")
+    raise ConfigError(f"config '{name}' is neither a file nor a shipped config; give a YAML path or a shipped "
+                      "config name (`ovenet configs` lists them)")
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:

@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     # --debug is accepted after the command too; SUPPRESS keeps it from overwriting the global value.
     common = argparse.ArgumentParser(add_help=False)
@@ -303,6 +304,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ovenet`` console script; returns the exit code."""
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:  # a bare `ovenet` asks what it can do: the help, not a usage error
+        parser.print_help()
+        return 0
     try:
         args = _parse(parser, argv)
     except SystemExit as e:  # --help, usage errors: keep argparse's messages, return its code in-process
