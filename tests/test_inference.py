@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import tiny
+from helpers import assert_close_scaled, tiny
 from torch import nn
 
 from ovenet.data.transforms import resize_image
@@ -53,7 +53,7 @@ def test_slide_on_an_image_of_crop_size_equals_whole(ovenet_model, image):
     slide = infer_logits(ovenet_model, image, mode="slide", crop_size=(64, 96))
     for key in ("logits", "offsets", "confidence"):
         assert slide[key].shape == whole[key].shape
-        torch.testing.assert_close(slide[key], whole[key], rtol=0, atol=1e-6)
+        assert_close_scaled(slide[key], whole[key])
     assert whole["logits"].shape == (1, 5, 64, 96)
     assert whole["offsets"].shape == (1, 2, 64, 96) and whole["confidence"].shape == (1, 1, 64, 96)
 
@@ -88,21 +88,21 @@ def test_flip_averages_probabilities_of_the_plain_and_mirrored_pass(ovenet_model
     mirrored = infer_logits(ovenet_model, image.flip(-1))
     both = infer_logits(ovenet_model, image, flip=True)
     expected = (plain["logits"].softmax(1) + mirrored["logits"].flip(-1).softmax(1)) / 2
-    torch.testing.assert_close(both["logits"].softmax(1), expected, rtol=0, atol=1e-6)
+    assert_close_scaled(both["logits"].softmax(1), expected)
     sign = torch.tensor([-1.0, 1.0]).view(1, 2, 1, 1)
     expected_offsets = (plain["offsets"] + mirrored["offsets"].flip(-1) * sign) / 2
-    torch.testing.assert_close(both["offsets"], expected_offsets, rtol=0, atol=1e-6)
+    assert_close_scaled(both["offsets"], expected_offsets)
     assert plain["offsets"].abs().mean() > 0.01  # the check above is not vacuous
 
 
 def test_flip_averaged_prediction_is_flip_equivariant(ovenet_model, image):
     out = infer_logits(ovenet_model, image, flip=True)
     out_mirrored = infer_logits(ovenet_model, image.flip(-1), flip=True)
-    torch.testing.assert_close(out_mirrored["logits"], out["logits"].flip(-1), rtol=0, atol=1e-5)
-    torch.testing.assert_close(out_mirrored["confidence"], out["confidence"].flip(-1), rtol=0, atol=1e-6)
+    assert_close_scaled(out_mirrored["logits"], out["logits"].flip(-1))
+    assert_close_scaled(out_mirrored["confidence"], out["confidence"].flip(-1))
     # Mirroring the image mirrors the vector field: x components change sign, y components do not.
-    torch.testing.assert_close(out_mirrored["offsets"][:, 0], -out["offsets"][:, 0].flip(-1), rtol=0, atol=1e-6)
-    torch.testing.assert_close(out_mirrored["offsets"][:, 1], out["offsets"][:, 1].flip(-1), rtol=0, atol=1e-6)
+    assert_close_scaled(out_mirrored["offsets"][:, 0], -out["offsets"][:, 0].flip(-1))
+    assert_close_scaled(out_mirrored["offsets"][:, 1], out["offsets"][:, 1].flip(-1))
 
 
 def test_multi_scale_is_the_mean_of_per_scale_probabilities(ovenet_model, image):
@@ -110,7 +110,7 @@ def test_multi_scale_is_the_mean_of_per_scale_probabilities(ovenet_model, image)
     assert combined["logits"].shape == (1, 5, 64, 96)
     assert combined["offsets"].shape == (1, 2, 64, 96)
     per_scale = [infer_logits(ovenet_model, image, scales=(s,), flip=True)["logits"].softmax(1) for s in PAPER_SCALES]
-    torch.testing.assert_close(combined["logits"].softmax(1), torch.stack(per_scale).mean(0), rtol=0, atol=1e-5)
+    assert_close_scaled(combined["logits"].softmax(1), torch.stack(per_scale).mean(0))
     assert not torch.allclose(per_scale[0], per_scale[-1], atol=1e-3)  # the scales really differ
 
 
