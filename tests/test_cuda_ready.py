@@ -58,3 +58,17 @@ def test_inference_runs_on_the_meta_device(options):
         out = infer_logits(model, torch.empty(1, 3, 61, 83, device=META), **options)
     assert out["logits"].device == META and out["logits"].shape == (1, 5, 61, 83)
     assert out["offsets"].shape == (1, 2, 61, 83) and out["confidence"].shape == (1, 1, 61, 83)
+
+
+def test_model_predict_runs_on_the_meta_device():
+    """model.predict as a GPU pipeline uses it: a uint8 camera frame already on the device, results kept there."""
+    model = build_model(tiny_config()).to(META)
+    frames = torch.empty(2, 3, 61, 83, dtype=torch.uint8, device=META)
+    results = model.predict(frames, scales=(0.75, 1.0), flip=True, return_probs=True, as_tensors=True)
+    assert len(results) == 2 and model.training  # the mode it was in is restored
+    first = results[0]
+    assert first.labels.device == META and first.labels.shape == (61, 83) and first.labels.dtype == torch.uint8
+    assert first.probs.shape == (5, 61, 83) and first.offsets.shape == (2, 61, 83)
+    assert first.confidence.shape == (61, 83)
+    with pytest.raises(NotImplementedError, match="meta"):  # the default copies to numpy: a sync, caught here
+        model.predict(frames[0])

@@ -46,6 +46,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from ovenet.data.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_image
+from ovenet.device import resolve_device
 from ovenet.errors import OvenetError
 
 # The six test scales of the paper's Cityscapes/ADE20K results (used with flip).
@@ -320,13 +321,14 @@ class Prediction:
     ``labels``: HxW class indices (uint8 when the model has <= 256 classes, else int64).
     ``probs`` / ``logits``: CxHxW float32, only when requested. ``offsets``: 2xHxW float32 in normalised image
     coordinates (x, y; [-1, 1] spans the image) and ``confidence``: HxW float32 in [0, 1], for OVeNet only.
+    numpy arrays, or tensors on the model's device with ``predict(..., as_tensors=True)``.
     """
 
-    labels: np.ndarray
-    probs: np.ndarray | None = None
-    logits: np.ndarray | None = None
-    offsets: np.ndarray | None = None
-    confidence: np.ndarray | None = None
+    labels: np.ndarray | Tensor
+    probs: np.ndarray | Tensor | None = None
+    logits: np.ndarray | Tensor | None = None
+    offsets: np.ndarray | Tensor | None = None
+    confidence: np.ndarray | Tensor | None = None
 
     @property
     def size(self) -> tuple[int, int]:
@@ -410,28 +412,32 @@ def predict(
     output: str = "final",
     return_probs: bool = False,
     return_logits: bool = False,
+    as_tensors: bool = False,
 ) -> Prediction | list[Prediction]:
     """Segment one image (-> :class:`Prediction`) or a list of images / a ``[B, 3, H, W]`` tensor (-> list).
 
     Images may be paths, PIL images, HxWx3 uint8 arrays or ``[3, H, W]`` tensors (uint8, or float in [0, 1]);
     the ImageNet normalisation is done here. Same-size images run ``batch_size`` at a time. ``device`` moves the
-    model there (default: where the model is). The model's train/eval mode is restored afterwards.
+    model there (``auto``, ``cpu``, ``cuda``, ``cuda:N``; default: where the model is). The model's train/eval
+    mode is restored afterwards. ``as_tensors`` keeps the results as tensors on the device (no copy to the host,
+    for GPU pipelines); by default they are numpy arrays.
     """
     batched = isinstance(image, (list, tuple)) or (isinstance(image, Tensor) and image.dim() == 4)
     items = list(image) if batched else [image]
     if batch_size < 1:
         raise OvenetError(f"batch_size must be >= 1, got {batch_size}")
     if device is not None:
-        model.to(device)
+        model.to(resolve_device(device))
     device = _model_device(model)
     if mode in ("slide", "official") and crop_size is None:
         cfg = getattr(model, "config", None)
         crop_size = cfg.eval.crop_size if cfg is not None else None
-    with_outputs = return_probs or return_logits
+    options = dict(mode=mode, crop_size=crop_size, stride=stride, scales=scales, flip=flip, output=output,
+                   precision=precision)
 
     was_training = model.training
     model.eval()
-    results: list[Prediction | None] = [None] * len(items)
+    results: list[Prediction] = []
     try:
         with torch.inference_mode():
             images = [to_float_image(item) for item in items]
@@ -441,21 +447,28 @@ def predict(
                 end = start + 1
                 while end < len(images) and end - start < batch_size and images[end].shape == images[start].shape:
                     end += 1
-                batch = normalize_image(torch.stack(images[start:end]).to(device))
-                out = infer_logits(model, batch, mode=mode, crop_size=crop_size, stride=stride, scales=scales,
-                                   flip=flip, output=output, precision=precision)
-                labels = out["logits"].argmax(dim=1)
-                labels = labels.to(torch.uint8 if out["logits"].shape[1] <= 256 else torch.int64).cpu().numpy()
-                logits = out["logits"].cpu() if with_outputs else None
-                for k in range(end - start):
-                    results[start + k] = Prediction(
-                        labels=labels[k],
-                        probs=torch.softmax(logits[k], dim=0).numpy() if return_probs else None,
-                        logits=logits[k].numpy() if return_logits else None,
-                        offsets=None if out["offsets"] is None else out["offsets"][k].cpu().numpy(),
-                        confidence=None if out["confidence"] is None else out["confidence"][k, 0].cpu().numpy(),
-                    )
+                out = segment(model, torch.stack(images[start:end]).to(device), return_probs, return_logits,
+                              **options)
+                results += _predictions(out, end - start, as_tensors)
                 start = end
     finally:
         model.train(was_training)
     return results if batched else results[0]
+
+
+def segment(model: nn.Module, images: Tensor, return_probs: bool = False, return_logits: bool = False,
+            **options: Any) -> dict[str, Tensor | None]:
+    """The device side of :func:`predict` for a ``[B, 3, H, W]`` batch in [0, 1] on the model's device: labels,
+    and when asked probabilities/logits, plus offsets and confidence, all still on the device (no host sync)."""
+    out = infer_logits(model, normalize_image(images), **options)
+    logits = out["logits"]
+    labels = logits.argmax(dim=1).to(torch.uint8 if logits.shape[1] <= 256 else torch.int64)
+    return {"labels": labels, "probs": torch.softmax(logits, dim=1) if return_probs else None,
+            "logits": logits if return_logits else None, "offsets": out["offsets"],
+            "confidence": None if out["confidence"] is None else out["confidence"][:, 0]}
+
+
+def _predictions(out: dict[str, Tensor | None], count: int, as_tensors: bool) -> list[Prediction]:
+    """Split a batch's outputs into one :class:`Prediction` per image, copied to the host unless ``as_tensors``."""
+    host = {k: v if v is None or as_tensors else v.cpu().numpy() for k, v in out.items()}
+    return [Prediction(**{k: None if v is None else v[i] for k, v in host.items()}) for i in range(count)]
