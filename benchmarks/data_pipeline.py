@@ -2,8 +2,8 @@
 
 Writes Cityscapes-sized (1024x2048) synthetic frames in the real Cityscapes layout to a temp dir, then measures
 images/s for each worker count with the Cityscapes recipe (base 2048, scale 0.5-2, crop 512x1024, flip).
-Also times each stage in one process, and the resize strategy we chose (PIL resample of only the crop's source
-box) against the obvious alternatives (resize the whole frame with PIL or torch, then crop).
+Also times each stage in one process, and the resize strategy we chose (the OpenCV-matching resize computing only
+the crop's window) against the obvious alternatives (resize the whole frame with PIL or torch, then crop).
 
     python benchmarks/data_pipeline.py --workers 0 2 --json benchmarks/data_pipeline.json
 """
