@@ -176,3 +176,10 @@ def test_float_spellings_do_not_leak_into_other_types():
     for override in ("train.iters=1e3", "train.lr=fast", "train.lr=true", "train.batch_size=2.0"):
         with pytest.raises(ConfigError, match="wrong type"):
             load_config(None, [override])
+
+
+@pytest.mark.parametrize("path", USABLE, ids=lambda p: p.stem)
+def test_no_shipped_config_needs_an_optional_package(path: Path):
+    """TensorBoard is an extra (ovenet[tensorboard]): a shipped recipe that switched it on printed a notice on
+    every run of a default install."""
+    assert load_config(path).train.tensorboard is False

@@ -115,7 +115,7 @@ class TrainConfig:
     val_every: int = 0  # iterations between validations (0: once per epoch, or at the end for iters runs)
     log_every: int = 20
     bad_sample: str = "stop"  # "stop" or "skip" when a training sample cannot be read
-    tensorboard: bool = True
+    tensorboard: bool = False  # TensorBoard scalars/images; needs `pip install ovenet[tensorboard]`
 
 
 @dataclass
