@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -25,6 +25,7 @@ from ovenet.data import (
     dataset_info,
     trainid_to_labelid,
 )
+from ovenet.config import DataConfig, load_config
 from ovenet.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ovenet.errors import ConfigError
 
@@ -227,7 +228,7 @@ def test_ade20k_official_label_resolution_resizes_and_pads_labels_as_the_officia
 
     root = tmp_path / "ADEChallengeData2016"
     reduced = make_ade20k_val(root, 13, 25)
-    data = {"name": "ade20k", "root": str(root), "eval_resize_short": 10}
+    data = DataConfig(name="ade20k", root=str(root), eval_resize_short=10)
     # Short side 13 -> 10; long side int(25 * 10 / 13 + 0.5) = 19; padded to multiples of 8: 16 x 24.
     official = build_dataset(data, train=False, label_resolution="official")[0]
     assert official["image"].shape == (3, 16, 24) and official["label"].shape == (16, 24)
@@ -242,10 +243,10 @@ def test_ade20k_official_label_resolution_resizes_and_pads_labels_as_the_officia
     torch.testing.assert_close(official["image"][:, :10, :19], original["image"], rtol=0, atol=0)
 
     # Without an eval resize there is nothing to follow: "official" keeps the annotation as it is.
-    unresized = build_dataset({**data, "eval_resize_short": 0}, train=False, label_resolution="official")[0]
+    unresized = build_dataset(replace(data, eval_resize_short=None), train=False, label_resolution="official")[0]
     np.testing.assert_array_equal(unresized["label"].numpy(), reduced)
-    with pytest.raises(ConfigError, match="eval.label_resolution 'full' is unknown"):
-        build_dataset(data, train=False, label_resolution="full")
+    with pytest.raises(ConfigError, match="'full' is not one of \\['original', 'official'\\]"):
+        load_config(None, ["eval.label_resolution=full"])
 
 
 # --- CamVid --------------------------------------------------------------------------------------------------------
@@ -344,13 +345,7 @@ def test_synthetic_scenes_have_road_sky_and_objects():
 
 
 def test_build_dataset_synthetic_train_and_val():
-    cfg = {
-        "name": "synthetic",
-        "num_samples": 8,
-        "image_size": [32, 64],
-        "crop_size": [16, 32],
-        "num_classes": 6,
-    }
+    cfg = DataConfig(name="synthetic", num_samples=8, image_size=[32, 64], crop_size=[16, 32], num_classes=6)
     train = build_dataset(cfg, train=True)
     val = build_dataset(cfg, train=False)
     assert isinstance(train.transform, TrainTransform) and isinstance(val.transform, EvalTransform)
@@ -359,32 +354,47 @@ def test_build_dataset_synthetic_train_and_val():
     assert not np.array_equal(val.load(0)["image"], train.load(0)["image"])  # eval scenes use another seed
 
 
-def test_build_dataset_accepts_attribute_configs(tmp_path):
+def test_build_dataset_takes_the_typed_data_config(tmp_path):
     make_cityscapes(tmp_path)
-    cfg = SimpleNamespace(name="cityscapes", root=str(tmp_path), train_split=None, val_split="val", crop_size=[4, 6],
-                          base_size=None, scale_range=[1.0, 1.0], flip=False, num_classes=19)  # fmt: skip
+    cfg = DataConfig(name="cityscapes", root=str(tmp_path), crop_size=[4, 6], base_size=None, scale_range=[1.0, 1.0],
+                     flip=False, num_classes=19)
     train = build_dataset(cfg, None, train=True)
     assert train.split == "train" and train[0]["image"].shape == (3, 4, 6)
     assert build_dataset(cfg, None, train=False).split == "val"
     with pytest.raises(ConfigError, match="num_classes"):
-        build_dataset({"name": "cityscapes", "root": str(tmp_path), "num_classes": 20}, "val", train=False)
+        build_dataset(replace(cfg, num_classes=20), "val", train=False)
+    with pytest.raises(TypeError, match="DataConfig"):  # one schema: no dicts or look-alike objects
+        build_dataset({"name": "cityscapes", "root": str(tmp_path)}, "val", train=False)
+
+
+def test_dataset_settings_come_from_the_config_alone():
+    """The factory had its own per-dataset defaults: data.name=ade20k without a YAML trained on (520, 520) there
+    but [512, 1024] through the Config. Now the config says what is built, and the shipped recipes say it."""
+    bare = load_config(None, ["data.name=synthetic", "data.num_samples=4", "data.crop_size=[24, 40]"])
+    assert build_dataset(bare.data, train=True).transform.crop_size == (24, 40)
+    recipe = load_config("ade20k_hrnetv2_w48_ocr_ovenet").data
+    assert (recipe.crop_size, recipe.base_size, recipe.eval_resize_short) == ([520, 520], 520, 520)
+    assert (recipe.train_split, recipe.val_split) == ("training", "validation")
+    folder = load_config(None, ["data.name=folder", "data.num_classes=3", "data.label_map={0: 255, 7: 1}",
+                                "data.class_names=[sky, road, car]"]).data
+    assert folder.label_map == {0: 255, 7: 1} and folder.class_names == ["sky", "road", "car"]
 
 
 def test_build_dataset_folder_with_split_placeholder(tmp_path):
     for split in ("train", "val"):
         write_png(tmp_path / f"{split}/img/{split}.png", random_image())
         write_png(tmp_path / f"{split}/lab/{split}.png", np.zeros((8, 12), np.uint8))
-    cfg = {"name": "folder", "root": str(tmp_path), "image_dir": "{split}/img", "label_dir": "{split}/lab",
-           "num_classes": 2, "crop_size": [8, 8]}  # fmt: skip
+    cfg = DataConfig(name="folder", root=str(tmp_path), image_dir="{split}/img", label_dir="{split}/lab",
+                     num_classes=2, crop_size=[8, 8])
     assert build_dataset(cfg, train=False)[0]["name"] == "val"
     assert build_dataset(cfg, train=True)[0]["image"].shape == (3, 8, 8)
 
 
 def test_build_dataset_and_info_reject_bad_configs():
-    with pytest.raises(ConfigError, match="unknown"):
-        build_dataset({"name": "kitti"}, "train", train=True)
+    with pytest.raises(ConfigError, match="'kitti' is not one of"):
+        load_config(None, ["data.name=kitti"])
     with pytest.raises(ConfigError, match="root"):
-        build_dataset({"name": "camvid"}, "train", train=True)
+        build_dataset(DataConfig(name="camvid", root=None), "train", train=True)
     with pytest.raises(ConfigError, match="num_classes"):
         dataset_info("folder")
 
@@ -407,8 +417,9 @@ def test_dataset_info_matches_dataset_classes():
 def test_ade20k_eval_resizes_short_side_520_unless_disabled():
     from ovenet.data import build_transform
 
-    assert build_transform({"name": "ade20k", "eval_resize_short": None}, train=False).resize_short == 520
-    assert build_transform({"name": "ade20k", "eval_resize_short": 0}, train=False).resize_short is None
-    assert build_transform({"name": "cityscapes"}, train=False).resize_short is None
-    train = build_transform({"name": "cityscapes", "scale_range": [0.75, 1.25]}, train=True)
+    ade20k = load_config("ade20k_hrnetv2_w48_ocr_ovenet").data
+    assert build_transform(ade20k, train=False).resize_short == 520
+    assert build_transform(replace(ade20k, eval_resize_short=None), train=False).resize_short is None
+    assert build_transform(DataConfig(name="cityscapes"), train=False).resize_short is None
+    train = build_transform(DataConfig(name="cityscapes", scale_range=[0.75, 1.25]), train=True)
     assert (train.crop_size, train.base_size, train.scale_range) == ((512, 1024), 2048, (0.75, 1.25))

@@ -15,7 +15,7 @@ import typing
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -29,18 +29,18 @@ class OffsetConfig:
     """The OVeNet offset head (Sec. 3.2). ``enabled: false`` gives the plain baseline."""
 
     enabled: bool = True
-    branch_stage: int = 4  # HRNet stage at which the offset branch splits off (2, 3 or 4)
+    branch_stage: Literal[2, 3, 4] = 4  # HRNet stage at which the offset branch splits off (2, 3 or 4)
     branch_modules: list[int] | None = None  # modules of each copied stage; None: the official counts
     tau: float = 0.5  # max offset length in normalised image coordinates (paper 0.5; official configs 0.2)
-    fusion: str = "logits"  # fuse "logits" (paper's final model) or softmax "probs"
-    sampling: str = "exact"  # "exact": zero offset samples the pixel itself; "official": as the official code
+    fusion: Literal["logits", "probs"] = "logits"  # fuse "logits" (paper's final model) or softmax "probs"
+    sampling: Literal["exact", "official"] = "exact"  # "exact": zero offset samples the pixel itself; "official": as the official code
     iterative_refinement: int = 0  # extra offset-refinement passes (official ITERATIVE_REFINEMENT)
 
 
 @dataclass
 class ModelConfig:
     arch: str = "hrnetv2_w48"  # hrnetv2_w18_small_v1, hrnetv2_w18_small_v2, hrnetv2_w18, hrnetv2_w32, hrnetv2_w48
-    head: str = "ocr"  # "fcn": HRNetV2 concat head; "ocr": HRNetV2 + OCR
+    head: Literal["fcn", "ocr"] = "ocr"  # "fcn": HRNetV2 concat head; "ocr": HRNetV2 + OCR
     num_classes: int = 19
     align_corners: bool = True  # bilinear upsampling convention inside HRNet (official default True)
     stages: dict | None = None  # explicit STAGE1..STAGE4 spec (official EXTRA layout) instead of `arch`
@@ -59,39 +59,57 @@ class ModelConfig:
     freeze_main: bool = False
 
 
+DatasetName = Literal["cityscapes", "acdc", "ade20k", "camvid", "folder", "list", "synthetic"]
+DATASET_NAMES: tuple[str, ...] = typing.get_args(DatasetName)
+
+
 @dataclass
 class DataConfig:
-    name: str = "cityscapes"  # cityscapes, acdc, ade20k, camvid, folder, list, synthetic
-    root: str = "data/cityscapes"
+    """The ``data`` section, the one schema every dataset is built from (:func:`ovenet.data.build_dataset`).
+
+    Values that differ per dataset (root, splits, crop and base size, ADE20K's eval resize) are set by the shipped
+    ``_base_<dataset>.yaml`` files; the defaults here are Cityscapes'. Keys of one dataset only default to None
+    (null), meaning "not used" elsewhere and the dataset's own default there.
+    """
+
+    name: DatasetName = "cityscapes"
+    root: str | None = "data/cityscapes"
     train_split: str = "train"
     val_split: str = "val"
-    crop_size: list[int] = field(default_factory=lambda: [512, 1024])  # h, w
+    crop_size: list[int] | None = field(default_factory=lambda: [512, 1024])  # h, w; training crops
     base_size: int | None = 2048  # long side before random scaling; None: the image's own size
     scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
     flip: bool = True
-    conditions: list[str] = field(default_factory=lambda: ["fog", "night", "rain", "snow"])  # ACDC
     num_workers: int = 4
-    num_classes: int | None = None  # folder/list datasets only
-    num_samples: int = 64  # synthetic only
-    image_size: list[int] = field(default_factory=lambda: [128, 256])  # synthetic only
+    eval_resize_short: int | None = None  # resize evaluated images to this short side (ADE20K: 520)
+    num_classes: int | None = None  # folder/list: required; other datasets: checked against theirs
+    # folder/list datasets (your own data); image_dir/label_dir/list_file may hold a {split} placeholder
     image_dir: str | None = None
     label_dir: str | None = None
     list_file: str | None = None
-    eval_resize_short: int | None = None  # ADE20K evaluates at short side 520
+    class_names: list[str] | None = None  # None: class_0, class_1, ...
+    label_map: dict[int, int] | None = None  # raw label value -> train id (255: ignore); None: values are ids
+    with_instances: bool = False  # Cityscapes: also read labelIds and instance maps (the iIoU figures need them)
+    conditions: list[str] | None = None  # ACDC conditions to use; None: fog, night, rain, snow
+    # synthetic scenes (quickstart, tests); None: 64 training scenes, a quarter as many for validation, 256x512
+    num_samples: int | None = None
+    val_samples: int | None = None
+    image_size: list[int] | None = None  # h, w
+    seed: int = 0  # synthetic scene generator
 
 
 @dataclass
 class LossConfig:
-    type: str = "ohem"  # "ohem" or "ce"
+    type: Literal["ohem", "ce"] = "ohem"
     ohem_thresh: float = 0.9
     ohem_min_kept: int = 131072
     class_weights: str | list[float] | None = None  # None, "cityscapes" or one weight per class
     aux_weights: list[float] = field(default_factory=lambda: [0.4, 1.0])  # OCR: [aux, ocr]
     weight_seed: float = 0.5  # kappa in Eq. 5
     weight_initial: float = 0.5  # lambda in Eq. 5
-    confidence: str = "paper"  # Eq. 6 as the paper defines it, "official" (its code), or "none"
+    confidence: Literal["paper", "official", "none"] = "paper"  # Eq. 6 as the paper defines it, "official" (its code), or "none"
     confidence_weight: float = 1.0
-    formula: str = "paper"  # "official" reproduces the official code's reductions (see ovenet.losses)
+    formula: Literal["paper", "official"] = "paper"  # "official" reproduces the official code's reductions (see ovenet.losses)
 
 
 @dataclass
@@ -104,9 +122,9 @@ class TrainConfig:
     weight_decay: float = 5e-4
     poly_power: float = 0.9
     warmup_iters: int = 0
-    amp: str = "bf16"  # "bf16", "fp16" or "none" (ignored on CPU)
+    amp: Literal["bf16", "fp16", "none"] = "bf16"  # "bf16", "fp16" or "none" (ignored on CPU)
     channels_last: bool = True
-    compile: str = "none"  # "none", "regional" (repeated HRNet blocks) or "full"
+    compile: Literal["none", "regional", "full"] = "none"  # "none", "regional" (repeated HRNet blocks) or "full"
     sync_bn: bool = True  # only takes effect when world size > 1
     seed: int = 304
     deterministic: bool = False
@@ -114,13 +132,13 @@ class TrainConfig:
     ckpt_every: int = 1000  # iterations between `last` checkpoints
     val_every: int = 0  # iterations between validations (0: once per epoch, or at the end for iters runs)
     log_every: int = 20
-    bad_sample: str = "stop"  # "stop" or "skip" when a training sample cannot be read
+    bad_sample: Literal["stop", "skip"] = "stop"  # when a training sample cannot be read
     tensorboard: bool = False  # TensorBoard scalars/images; needs `pip install ovenet[tensorboard]`
 
 
 @dataclass
 class EvalConfig:
-    mode: str = "whole"  # "whole" image, sliding "slide" window, or the authors' multi-scale test "official"
+    mode: Literal["whole", "slide", "official"] = "whole"  # "whole" image, sliding "slide" window, or the authors' multi-scale test "official"
     crop_size: list[int] = field(default_factory=lambda: [1024, 2048])
     stride: list[int] | None = None  # sliding-window stride; None: 2/3 of the crop
     scales: list[float] = field(default_factory=lambda: [1.0])
@@ -129,7 +147,7 @@ class EvalConfig:
     # "original": score against the annotation at its own size. "official": where data.eval_resize_short resizes
     # the image (ADE20K), resize the label with it (nearest) and pad both to a multiple of 8 (label: ignore), as
     # the official ADE20K val loader; elsewhere the same as "original".
-    label_resolution: str = "original"
+    label_resolution: Literal["original", "official"] = "original"
 
 
 @dataclass
@@ -147,31 +165,12 @@ class Config:
         return asdict(self)
 
 
-_CHOICES = {
-    "model.head": ("fcn", "ocr"),
-    "model.offset.fusion": ("logits", "probs"),
-    "model.offset.sampling": ("exact", "official"),
-    "model.offset.branch_stage": (2, 3, 4),
-    "data.name": ("cityscapes", "acdc", "ade20k", "camvid", "folder", "list", "synthetic"),
-    "loss.type": ("ohem", "ce"),
-    "loss.confidence": ("paper", "official", "none"),
-    "loss.formula": ("paper", "official"),
-    "train.amp": ("bf16", "fp16", "none"),
-    "train.compile": ("none", "regional", "full"),
-    "train.bad_sample": ("stop", "skip"),
-    "eval.mode": ("whole", "slide", "official"),
-    "eval.label_resolution": ("original", "official"),
-}
-
-
 def _check_ranges(cfg: Config) -> None:
     def need(ok: bool, key: str, msg: str) -> None:
         if not ok:
             raise ConfigError(f"config key '{key}': {msg}")
 
     flat = _flatten(cfg.to_dict())
-    for key, choices in _CHOICES.items():
-        need(flat[key] in choices, key, f"{flat[key]!r} is not one of {list(choices)}")
     need(cfg.model.offset.tau > 0, "model.offset.tau", f"must be > 0, got {cfg.model.offset.tau}")
     need(cfg.model.num_classes >= 1, "model.num_classes", "must be >= 1")
     need(cfg.model.offset.iterative_refinement >= 0, "model.offset.iterative_refinement", "must be >= 0")
@@ -184,8 +183,11 @@ def _check_ranges(cfg: Config) -> None:
         need(flat[key] is None or flat[key] >= 1, key, "must be >= 1")
     for key in ("data.crop_size", "eval.crop_size", "data.image_size"):
         v = flat[key]
-        need(len(v) == 2 and all(int(x) > 0 for x in v), key, f"must be [height, width] > 0, got {v}")
-    need(all(c <= 8192 for c in cfg.data.crop_size), "data.crop_size", "is larger than 8192 px")
+        need(v is None or (len(v) == 2 and all(int(x) > 0 for x in v)), key, f"must be [height, width] > 0, got {v}")
+    need(all(c <= 8192 for c in cfg.data.crop_size or ()), "data.crop_size", "is larger than 8192 px")
+    for key in ("data.num_samples", "data.val_samples", "data.eval_resize_short", "data.num_classes"):
+        need(flat[key] is None or flat[key] >= 1, key, f"must be >= 1 (or null), got {flat[key]}")
+    need(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
     lo, hi = cfg.data.scale_range
     need(0 < lo <= hi, "data.scale_range", f"must be [low, high] with 0 < low <= high, got {[lo, hi]}")
     need(cfg.loss.ohem_min_kept >= 1, "loss.ohem_min_kept", "must be >= 1")
@@ -207,6 +209,8 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 def _type_ok(value: Any, tp: Any) -> bool:
     origin = typing.get_origin(tp)
+    if origin is Literal:
+        return any(value == choice and type(value) is type(choice) for choice in typing.get_args(tp))
     if origin in (Union, types.UnionType):
         return any(_type_ok(value, t) for t in typing.get_args(tp))
     if tp is type(None):
@@ -243,10 +247,19 @@ def _build(cls: type, data: dict, path: str = "") -> Any:
             kwargs[key] = _build(tp, value, full + ".")
             continue
         value = _coerce_floats(value, tp)
+        choices = _choices(tp)
+        if choices and not _type_ok(value, tp):
+            raise ConfigError(f"config key '{full}': {value!r} is not one of {list(choices)}")
         if not _type_ok(value, tp):
             raise ConfigError(f"config key '{full}' has the wrong type: got {value!r}, expected {_type_name(tp)}")
         kwargs[key] = value
     return cls(**kwargs)
+
+
+def _choices(tp: Any) -> tuple:
+    """The allowed values of a ``Literal[...]`` type (also inside ``X | None``), else ()."""
+    options = typing.get_args(tp) if typing.get_origin(tp) in (Union, types.UnionType) else (tp,)
+    return tuple(c for t in options if typing.get_origin(t) is Literal for c in typing.get_args(t))
 
 
 def _float_kinds(tp: Any) -> tuple[bool, bool]:

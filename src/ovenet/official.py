@@ -22,7 +22,7 @@ from .errors import CheckpointError, ConfigError
 from .models import build_model
 
 OCR_KEYS = ("aux_head.", "conv3x3_ocr.", "ocr_distri_head.", "cls_head.")
-DATASET_NAMES = {"cityscapes": "cityscapes", "acdc": "acdc", "ade20k": "ade20k", "camvid": "camvid"}
+OFFICIAL_DATASETS = ("cityscapes", "acdc", "ade20k", "camvid")  # DATASET.DATASET values ovenet reads
 
 
 def map_key(key: str) -> str | None:
@@ -68,11 +68,9 @@ def config_from_official(official: dict, sampling: str = "official") -> Config:
         dataset = official.get("DATASET", {})
         train = official.get("TRAIN", {})
         loss = official.get("LOSS", {})
-        ds_name = DATASET_NAMES.get(str(dataset.get("DATASET", "")).lower(), "cityscapes")
-        data = {
-            "name": "synthetic" if ds_name not in DATASET_NAMES else ds_name,
-            "root": str(Path(dataset.get("ROOT", "data")) / ds_name),
-        }
+        ds_name = str(dataset.get("DATASET", "")).lower()
+        ds_name = ds_name if ds_name in OFFICIAL_DATASETS else "cityscapes"
+        data = {"name": ds_name, "root": str(Path(dataset.get("ROOT", "data")) / ds_name)}
         if "IMAGE_SIZE" in train:
             w, h = train["IMAGE_SIZE"]  # official order is width, height
             data["crop_size"] = [int(h), int(w)]

@@ -128,10 +128,13 @@ def _draw_object(label: np.ndarray, cls: int, horizon: int, rng: np.random.Gener
 class SyntheticScenes(SegmentationDataset):
     """``num_samples`` procedural scenes of ``size`` (H, W); sample ``i`` is identical on every call."""
 
+    DEFAULT_SAMPLES = 64  # what data.num_samples: null means
+    DEFAULT_SIZE = (256, 512)  # what data.image_size: null means
+
     def __init__(
         self,
-        num_samples: int = 64,
-        size: Sequence[int] = (256, 512),
+        num_samples: int = DEFAULT_SAMPLES,
+        size: Sequence[int] = DEFAULT_SIZE,
         num_classes: int = 8,
         seed: int = 0,
         transform: Transform | None = None,

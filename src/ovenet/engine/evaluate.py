@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -257,8 +257,7 @@ def evaluate(
     _check_free(out_dir, split_name, overwrite)
 
     cityscapes = cfg.data.name == "cityscapes"
-    data = asdict(cfg.data)
-    data["with_instances"] = cityscapes  # instance maps for iIoU; read only for Cityscapes
+    data = replace(cfg.data, with_instances=cityscapes)  # Cityscapes: instance maps for the iIoU figures
     dataset = build_dataset(data, split_name, train=False, label_resolution=cfg.eval.label_resolution)
     if len(dataset) == 0:
         raise DataError(f"split '{split_name}' of dataset '{cfg.data.name}' at {cfg.data.root} has no samples")
