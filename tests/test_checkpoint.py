@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ovenet import checkpoint
+from ovenet import checkpoint, weights
 from ovenet.config import Config, ModelConfig, OffsetConfig
 from ovenet.errors import CheckpointError
 from ovenet.models import build_model
@@ -109,7 +109,7 @@ def test_pretrained_backbone_also_initialises_offset_branch(tmp_path, branch):
     torch.save(state, tmp_path / "imagenet.pth")
     model = build_model(ModelConfig(arch=arch, num_classes=5, offset=OffsetConfig(branch_stage=branch),
                                     ocr_mid_channels=16, ocr_key_channels=8))
-    report = checkpoint.load_pretrained_backbone(model, tmp_path / "imagenet.pth")
+    report = weights.load_pretrained_backbone(model, tmp_path / "imagenet.pth")
     own = model.state_dict()
     assert torch.equal(own["backbone.stage4.1.branches.0.0.conv1.weight"],
                        state["stage4.1.branches.0.0.conv1.weight"])
@@ -123,4 +123,4 @@ def test_pretrained_backbone_also_initialises_offset_branch(tmp_path, branch):
 def test_pretrained_missing_file_is_clear(tmp_path):
     model = build_model(ModelConfig(**TINY))
     with pytest.raises(CheckpointError, match="imagenet.pth.*model.pretrained"):
-        checkpoint.load_pretrained_backbone(model, tmp_path / "imagenet.pth")
+        weights.load_pretrained_backbone(model, tmp_path / "imagenet.pth")

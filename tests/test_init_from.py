@@ -8,7 +8,7 @@ import yaml
 from helpers import assert_close_scaled, tiny, tiny_config
 from test_train import tiny_config as train_config
 
-from ovenet import checkpoint
+from ovenet import checkpoint, weights
 from ovenet.config import Config
 from ovenet.engine.train import train
 from ovenet.errors import CheckpointError
@@ -27,7 +27,7 @@ def _save_baseline(tmp_path, num_classes: int = 5):
 
 def _built_with_weights(cfg):
     model = build_model(cfg)
-    checkpoint.load_initial_weights(model, cfg)
+    weights.load_initial_weights(model, cfg)
     return model
 
 
@@ -57,7 +57,7 @@ def test_init_from_baseline_gives_the_frozen_body_its_trained_weights(tmp_path, 
     assert any(not torch.equal(fresh[k], trained[k]) for k in main if fresh[k].is_floating_point())
 
     # The report names what was loaded and what was left; the log line says it with counts and examples.
-    report = checkpoint.load_init_from(build_model(cfg), path)
+    report = weights.load_init_from(build_model(cfg), path)
     assert report["kind"] == "ovenet checkpoint"
     assert report["loaded"] == sorted(main) and report["skipped"] == [] and report["missing"] == offset
     line = next(r.getMessage() for r in caplog.records if "model.init_from" in r.getMessage())
@@ -77,7 +77,7 @@ def test_init_from_runs_after_pretrained_and_wins(tmp_path):
     torch.save(imagenet, tmp_path / "imagenet.pth")
     cfg = _fr_config(path)
     cfg.pretrained = str(tmp_path / "imagenet.pth")
-    reports = checkpoint.load_initial_weights(model := build_model(cfg), cfg)
+    reports = weights.load_initial_weights(model := build_model(cfg), cfg)
     assert set(reports) == {"pretrained", "init_from"}
     own = model.state_dict()
     w = "backbone.stage4.0.branches.0.0.conv1.weight"
@@ -89,7 +89,7 @@ def test_init_from_skips_other_shapes_and_warns_about_untrained_frozen_tensors(t
     _, path = _save_baseline(tmp_path, num_classes=7)  # another dataset: only the classifier differs
     cfg = _fr_config(path)
     with caplog.at_level(logging.INFO, logger="ovenet"):
-        reports = checkpoint.load_initial_weights(build_model(cfg), cfg)
+        reports = weights.load_initial_weights(build_model(cfg), cfg)
     report = reports["init_from"]
     assert report["skipped"] and all(k.startswith("decode_head.") for k in report["skipped"])
     assert len(report["mismatched"]) == len(report["skipped"]) and "(7," in report["mismatched"][0]
@@ -111,7 +111,7 @@ def _official(fixture, tmp_path, **model):
 def test_init_from_official_final_state(official_fixture, tmp_path):
     cfg = _official(official_fixture, tmp_path, freeze_main=True)
     model = _built_with_weights(cfg).eval()
-    report = checkpoint.load_init_from(build_model(cfg), cfg.init_from)
+    report = weights.load_init_from(build_model(cfg), cfg.init_from)
     converted = convert_state_dict(official_fixture["checkpoint"])
     assert report["kind"] == "official checkpoint" and report["missing"] == [] and report["skipped"] == []
     assert report["loaded"] == sorted(converted)
@@ -124,7 +124,7 @@ def test_init_from_official_into_a_baseline_takes_the_main_body_only(official_fi
     cfg = _official(official_fixture, tmp_path)
     cfg.offset.enabled = False
     model = build_model(cfg)
-    report = checkpoint.load_init_from(model, cfg.init_from)
+    report = weights.load_init_from(model, cfg.init_from)
     converted = convert_state_dict(official_fixture["checkpoint"])
     assert report["skipped"] and all(k.startswith(OFFSET) for k in report["skipped"])
     assert sorted(report["skipped"] + report["loaded"]) == sorted(converted) and report["missing"] == []
@@ -137,7 +137,7 @@ def test_weight_files_that_load_nothing_are_one_line_errors(tmp_path):
     cfg = tiny_config(ovenet=True)
     # An ovenet checkpoint given as ImageNet weights used to load 0 tensors without a word.
     with pytest.raises(CheckpointError, match=r"baseline_best.pth.*load nothing.*model.init_from") as e:
-        checkpoint.load_pretrained_backbone(build_model(cfg), ovenet_ckpt)
+        weights.load_pretrained_backbone(build_model(cfg), ovenet_ckpt)
     assert "\n" not in str(e.value)
     cfg.pretrained = str(ovenet_ckpt)
     with pytest.raises(CheckpointError, match=r"baseline_best.pth.*load nothing"):
@@ -148,13 +148,13 @@ def test_weight_files_that_load_nothing_are_one_line_errors(tmp_path):
                 if k.startswith("backbone.")}
     torch.save(imagenet, tmp_path / "imagenet.pth")
     with pytest.raises(CheckpointError, match=r"imagenet.pth.*no tensor with the model's names.*model.pretrained") as e:
-        checkpoint.load_init_from(build_model(cfg), tmp_path / "imagenet.pth")
+        weights.load_init_from(build_model(cfg), tmp_path / "imagenet.pth")
     assert "\n" not in str(e.value)
     torch.save({"unrelated.weight": torch.zeros(3)}, tmp_path / "other.pth")
     with pytest.raises(CheckpointError, match=r"other.pth.*load nothing"):
-        checkpoint.load_pretrained_backbone(build_model(cfg), tmp_path / "other.pth")
+        weights.load_pretrained_backbone(build_model(cfg), tmp_path / "other.pth")
     with pytest.raises(CheckpointError, match=r"model.init_from '.*missing.pth' does not exist"):
-        checkpoint.load_init_from(build_model(cfg), tmp_path / "missing.pth")
+        weights.load_init_from(build_model(cfg), tmp_path / "missing.pth")
 
 
 def test_frozen_main_body_has_ocr_dropout_off_in_train_mode():

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import yaml
 
-from .checkpoint import load_state, save
+from .checkpoint import load_state, save, unreadable_reason
 from .config import Config, from_dict
 from .errors import CheckpointError, ConfigError
 from .models import build_model
@@ -144,8 +144,6 @@ def read_official_state(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        from .checkpoint import unreadable_reason  # lazy: checkpoint imports this module's converter lazily too
-
         raise CheckpointError(f"official checkpoint '{path}' {unreadable_reason(path, e)}") from None
     if isinstance(state, dict) and "state_dict" in state:  # checkpoint.pth.tar: {epoch, state_dict, optimizer}
         state = state["state_dict"]

@@ -12,7 +12,7 @@ files raise :class:`ovenet.errors.DataError`; :func:`check_dataset` lists every 
 """
 
 from ovenet.data.ade20k import ADE20KDataset
-from ovenet.data.base import IGNORE_INDEX, SegmentationDataset, check_dataset
+from ovenet.data.base import SegmentationDataset, check_dataset
 from ovenet.data.camvid import CamVidDataset
 from ovenet.data.cityscapes import (
     CITYSCAPES_ID_TO_TRAINID,
@@ -25,6 +25,7 @@ from ovenet.data.folder import FolderDataset, ListDataset
 from ovenet.data.loader import build_loader, collate_samples, seed_worker
 from ovenet.data.synthetic import SyntheticScenes
 from ovenet.data.transforms import (
+    IGNORE_INDEX,
     IMAGENET_MEAN,
     IMAGENET_STD,
     EvalTransform,

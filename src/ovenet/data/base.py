@@ -15,9 +15,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ovenet.data.transforms import IGNORE_INDEX, EvalTransform
 from ovenet.errors import DataError
 
-IGNORE_INDEX = 255
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 # PIL raises a zoo of exception types for unreadable files; all of them mean "this file is broken".
@@ -169,8 +169,6 @@ class SegmentationDataset(Dataset):
     def __init__(
         self, samples: list[SampleFiles], label_table: LabelTable | None, transform: Transform | None
     ):
-        from ovenet.data.transforms import EvalTransform  # transforms never import datasets; no cycle
-
         self.samples = samples
         self.label_table = label_table
         self.transform = transform if transform is not None else EvalTransform()

@@ -23,13 +23,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ovenet.data.base import IGNORE_INDEX
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _MEAN_255 = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255.0
 _STD_255 = torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255.0
 _INV_STD_255 = 1.0 / _STD_255
+IGNORE_INDEX = 255  # label value of pixels that count for no class (loss and metrics skip them)
 _PAD_NORMALISED = -_MEAN_255 * _INV_STD_255  # a raw black pixel after normalisation
 
 # Integer maps a sample may carry, with their padding value and output dtype.

@@ -47,6 +47,7 @@ from ..losses import build_loss
 from ..metrics import ConfusionMatrix
 from ..models import build_model
 from ..models.hrnet import HighResolutionModule
+from ..weights import load_initial_weights
 from . import distributed as D
 from .logging import TensorBoard, close_logger, format_seconds, progress_bar, setup_logger, visualise_sample
 from .optim import build_optimizer, build_scheduler, step_unless_nonfinite
@@ -542,7 +543,7 @@ def _train(cfg: Config, resume: str | Path | None, run_dir: Path, info: D.DistIn
     if ckpt is not None:
         checkpoint.load_state(model, ckpt["model"], f"checkpoint {ckpt['path']}")
     else:  # a resumed run has its weights already; a fresh one starts from model.pretrained, then model.init_from
-        checkpoint.load_initial_weights(model, cfg.model, log)
+        load_initial_weights(model, cfg.model, log)
     _on_main_rank(info, lambda: check_free_space(run_dir, model))
     model.to(device)
     if channels_last:

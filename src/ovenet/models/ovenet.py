@@ -185,5 +185,5 @@ class OVeNet(nn.Module):
 def build_model(cfg: ModelConfig) -> OVeNet:
     """Build OVeNet (or the baseline when ``cfg.offset.enabled`` is False) from a model config, freshly
     initialised: no file is read. Training then applies ``cfg.pretrained`` and ``cfg.init_from`` with
-    :func:`ovenet.checkpoint.load_initial_weights`."""
+    :func:`ovenet.weights.load_initial_weights`."""
     return OVeNet(cfg)
