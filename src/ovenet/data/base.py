@@ -214,6 +214,50 @@ def check_same_size(image_path: Path, image: np.ndarray, other_path: Path, other
         )
 
 
+def read_pair_list(list_file: Path, root: Path) -> list[tuple[Path, Path | None]]:
+    """Parse "image [label]" lines (paths relative to ``root``; blank lines and # comments skipped)."""
+    pairs: list[tuple[Path, Path | None]] = []
+    try:
+        lines = list_file.read_text().splitlines()
+    except OSError as exc:
+        raise DataError(f"cannot read list file {list_file} ({exc})") from None
+    for number, line in enumerate(lines, start=1):
+        fields = line.split("#", 1)[0].split()
+        if not fields:
+            continue
+        if len(fields) > 2:
+            raise DataError(
+                f"{list_file}:{number} has {len(fields)} fields; expected 'image_path [label_path]' "
+                "(paths with spaces are not supported)"
+            )
+        pairs.append((root / fields[0], root / fields[1] if len(fields) == 2 else None))
+    if not pairs:
+        raise DataError(f"list file {list_file} has no entries; expected lines 'image_path [label_path]'")
+    if len({label is None for _, label in pairs}) > 1:
+        raise DataError(
+            f"list file {list_file} mixes lines with and without labels; give every image a label or none"
+        )
+    return pairs
+
+
+def pairs_to_samples(pairs: list[tuple[Path, Path | None]], name_root: Path) -> list[SampleFiles]:
+    """Check every file exists and name samples by their image path relative to ``name_root``."""
+    samples, missing = [], []
+    for image, label in pairs:
+        if not image.is_file():
+            raise DataError(f"image {image} listed but not found; fix the list file or the root")
+        if label is not None and not label.is_file():
+            missing.append((image, label))
+        try:
+            name = image.relative_to(name_root).with_suffix("").as_posix()
+        except ValueError:
+            name = image.stem
+        samples.append(SampleFiles(name, image, label))
+    if missing:
+        raise missing_label_error(missing)
+    return samples
+
+
 def check_dataset(dataset: Dataset, progress: bool = False) -> list[str]:
     """Load every sample and return one line per problem found (empty list: the dataset is clean).
 

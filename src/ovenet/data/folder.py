@@ -14,8 +14,9 @@ from ovenet.data.base import (
     describe_directory,
     generic_palette,
     missing_label_error,
+    pairs_to_samples,
+    read_pair_list,
 )
-from ovenet.data.camvid import pairs_to_samples, read_pair_list
 from ovenet.errors import DataError
 
 

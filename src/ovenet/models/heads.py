@@ -20,6 +20,17 @@ def fcn_head(cin: int, cout: int, bn_momentum: float = 0.1) -> nn.Sequential:
     )
 
 
+class FCNHead(nn.Sequential):
+    """HRNetV2's head (``last_layer``): :func:`fcn_head` returning ``(logits, None)`` like :class:`OCRHead`'s
+    ``(logits, aux)``, so the model treats both heads alike. Parameter names are the Sequential's, as official."""
+
+    def __init__(self, cin: int, num_classes: int, bn_momentum: float = 0.1):
+        super().__init__(*fcn_head(cin, num_classes, bn_momentum))
+
+    def forward(self, feats: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        return super().forward(feats), None
+
+
 def _conv_bn_relu(cin: int, cout: int, bn_momentum: float) -> list[nn.Module]:
     # BN+ReLU nested in a Sequential, so parameter names match the official OCR checkpoints (``f_pixel.1.0``).
     return [nn.Conv2d(cin, cout, 1, bias=False),

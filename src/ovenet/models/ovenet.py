@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from .. import method
 from ..config import ModelConfig
 from ..errors import ConfigError
-from .heads import OCRHead, fcn_head
+from .heads import FCNHead, OCRHead, fcn_head
 from .hrnet import HRNetStages, HRNetV2, arch_spec, concat_resolutions
 
 # Modules of each copied stage in the official offset branch (W48: STAGE2_2 1, STAGE3_2 3, STAGE4_2 2),
@@ -79,7 +79,7 @@ class OVeNet(nn.Module):
             self.decode_head = OCRHead(feat_channels, cfg.num_classes, cfg.ocr_mid_channels, cfg.ocr_key_channels,
                                        cfg.ocr_dropout, cfg.bn_momentum)
         else:
-            self.decode_head = fcn_head(feat_channels, cfg.num_classes, cfg.bn_momentum)
+            self.decode_head = FCNHead(feat_channels, cfg.num_classes, cfg.bn_momentum)
         self.offset_branch: HRNetStages | None = None
         self.offset_head: nn.Sequential | None = None
         if cfg.offset.enabled:
@@ -106,7 +106,7 @@ class OVeNet(nn.Module):
         # seg_hrnet.py) has no exception: its class layer (`last_layer`) and offset head (`offset_layer`) are
         # drawn from N(0, 1e-3) too.
         parts: list[nn.Module | None] = [self.backbone, self.offset_branch]
-        if not isinstance(self.decode_head, OCRHead):
+        if self.cfg.head == "fcn":
             parts += [self.decode_head, self.offset_head]
         for part in parts:
             if part is None:
@@ -141,10 +141,7 @@ class OVeNet(nn.Module):
     def forward(self, x: Tensor) -> SegOutput:
         feats, branch_input = self.backbone(x, keep=self.cfg.offset.branch_stage - 1 if self.is_ovenet else None)
         feats = concat_resolutions(feats, self.align_corners)
-        if isinstance(self.decode_head, OCRHead):
-            logits, aux = self.decode_head(feats)
-        else:
-            logits, aux = self.decode_head(feats), None
+        logits, aux = self.decode_head(feats)  # aux: OCR's auxiliary logits, None for the FCN head
         if not self.is_ovenet:
             return SegOutput(logits_initial=logits, logits_final=logits, aux_logits_initial=aux,
                              aux_logits_final=aux)
