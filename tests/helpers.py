@@ -30,9 +30,12 @@ def lively(model: nn.Module, seed: int = 0, zero_output_bias: bool = False) -> n
     return model.eval()
 
 
+# The smallest HRNetV2 (W18-small-v1) with a narrow OCR head: the model of the unit tests.
+TINY = dict(arch="hrnetv2_w18_small_v1", num_classes=5, ocr_mid_channels=16, ocr_key_channels=8)
+
+
 def tiny_config(ovenet: bool = True, head: str = "ocr", sampling: str = "exact", num_classes: int = 5) -> ModelConfig:
-    cfg = ModelConfig(arch="hrnetv2_w18_small_v1", head=head, num_classes=num_classes, ocr_mid_channels=16,
-                      ocr_key_channels=8)
+    cfg = ModelConfig(**{**TINY, "num_classes": num_classes}, head=head)
     cfg.offset.enabled = ovenet
     cfg.offset.sampling = sampling
     return cfg

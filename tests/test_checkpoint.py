@@ -2,14 +2,13 @@
 
 import pytest
 import torch
+from helpers import TINY
 
 from ovenet import checkpoint, weights
 from ovenet.config import Config, ModelConfig, OffsetConfig
 from ovenet.errors import CheckpointError
 from ovenet.models import build_model
 from ovenet.models.hrnet import HRNetV2, arch_spec
-
-TINY = dict(arch="hrnetv2_w18_small_v1", num_classes=5, ocr_mid_channels=16, ocr_key_channels=8)
 
 
 def _cfg(**model) -> Config:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from ovenet.config import DataConfig, load_config
 from ovenet.data import (
     CITYSCAPES_ID_TO_TRAINID,
     ACDCDataset,
@@ -25,7 +26,6 @@ from ovenet.data import (
     dataset_info,
     trainid_to_labelid,
 )
-from ovenet.config import DataConfig, load_config
 from ovenet.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ovenet.errors import ConfigError
 

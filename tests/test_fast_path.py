@@ -2,12 +2,11 @@
 
 import pytest
 import torch
+from helpers import TINY
 
 from ovenet.config import LossConfig, ModelConfig
 from ovenet.losses import build_loss
 from ovenet.models import build_model
-
-TINY = dict(arch="hrnetv2_w18_small_v1", num_classes=5, ocr_mid_channels=16, ocr_key_channels=8)
 
 
 @pytest.mark.parametrize("head", ["fcn", "ocr"])

@@ -2,13 +2,11 @@
 
 import pytest
 import torch
-from helpers import assert_close_scaled
+from helpers import TINY, assert_close_scaled
 
 from ovenet import method
 from ovenet.config import ModelConfig, OffsetConfig
 from ovenet.models import SegOutput, build_model
-
-TINY = dict(arch="hrnetv2_w18_small_v1", num_classes=5, ocr_mid_channels=16, ocr_key_channels=8)
 
 
 def count(cfg: ModelConfig) -> float:
