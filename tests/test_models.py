@@ -250,3 +250,16 @@ def test_recipes_carry_their_official_codes_bn_momentum_and_align_corners():
         built = build_model(load_config("cityscapes_hrnetv2_w48").model)
     assert {m.momentum for m in built.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {0.01}
     assert built.align_corners is False
+
+
+@pytest.mark.parametrize("head", ["fcn", "ocr"])
+def test_baseline_and_ovenet_from_one_seed_share_the_main_body(head):
+    """Paired comparisons: the offset branch is built after the main body is initialised, so it does not shift
+    the random stream that initialises the backbone and decode head."""
+    torch.manual_seed(7)
+    baseline = build_model(ModelConfig(**TINY, head=head, offset=OffsetConfig(enabled=False))).state_dict()
+    torch.manual_seed(7)
+    ovenet = build_model(ModelConfig(**TINY, head=head)).state_dict()
+    assert set(baseline) < set(ovenet)
+    for key, value in baseline.items():
+        assert torch.equal(value, ovenet[key]), key

@@ -80,6 +80,9 @@ class OVeNet(nn.Module):
                                        cfg.ocr_dropout, cfg.bn_momentum)
         else:
             self.decode_head = FCNHead(feat_channels, cfg.num_classes, cfg.bn_momentum)
+        # The main body is built and initialised before the branch draws any random number, so a baseline and an
+        # OVeNet built from the same seed start from the same backbone and decode head (paired comparisons).
+        self._init_weights(self.backbone, self.decode_head)
         self.offset_branch: HRNetStages | None = None
         self.offset_head: nn.Sequential | None = None
         if cfg.offset.enabled:
@@ -88,9 +91,9 @@ class OVeNet(nn.Module):
             self.offset_branch = HRNetStages(branch_spec, k, self.backbone.stage_channels(k - 1), cfg.align_corners,
                                              cfg.bn_momentum)
             self.offset_head = fcn_head(sum(self.offset_branch.out_channels), 3, cfg.bn_momentum)
+            self._init_weights(self.offset_branch, self.offset_head)
         self.tau = cfg.offset.tau
         self.sampling_align_corners = cfg.offset.sampling == "exact"
-        self._init_weights()
         if cfg.freeze_main:
             self.freeze_main()
 
@@ -98,19 +101,15 @@ class OVeNet(nn.Module):
     def is_ovenet(self) -> bool:
         return self.offset_head is not None
 
-    def _init_weights(self) -> None:
-        # Conv weights N(0, 1e-3), BN (1, 0); conv biases keep PyTorch's default, as in both official codes.
-        # The OCR code (OVeNet seg_hrnet_ocr.py) skips every module whose name contains 'cls', 'aux' or 'ocr':
-        # the whole OCR head, the aux head and the offset head (`aux_head_offset`) keep PyTorch's default init.
-        # The plain-HRNet code the FCN rows were trained with (thesis branched_seg_hrnet.py, upstream
-        # seg_hrnet.py) has no exception: its class layer (`last_layer`) and offset head (`offset_layer`) are
-        # drawn from N(0, 1e-3) too.
-        parts: list[nn.Module | None] = [self.backbone, self.offset_branch]
-        if self.cfg.head == "fcn":
-            parts += [self.decode_head, self.offset_head]
-        for part in parts:
-            if part is None:
-                continue
+    def _init_weights(self, body: nn.Module, head: nn.Module) -> None:
+        """Conv weights N(0, 1e-3), BN (1, 0); conv biases keep PyTorch's default, as in both official codes.
+
+        The OCR code (OVeNet seg_hrnet_ocr.py) skips every module whose name contains 'cls', 'aux' or 'ocr': the
+        whole OCR head, the aux head and the offset head (`aux_head_offset`) keep PyTorch's default init. The
+        plain-HRNet code the FCN rows were trained with (thesis branched_seg_hrnet.py, upstream seg_hrnet.py) has
+        no exception: its class layer (`last_layer`) and offset head (`offset_layer`) are drawn from N(0, 1e-3).
+        """
+        for part in (body, head) if self.cfg.head == "fcn" else (body,):
             for m in part.modules():
                 if isinstance(m, nn.Conv2d):
                     nn.init.normal_(m.weight, std=0.001)
