@@ -128,3 +128,19 @@ def test_baseline_loss_is_the_initial_prediction_loss():
     total, terms = criterion(SegOutput(logits_initial=main, logits_final=main, aux_logits_initial=aux), target)
     torch.testing.assert_close(total, 0.4 * F.cross_entropy(aux, target) + F.cross_entropy(main, target))
     assert set(terms) == {"loss", "loss_initial"}
+
+
+def test_weight_semantic_scales_the_semantic_loss_of_baseline_and_ovenet():
+    target = torch.randint(0, 3, (1, 8, 8))
+    logits = [torch.randn(1, 3, 4, 4) for _ in range(3)]
+    conf = torch.rand(1, 1, 4, 4)
+    out = SegOutput(logits_initial=logits[0], logits_seed=logits[1], logits_final=logits[2],
+                    offsets=torch.zeros(1, 2, 4, 4), confidence=conf)
+    plain = build_loss(LossConfig(type="ce"), num_classes=3)(out, target)[1]
+    doubled = build_loss(LossConfig(type="ce", weight_semantic=2.0), num_classes=3)(out, target)[1]
+    semantic = plain["loss"] - plain["loss_confidence"]
+    torch.testing.assert_close(doubled["loss"], 2 * semantic + plain["loss_confidence"])
+    baseline = SegOutput(logits_initial=logits[0], logits_final=logits[0])
+    one = build_loss(LossConfig(type="ce"), num_classes=3)(baseline, target)[0]
+    two = build_loss(LossConfig(type="ce", weight_semantic=2.0), num_classes=3)(baseline, target)[0]
+    torch.testing.assert_close(two, 2 * one)

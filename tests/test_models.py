@@ -263,3 +263,15 @@ def test_baseline_and_ovenet_from_one_seed_share_the_main_body(head):
     assert set(baseline) < set(ovenet)
     for key, value in baseline.items():
         assert torch.equal(value, ovenet[key]), key
+
+
+def test_zero_offset_control_reads_the_pixel_itself_and_keeps_the_branch():
+    cfg = ModelConfig(**TINY, head="fcn")
+    cfg.offset.zero_offsets = True
+    model = build_model(cfg).train()
+    out = model(torch.randn(2, 3, 64, 64))
+    assert torch.equal(out.offsets, torch.zeros_like(out.offsets))
+    assert torch.equal(out.logits_seed, out.logits_initial)  # S_s = S_i: the offsets cannot move the seeds
+    (out.logits_final.sum() + out.confidence.sum()).backward()
+    head = model.offset_head[-1].weight.grad
+    assert head is not None and head[2].abs().sum() > 0  # the confidence channel still trains

@@ -35,6 +35,9 @@ class OffsetConfig:
     fusion: Literal["logits", "probs"] = "logits"  # fuse "logits" (paper's final model) or softmax "probs"
     sampling: Literal["exact", "official"] = "exact"  # "exact": zero offset samples the pixel itself; "official": as the official code
     iterative_refinement: int = 0  # extra offset-refinement passes (official ITERATIVE_REFINEMENT)
+    # A control for studies: the branch, head, losses and compute of OVeNet, but offsets fixed at 0 (S_s = S_i),
+    # so whatever OVeNet gains beyond it comes from the offsets moving.
+    zero_offsets: bool = False
 
 
 @dataclass
@@ -107,6 +110,9 @@ class LossConfig:
     aux_weights: list[float] = field(default_factory=lambda: [0.4, 1.0])  # OCR: [aux, ocr]
     weight_seed: float = 0.5  # kappa in Eq. 5
     weight_initial: float = 0.5  # lambda in Eq. 5
+    # Scales L_semantic (Eq. 7; the baseline's L(S_i)). A control for studies: OVeNet's body gets gradient from
+    # 1 + kappa + lambda = 2 semantic terms, a baseline from one, so baseline + weight_semantic 2 matches the step.
+    weight_semantic: float = 1.0
     confidence: Literal["paper", "official", "none"] = "paper"  # Eq. 6 as the paper defines it, "official" (its code), or "none"
     confidence_weight: float = 1.0
     formula: Literal["paper", "official"] = "paper"  # "official" reproduces the official code's reductions (see ovenet.losses)

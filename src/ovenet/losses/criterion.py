@@ -56,7 +56,8 @@ class SegmentationLoss(nn.Module):
     def forward(self, out: SegOutput, target: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         initial = self.prediction_loss(out.logits_initial, out.aux_logits_initial, target)
         if out.offsets is None:
-            return initial, {"loss": initial.detach(), "loss_initial": initial.detach()}
+            total = self.cfg.weight_semantic * initial
+            return total, {"loss": total.detach(), "loss_initial": initial.detach()}
         seed = self.prediction_loss(out.logits_seed, out.aux_logits_seed, target)
         final = self.prediction_loss(out.logits_final, out.aux_logits_final, target)
         semantic = method.semantic_loss(final, seed, initial, self.cfg.weight_seed, self.cfg.weight_initial)
@@ -67,7 +68,7 @@ class SegmentationLoss(nn.Module):
         else:
             conf = method.confidence_loss(out.confidence, out.offsets, target, self.ignore_index,
                                           self.align_corners, self.sampling_align_corners)
-        total = method.total_loss(semantic, conf, self.cfg.confidence_weight)
+        total = method.total_loss(self.cfg.weight_semantic * semantic, conf, self.cfg.confidence_weight)
         terms = {"loss": total, "loss_initial": initial, "loss_seed": seed, "loss_final": final,
                  "loss_confidence": conf}
         return total, {k: v.detach() for k, v in terms.items()}

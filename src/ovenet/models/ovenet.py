@@ -148,6 +148,8 @@ class OVeNet(nn.Module):
         branch_feats, _ = self.offset_branch(branch_input)
         raw = self.offset_head(concat_resolutions(branch_feats, self.align_corners)).float()
         offsets = torch.tanh(raw[:, 0:2]) * self.tau
+        if self.cfg.offset.zero_offsets:  # the study control: same graph and compute, seeds read p itself
+            offsets = offsets * 0.0
         confidence = torch.sigmoid(raw[:, 2:3])
         for _ in range(self.cfg.offset.iterative_refinement):
             offsets = method.refine_offsets(offsets, self.sampling_align_corners)
