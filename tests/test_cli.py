@@ -145,7 +145,7 @@ def test_device_cuda_without_gpu_is_a_clear_error(capsys, tiny_checkpoint, tmp_p
 def test_engine_failures_map_to_one_line(capsys, monkeypatch):
     import ovenet.engine.train as engine_train
 
-    def oom(cfg, resume=None, run_dir=None):
+    def oom(cfg, resume=None, run_dir=None, overwrite=False):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(engine_train, "train", oom)
@@ -153,7 +153,7 @@ def test_engine_failures_map_to_one_line(capsys, monkeypatch):
     assert code == 2
     assert_one_line_error(err, "CUDA out of memory at batch size 6, crop 96x160", "train.batch_size=3")
 
-    def missing_file(cfg, resume=None, run_dir=None):
+    def missing_file(cfg, resume=None, run_dir=None, overwrite=False):
         raise FileNotFoundError(2, "No such file or directory", "data/x.png")
 
     monkeypatch.setattr(engine_train, "train", missing_file)
@@ -161,13 +161,13 @@ def test_engine_failures_map_to_one_line(capsys, monkeypatch):
     assert code == 2
     assert_one_line_error(err, "cannot open 'data/x.png'", "No such file")
 
-    def interrupted(cfg, resume=None, run_dir=None):
+    def interrupted(cfg, resume=None, run_dir=None, overwrite=False):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(engine_train, "train", interrupted)
     assert run(capsys, "train", "quickstart") == (130, "", "")
 
-    def bug(cfg, resume=None, run_dir=None):
+    def bug(cfg, resume=None, run_dir=None, overwrite=False):
         raise ValueError("a bug keeps its traceback")
 
     monkeypatch.setattr(engine_train, "train", bug)
@@ -180,8 +180,8 @@ def test_train_passes_config_resume_and_run_dir(capsys, monkeypatch, tmp_path):
 
     seen = {}
 
-    def fake_train(cfg, resume=None, run_dir=None):
-        seen.update(cfg=cfg, resume=resume, run_dir=run_dir)
+    def fake_train(cfg, resume=None, run_dir=None, overwrite=False):
+        seen.update(cfg=cfg, resume=resume, run_dir=run_dir, overwrite=overwrite)
         return Path(run_dir)
 
     monkeypatch.setattr(engine_train, "train", fake_train)
@@ -189,10 +189,10 @@ def test_train_passes_config_resume_and_run_dir(capsys, monkeypatch, tmp_path):
                        str(tmp_path), "--device", "cpu")
     assert code == 0 and str(tmp_path) in out
     assert seen["cfg"].train.lr == 0.02 and seen["cfg"].device == "cpu"
-    assert seen["resume"] == "auto" and seen["run_dir"] == str(tmp_path)
+    assert seen["resume"] == "auto" and seen["run_dir"] == str(tmp_path) and seen["overwrite"] is False
     assert seen["cfg"].train.deterministic is False
-    code, _, _ = run(capsys, "train", "quickstart", "--deterministic", "--run-dir", str(tmp_path))
-    assert code == 0 and seen["cfg"].train.deterministic is True
+    code, _, _ = run(capsys, "train", "quickstart", "--deterministic", "--run-dir", str(tmp_path), "--overwrite")
+    assert code == 0 and seen["cfg"].train.deterministic is True and seen["overwrite"] is True
     code, _, err = run(capsys, "train", "quickstart", "--resume", str(tmp_path / "last.pth"))
     assert code == 2 and "last.pth' does not exist" in err
 
@@ -320,8 +320,10 @@ def test_predict_writes_labels_offsets_and_confidence(capsys, tiny_checkpoint, t
     assert code == 0, err
     assert f"wrote 2 file(s) to {out}" in stdout
     assert Image.open(out / "street_labels.png").size == (56, 40)
+    # A rerun with other settings than the outputs in --out were made with would mix them: refused.
     code, _, err = run(capsys, "predict", str(tiny_checkpoint), str(image), "--out", str(out))
-    assert code == 2 and "--overwrite" in err
+    assert code == 2
+    assert_one_line_error(err, "made with other settings (scales, flip, mode, crop_size differ)", "--overwrite")
     # key=value words change the loaded model (e.g. the sampling convention of a converted checkpoint).
     code, _, err = run(capsys, "predict", str(tiny_checkpoint), str(image), "model.offset.sampling=official",
                        "--out", str(tmp_path / "official"))

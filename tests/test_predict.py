@@ -1,6 +1,8 @@
-"""predict_files: the PNGs written (names, sizes, contents), refusal to overwrite, folder safety, bad inputs, video."""
+"""predict_files: the PNGs written (names, sizes, contents), reruns that keep done outputs (never mixing settings),
+whole-or-nothing writes, folder safety, bad inputs (skip_bad), video."""
 
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -82,18 +84,75 @@ def test_folders_keep_subfolders_and_baseline_writes_no_offsets(tmp_path):
     np.testing.assert_array_equal(read(tmp_path / "out" / "sub" / "img0_color.png"), vis.colorize(labels, palette))
 
 
-def test_refuses_to_overwrite_unless_asked(model, tmp_path):
+def test_rerun_keeps_done_outputs_and_overwrite_redoes_them(model, tmp_path):
     images = write_images(tmp_path / "in", [(24, 32), (24, 32)])
     out = tmp_path / "out"
     predict_files(model, images, out, save={"color"})
     before = (out / "img1_color.png").stat().st_mtime_ns
     (out / "img0_color.png").write_bytes(b"earlier result")
-    with pytest.raises(OvenetError, match=r"img0_color.png already exists \(and 1 more\).*--overwrite"):
-        predict_files(model, images, out, save={"color"})
-    assert (out / "img0_color.png").read_bytes() == b"earlier result"
+    again = predict_files(model, images, out, save={"color"})
+    assert list(again) == [] and again.already_done == 2 and again.skipped == []
+    assert (out / "img0_color.png").read_bytes() == b"earlier result"  # never replaced without overwrite
     assert (out / "img1_color.png").stat().st_mtime_ns == before
-    predict_files(model, images, out, save={"color"}, overwrite=True)
+    # A missing output is filled in; a new kind is added beside the kept ones.
+    (out / "img1_color.png").unlink()
+    again = predict_files(model, images, out, save={"color"})
+    assert [p.name for p in again] == ["img1_color.png"] and again.already_done == 1
+    again = predict_files(model, images, out, save={"color", "raw"})
+    assert [p.name for p in again] == ["img0_labels.png", "img1_labels.png"] and again.already_done == 0
+    assert (out / "img0_color.png").read_bytes() == b"earlier result"
+    again = predict_files(model, images, out, save={"color"}, overwrite=True)
+    assert len(again) == 2 and read(out / "img0_color.png").shape == (24, 32, 3)
+
+
+def test_rerun_with_other_settings_or_weights_is_refused(model, tmp_path):
+    images = write_images(tmp_path / "in", [(24, 32)])
+    out = tmp_path / "out"
+    predict_files(model, images, out, save={"color"})
+    with pytest.raises(OvenetError, match=r"made with other settings \(flip differ\).*--overwrite"):
+        predict_files(model, images, out, save={"color"}, flip=True)
+    other = tiny(19)
+    other.decode_head[-1].weight.data.normal_(0, 1.0)
+    with pytest.raises(OvenetError, match=r"made with other settings \(weights differ\)"):
+        predict_files(other, images, out, save={"color"})
+    # Another input into the same folder has nothing to mix with.
+    (fresh,) = write_images(tmp_path / "in2", [(24, 32)])
+    fresh = fresh.rename(tmp_path / "in2" / "fresh.png")
+    assert [p.name for p in predict_files(other, [fresh], out, save={"color"})] == ["fresh_color.png"]
+
+
+def test_outputs_are_written_whole_or_not_at_all(model, tmp_path, monkeypatch):
+    images = write_images(tmp_path / "in", [(24, 32), (24, 32)])
+    out = tmp_path / "out"
+    real_save, calls = Image.Image.save, []
+
+    def killed_during_the_second_write(self, fp, *args, **kwargs):
+        calls.append(fp)
+        if len(calls) == 2:
+            Path(fp).write_bytes(b"\x89PNG torn")
+            raise KeyboardInterrupt
+        return real_save(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", killed_during_the_second_write)
+    with pytest.raises(KeyboardInterrupt):
+        predict_files(model, images, out, save={"color", "raw"})
+    assert sorted(p.name for p in out.iterdir()) == ["img0_color.png"]  # no torn img0_labels.png, no temp file
     assert read(out / "img0_color.png").shape == (24, 32, 3)
+
+    monkeypatch.undo()
+    again = predict_files(model, images, out, save={"color", "raw"})
+    assert [p.name for p in again] == ["img0_labels.png", "img1_color.png", "img1_labels.png"]
+
+
+def test_skip_bad_reports_unreadable_inputs_and_predicts_the_rest(model, tmp_path):
+    images = write_images(tmp_path / "in", [(24, 32), (24, 32)])
+    images[0].write_bytes(b"\x89PNG corrupt")
+    with pytest.raises(DataError, match=r"cannot decode image .*img0.png.*skip_bad=True"):
+        predict_files(model, [tmp_path / "in"], tmp_path / "out", save={"color"})
+    result = predict_files(model, [tmp_path / "in"], tmp_path / "out", save={"color"}, skip_bad=True)
+    assert [p.name for p in result] == ["img1_color.png"]
+    ((source, reason),) = result.skipped
+    assert source == images[0] and reason.startswith(f"cannot decode image {images[0]}")
 
 
 def test_never_writes_into_the_input_folder_or_over_inputs(model, tmp_path):
@@ -146,5 +205,5 @@ def test_video_frames_are_predicted(model, tmp_path):
     written = predict_files(model, [video], tmp_path / "out", save={"color"})
     assert [p.name for p in written] == [f"clip_{i:06d}_color.png" for i in range(3)]
     assert read(written[0]).shape == (48, 64, 3)
-    with pytest.raises(OvenetError, match="already exists"):
-        predict_files(model, [video], tmp_path / "out", save={"color"})
+    again = predict_files(model, [video], tmp_path / "out", save={"color"})  # a rerun keeps every done frame
+    assert list(again) == [] and again.already_done == 3

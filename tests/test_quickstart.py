@@ -11,8 +11,18 @@ import pytest
 import torch
 from PIL import Image
 
+import ovenet.engine.train as train_module
+from ovenet import checkpoint
 from ovenet.cli.main import main
-from ovenet.quickstart import MARKER, MIN_ITERS, plan_iterations, quickstart_config, seconds_per_iteration
+from ovenet.engine.train import train
+from ovenet.quickstart import (
+    MARKER,
+    MAX_ITERS,
+    MIN_ITERS,
+    plan_iterations,
+    quickstart_config,
+    seconds_per_iteration,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -61,9 +71,10 @@ def test_minutes_budget_path_times_the_steps_and_plans(tmp_path):
 
     lines: list[str] = []
     summary = run_quickstart(tmp_path / "qs", minutes=0.05, overrides=SMALL, num_predictions=1, log=lines.append)
-    assert summary["iterations"] == MIN_ITERS  # 3 s cannot pay for more than the minimum
+    assert summary["iterations"] == summary["iterations_done"] == MIN_ITERS  # 3 s pay for no more than the minimum
     assert summary["stopped_at_time_budget"] is False
-    assert "s per training step on cpu" in lines[0] and f"{MIN_ITERS} iterations" in lines[0]
+    planned = next(line for line in lines if "s per training step on cpu" in line)
+    assert f"{MIN_ITERS} iterations" in planned
     assert (tmp_path / "qs" / "predictions" / "scene_00_offsets.png").is_file()
 
 
@@ -75,11 +86,10 @@ def test_bad_quickstart_override_fails_before_touching_the_folder(tmp_path, caps
 
 
 def test_iterations_fit_the_budget():
-    # 3 minutes at 0.2 s/step: 90% of 180 s minus 15 s of fixed costs = 147 s -> 735 steps.
-    assert plan_iterations(3.0, 0.2) == 735
-    assert plan_iterations(0.1, 0.2) == MIN_ITERS  # never fewer than a minimal run
-    with pytest.raises(Exception, match="--minutes"):
-        plan_iterations(0, 0.2)
+    # 147 s of training at 0.2 s/step, 10% kept for what the timed steps leave out -> 661 steps.
+    assert plan_iterations(147.0, 0.2) == 661
+    assert plan_iterations(-5.0, 0.2) == MIN_ITERS  # never fewer than a minimal run
+    assert plan_iterations(1e9, 0.2) == MAX_ITERS
 
 
 def test_step_timing_uses_the_quickstart_model(tmp_path):
@@ -89,33 +99,112 @@ def test_step_timing_uses_the_quickstart_model(tmp_path):
 
 
 @pytest.mark.parametrize("single,multi,expected", [(0.5, 5.0, 1), (0.5, 0.3, 2), (0.5, 0.45, 2)])
-def test_thread_choice_prefers_one_thread_only_when_clearly_faster(monkeypatch, tmp_path, single, multi, expected):
+def test_a_rule_choice_of_several_threads_is_checked_against_one(monkeypatch, tmp_path, single, multi, expected):
     import ovenet.quickstart as qs
+    from ovenet.threads import ThreadChoice
 
     def fake_timing(cfg, device, steps=3, give_up_after=float("inf")):
         return single if torch.get_num_threads() == 1 else multi
 
     monkeypatch.setattr(qs, "seconds_per_iteration", fake_timing)
-    torch.set_num_threads(2)
-    threads, seconds = qs.fastest_thread_count(quickstart_config(tmp_path, 1, "cpu", SMALL), "cpu")
+    torch.set_num_threads(1)
+    cfg = quickstart_config(tmp_path, 1, "cpu", SMALL)
+    threads, seconds = qs.fastest_thread_count(cfg, "cpu", ThreadChoice(2, "rule"))
     assert (threads, seconds) == (expected, single if expected == 1 else multi)
-    assert torch.get_num_threads() == 2  # the caller decides; the probe leaves the setting as it was
+    assert torch.get_num_threads() == 1  # the caller decides; the probe leaves the setting as it was
+    # The user's own count (--threads) is timed as it is, never replaced.
+    assert qs.fastest_thread_count(cfg, "cpu", ThreadChoice(2, "--threads")) == (2, multi)
 
 
-def test_deadline_stops_training_through_the_trainer_and_is_told_apart(tmp_path):
-    from ovenet.engine.train import TrainingInterrupted, train
+def test_quickstart_uses_the_commands_thread_rule(monkeypatch, tmp_path):
+    from ovenet import threads
+    from ovenet.quickstart import run_quickstart
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    monkeypatch.setattr(threads, "load_average", lambda: 0.1)
+    torch.set_num_threads(2)
+    lines: list[str] = []
+    run_quickstart(tmp_path / "qs", iters=1, overrides=SMALL, num_predictions=1, log=lines.append)
+    assert "quickstart: cpu: 1 thread (2 cores, load 0.1, one core left free); --threads N to change" in lines
+    assert torch.get_num_threads() == 2  # put back afterwards
+
+
+def test_deadline_stops_training_without_a_signal(tmp_path, capfd):
     from ovenet.quickstart import TrainingDeadline
 
     cfg = quickstart_config(tmp_path, 100000, "cpu", SMALL)
-    with TrainingDeadline(1.0) as timer, pytest.raises(TrainingInterrupted):
-        train(cfg, run_dir=tmp_path / "run")
-    assert timer.fired
-    assert (tmp_path / "run" / "last.pth").is_file()  # the trainer saved its progress before stopping
-    # Outside training a late deadline is harmless, and the SIGTERM handler is restored afterwards.
     before = signal.getsignal(signal.SIGTERM)
+    with TrainingDeadline(1.0) as timer:
+        run_dir = train(cfg, run_dir=tmp_path / "run", stop=timer.stop)  # returns: no TrainingInterrupted
+    assert timer.cut and 0 < timer.stop.stopped_at < 100000
+    assert checkpoint.read(run_dir / "last.pth")["iteration"] == timer.stop.stopped_at  # progress saved
+    assert "SIGTERM" not in capfd.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) == before
+    # A deadline that passes after training (here, outside it) cuts nothing.
     with TrainingDeadline(0.01) as timer:
-        time.sleep(0.3)
-    assert timer.fired and signal.getsignal(signal.SIGTERM) == before
+        time.sleep(0.2)
+    assert timer.stop.requested and not timer.cut
+
+
+def _budget_runs_out(monkeypatch, when: str) -> list:
+    """Make the quickstart's deadline fire at a chosen moment: 'during' training, or 'after' its last iteration
+    (during the final validation), whatever the speed of this machine."""
+    import ovenet.quickstart as qs
+
+    deadlines: list = []
+
+    class Recorded(qs.TrainingDeadline):
+        def __enter__(self):
+            deadlines.append(self)
+            return super().__enter__()
+
+    monkeypatch.setattr(qs, "TrainingDeadline", Recorded)
+    real_validate, real_step = train_module.validate, train_module.train_step
+    steps = [0]
+
+    def validate(*args, **kwargs):
+        result = real_validate(*args, **kwargs)
+        if when == "after":
+            deadlines[-1].stop.request("test")
+        return result
+
+    def step(*args, **kwargs):
+        steps[0] += 1
+        if when == "during" and steps[0] == 3:
+            deadlines[-1].stop.request("test")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "validate", validate)
+    monkeypatch.setattr(train_module, "train_step", step)
+    return deadlines
+
+
+def test_a_budget_that_runs_out_after_the_last_iteration_cuts_nothing(monkeypatch, tmp_path, capfd):
+    from ovenet.quickstart import run_quickstart
+
+    _budget_runs_out(monkeypatch, "after")
+    lines: list[str] = []
+    summary = run_quickstart(tmp_path / "qs", minutes=0.05, overrides=SMALL, num_predictions=1, log=lines.append)
+    assert summary["stopped_at_time_budget"] is False
+    assert summary["iterations_done"] == summary["iterations"] == MIN_ITERS
+    assert not any("time budget" in line for line in lines)
+    assert "SIGTERM" not in capfd.readouterr().err
+
+
+def test_a_budget_that_cuts_training_says_so_in_its_own_words(monkeypatch, tmp_path, capfd):
+    from ovenet.quickstart import run_quickstart
+
+    _budget_runs_out(monkeypatch, "during")
+    lines: list[str] = []
+    summary = run_quickstart(tmp_path / "qs", minutes=0.05, overrides=SMALL, num_predictions=1, log=lines.append)
+    assert summary["stopped_at_time_budget"] is True
+    assert summary["iterations_done"] == 3 and summary["iterations"] == MIN_ITERS
+    said = [line for line in lines if "time budget" in line]
+    assert len(said) == 1 and "time budget of 3 s reached at iteration 3/20" in said[0], lines
+    assert "evaluating the weights it reached" in said[0]
+    assert "SIGTERM" not in capfd.readouterr().err
+    assert summary["checkpoint"].endswith("last.pth") and Path(summary["eval_json"]).is_file()
 
 
 def test_readme_python_snippet_runs_as_written_after_the_quickstart(tmp_path, monkeypatch):

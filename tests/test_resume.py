@@ -86,3 +86,18 @@ def test_resume_from_weights_only_checkpoint_is_refused(tmp_path):
     path = checkpoint.save(tmp_path / "weights.pth", build_model(cfg.model), cfg)
     with pytest.raises(CheckpointError, match="no training state .* not for --resume"):
         train(cfg, resume=path, run_dir=tmp_path / "run")
+
+
+def test_resume_refusals_leave_the_run_folder_untouched(tmp_path):
+    from ovenet.errors import ConfigError, OvenetError
+
+    first = train(tiny_config("train.iters=2"), run_dir=tmp_path / "first")
+    second = train(tiny_config("train.iters=2", "train.seed=5"), run_dir=tmp_path / "second")
+    files = {p.name: p.read_bytes() for p in second.iterdir() if p.is_file()}
+    # Resuming another run's checkpoint into a folder that holds a run would replace its checkpoints.
+    with pytest.raises(OvenetError, match=rf"^run folder {second} holds another run \(last.pth, best.pth\)"):
+        train(tiny_config("train.iters=3"), resume=first / "last.pth", run_dir=second)
+    # A changed seed is part of what the weights were trained with.
+    with pytest.raises(ConfigError, match=r"^cannot resume .*\(train.seed 5 -> 304\); resume with the original"):
+        train(tiny_config("train.iters=3"), resume="auto", run_dir=second)
+    assert {p.name: p.read_bytes() for p in second.iterdir() if p.is_file()} == files

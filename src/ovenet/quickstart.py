@@ -3,30 +3,32 @@
 It trains the shipped ``quickstart`` config (a tiny OVeNet on procedural :class:`~ovenet.data.SyntheticScenes`),
 evaluates the checkpoint (mIoU, boundary mIoU) and writes predictions with offset and confidence images for a
 few validation scenes, through the same ``train``/``evaluate``/``predict_files`` functions as the real commands.
-The number of training iterations is sized to the time budget by timing a few steps of the same model first.
+The number of training iterations is sized to the time budget by timing a few steps of the same model first,
+at the CPU thread count every command uses (:mod:`ovenet.threads`); training is cut at the budget's end if the
+machine gets slower than when the steps were timed, and the quickstart then says so.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 from ovenet.config import Config, load_config
 from ovenet.errors import OvenetError
+from ovenet.threads import ThreadChoice, configure_threads, faster_of_one_and, restore_threads, take_note
 
 CONFIG_NAME = "quickstart"
 MARKER = "quickstart.json"  # written first ("running") and last (the summary): marks a folder safe to replace
-TRAIN_SHARE = 0.9  # of the budget; the rest pays for start-up, validation, evaluation and predictions
-FIXED_SECONDS = 15.0  # start-up, end-of-training validation, evaluation and predictions on 2 CPU cores
+# Training's start-up, the end-of-training validation, evaluation and predictions: about 6 s measured on 2 CPU
+# cores at one thread (benchmarks/THREADS.md), with room for a busier machine.
+FIXED_SECONDS = 15.0
+PLAN_SHARE = 0.9  # of the training time: the timed steps leave out data rendering, logging and checkpoints
 MIN_ITERS, MAX_ITERS = 20, 20000
-DEADLINE_SLACK = 1.25  # training is stopped (and evaluated as it is) at 1.25x its planned time
+DEADLINE_SLACK = 1.25  # a minimal run that no budget pays for may take 1.25x its planned time
 
 
 def quickstart_config(out_dir: Path, iters: int, device: str, overrides: Sequence[str] = ()) -> Config:
@@ -73,77 +75,56 @@ def seconds_per_iteration(cfg: Config, device: str, steps: int = 3, give_up_afte
     return (time.perf_counter() - start) / steps
 
 
-def fastest_thread_count(cfg: Config, device: str) -> tuple[int, float]:
-    """(threads, seconds per step): PyTorch's default thread count, or one thread when that is faster.
-
-    On a machine whose cores are busy with other work, OpenMP threads that wait for each other can make a step
-    ten times slower than a single thread; timing both costs a few steps and protects the time budget.
-    """
+def fastest_thread_count(cfg: Config, device: str, choice: ThreadChoice) -> tuple[int, float]:
+    """(threads, seconds per step) for ``choice`` (:func:`ovenet.threads.configure_threads`'s): its count, or one
+    thread when the rule chose several and timing shows one clearly faster (:func:`faster_of_one_and`)."""
     import torch
 
-    default = torch.get_num_threads()
-    if device != "cpu" or default == 1:
-        return default, seconds_per_iteration(cfg, device)
-    torch.set_num_threads(1)  # first: one thread is never pathologically slow, so it bounds the second timing
-    try:
-        single = seconds_per_iteration(cfg, device)
-    finally:
-        torch.set_num_threads(default)
-    multi = seconds_per_iteration(cfg, device, give_up_after=3 * single)
-    return (1, single) if single < 0.8 * multi else (default, multi)
+    def seconds_at(threads: int, give_up_after: float) -> float:
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return seconds_per_iteration(cfg, device, give_up_after=give_up_after)
+        finally:
+            torch.set_num_threads(before)  # the caller decides
+
+    return faster_of_one_and(choice, seconds_at)
 
 
-def plan_iterations(minutes: float, seconds_per_iter: float) -> int:
-    """Training iterations that fit ``minutes`` in total, leaving time for everything else."""
-    if minutes <= 0:
-        raise OvenetError(f"--minutes must be > 0, got {minutes}")
-    budget = minutes * 60 * TRAIN_SHARE - FIXED_SECONDS
-    return int(min(MAX_ITERS, max(MIN_ITERS, budget / max(seconds_per_iter, 1e-6))))
+def plan_iterations(train_seconds: float, seconds_per_iter: float) -> int:
+    """Training iterations that fit ``train_seconds``, with room for what the timed steps leave out."""
+    return int(min(MAX_ITERS, max(MIN_ITERS, PLAN_SHARE * train_seconds / max(seconds_per_iter, 1e-6))))
 
 
 class TrainingDeadline:
-    """Stops training after ``seconds`` through the trainer's own graceful stop (SIGTERM: finish the step, save
-    ``last.pth``, raise ``TrainingInterrupted``), so a machine that gets busier than when the steps were timed
-    cannot stretch the quickstart far past its budget. ``fired`` tells a deadline stop from a user's signal.
-
-    Only active in the main thread (signal handlers live there); ``seconds=None`` disables it.
+    """Asks training to stop once ``seconds`` have passed, so that a machine that got busier than when the steps
+    were timed cannot stretch the quickstart far past its budget. Through the trainer's own
+    :class:`~ovenet.engine.train.StopRequest`: it finishes the step, saves ``last.pth`` and returns; no signal.
+    ``cut`` tells whether it stopped training before its last iteration. ``seconds=None`` disables it.
     """
 
-    def __init__(self, seconds: float | None):
+    def __init__(self, seconds: float | None, reason: str = "time budget reached"):
+        from ovenet.engine.train import StopRequest
+
         self.seconds = seconds
-        self.fired = False
-        self._closed = False
-        self._lock = threading.Lock()
+        self.reason = reason
+        self.stop = StopRequest()
         self._timer: threading.Timer | None = None
-        self._previous: Any = None
 
     def __enter__(self) -> TrainingDeadline:  # noqa: PYI034 (typing.Self needs Python 3.11)
-        if self.seconds is None or threading.current_thread() is not threading.main_thread():
-            return self
-        # Outside the training loop a deadline signal is ignored; a real SIGTERM still ends the program.
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-        self._timer = threading.Timer(self.seconds, self._fire)
-        self._timer.daemon = True
-        self._timer.start()
+        if self.seconds is not None:
+            self._timer = threading.Timer(max(0.0, self.seconds), self.stop.request, args=(self.reason,))
+            self._timer.daemon = True
+            self._timer.start()
         return self
 
-    def _fire(self) -> None:
-        with self._lock:  # never signal after __exit__ has put the previous handler back
-            if not self._closed:
-                self.fired = True
-                os.kill(os.getpid(), signal.SIGTERM)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if not self.fired:
-            raise SystemExit(128 + signum)
-
     def __exit__(self, *exc: object) -> None:
-        if self._timer is None:
-            return
-        with self._lock:
-            self._closed = True
+        if self._timer is not None:
             self._timer.cancel()
-        signal.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
+
+    @property
+    def cut(self) -> bool:
+        return self.stop.stopped_at is not None
 
 
 def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
@@ -177,10 +158,14 @@ def write_scenes(cfg: Config, folder: Path, count: int) -> list[tuple[Path, obje
 
 def run_quickstart(out_dir: str | Path = "runs/quickstart", minutes: float = 3.0, iters: int | None = None,
                    device: str = "cpu", overwrite: bool = False, num_predictions: int = 4,
-                   overrides: Sequence[str] = (), log: Callable[[str], None] = print) -> dict:
+                   overrides: Sequence[str] = (), log: Callable[[str], None] = print,
+                   threads: int | None = None) -> dict:
     """Train, evaluate and predict; returns a summary with the metrics and the paths written.
 
-    ``overrides`` change the quickstart config (e.g. ``data.num_samples=32`` for a smaller run).
+    ``minutes`` is the budget for the whole run (training is sized to it, and cut at its end if the machine gets
+    slower than when the steps were timed); ``iters`` instead sets the training length (no time limit).
+    ``overrides`` change the quickstart config (e.g. ``data.num_samples=32`` for a smaller run); ``threads`` the
+    CPU thread count (default: :func:`ovenet.threads.choose_cpu_threads`).
     """
     import torch
 
@@ -194,27 +179,40 @@ def run_quickstart(out_dir: str | Path = "runs/quickstart", minutes: float = 3.0
     quickstart_config(out_dir, 1, device, overrides)
     _prepare_out_dir(out_dir, overwrite)
     threads_before = torch.get_num_threads()
+    choice = configure_threads(device, threads)
+    note = take_note()  # said here, in the quickstart's own line, rather than by the trainer
     deadline = None
     try:
         if iters is None:
-            threads, per_iter = fastest_thread_count(quickstart_config(out_dir, 1, device, overrides), device)
-            torch.set_num_threads(threads)
-            iters = plan_iterations(minutes, per_iter)
-            deadline = DEADLINE_SLACK * iters * per_iter + FIXED_SECONDS
-            log(f"quickstart: {per_iter:.2f} s per training step on {device} ({threads} thread(s)): "
-                f"{iters} iterations fit about {minutes:g} min")
-        return _run(out_dir, iters, device, overrides, num_predictions, log, start, deadline)
+            used, per_iter = fastest_thread_count(quickstart_config(out_dir, 1, device, overrides), device, choice)
+            torch.set_num_threads(used)
+            budget = minutes * 60
+            train_seconds = budget - (time.perf_counter() - start) - FIXED_SECONDS
+            iters = plan_iterations(train_seconds, per_iter)
+            # Stop where only the fixed costs' share of the budget is left, or, for a minimal run the budget
+            # cannot pay for, at its planned time with some slack.
+            deadline = max(train_seconds, DEADLINE_SLACK * iters * per_iter + FIXED_SECONDS)
+            if note:
+                log(f"quickstart: {note}")
+            if used != choice.threads:
+                log(f"quickstart: one thread timed faster than {choice.threads}: using one")
+            log(f"quickstart: {per_iter:.2f} s per training step on {device}: {iters} iterations fit about "
+                f"{minutes:g} min")
+        elif note:
+            log(f"quickstart: {note}")
+        return _run(out_dir, iters, device, overrides, num_predictions, log, start, deadline, minutes)
     finally:
         torch.set_num_threads(threads_before)
+        restore_threads()
 
 
 def _run(out_dir: Path, iters: int, device: str, overrides: Sequence[str], num_predictions: int,
-         log: Callable[[str], None], start: float, deadline: float | None) -> dict:
+         log: Callable[[str], None], start: float, deadline: float | None, minutes: float) -> dict:
     from ovenet import checkpoint
     from ovenet.data import dataset_info
     from ovenet.engine.evaluate import evaluate, result_paths
     from ovenet.engine.predict import predict_files
-    from ovenet.engine.train import TrainingInterrupted, train
+    from ovenet.engine.train import train
     from ovenet.vis import colorize, save_png
 
     cfg = quickstart_config(out_dir, iters, device, overrides)
@@ -222,14 +220,11 @@ def _run(out_dir: Path, iters: int, device: str, overrides: Sequence[str], num_p
         f"{cfg.data.image_size[1]} scenes for {iters} iterations")
 
     run_dir = out_dir / "run"
-    with TrainingDeadline(deadline) as timer:
-        try:
-            train(cfg, run_dir=run_dir)
-        except TrainingInterrupted:
-            if not timer.fired:
-                raise
-            log(f"quickstart: the machine is slower than when the steps were timed; training stopped at the time "
-                f"budget ({deadline:.0f} s), evaluating the weights it reached")
+    with TrainingDeadline(deadline, f"the quickstart's time budget of {minutes * 60:.0f} s") as timer:
+        train(cfg, run_dir=run_dir, stop=timer.stop)
+    if timer.cut:
+        log(f"quickstart: time budget of {minutes * 60:.0f} s reached at iteration {timer.stop.stopped_at}/{iters} "
+            "(the machine got slower than when the steps were timed); evaluating the weights it reached")
     ckpt = run_dir / "best.pth" if (run_dir / "best.pth").is_file() else run_dir / "last.pth"
 
     result = evaluate(cfg, ckpt, out_dir=out_dir / "eval", overwrite=True, device=device, progress=False)
@@ -247,7 +242,8 @@ def _run(out_dir: Path, iters: int, device: str, overrides: Sequence[str], num_p
     summary = {
         "status": "done",
         "iterations": iters,
-        "stopped_at_time_budget": timer.fired,
+        "iterations_done": timer.stop.stopped_at if timer.cut else iters,
+        "stopped_at_time_budget": timer.cut,
         "device": device,
         "seconds": round(time.perf_counter() - start, 1),
         "miou": result["miou"],

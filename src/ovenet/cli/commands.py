@@ -9,6 +9,7 @@ import argparse
 import math
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import yaml
 
 from ovenet.config import CONFIG_DIR, Config, apply_overrides, from_dict, load_config
 from ovenet.errors import CheckpointError, DataError, OvenetError
+from ovenet.threads import configure_threads
 
 from .main import PAPER_SCALES, is_override
 
@@ -51,6 +53,27 @@ def require_file(path: str | Path, what: str = "checkpoint") -> Path:
     if not path.is_file():
         raise OvenetError(f"{what} '{path}' is a folder, not a file")
     return path
+
+
+def check_output_folder(path: str | Path, flag: str, holds: str = "results") -> None:
+    """Fail early, naming ``flag``, when ``path`` cannot become a folder we write into.
+
+    Nothing is left behind: the probe file is created in the nearest existing folder and removed at once.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OvenetError(f"{flag} {path} is a file; {holds} go to a folder: choose another {flag}")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OvenetError(f"{flag} {path} is not writable ({existing} is a file): choose another {flag}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".ovenet_write_test_", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OvenetError(f"{flag} {path} is not writable ({e.strerror or e}): choose another {flag}") from None
 
 
 def config_from_checkpoint(checkpoint: str | Path, overrides: list[str]) -> Config:
@@ -106,12 +129,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides.append("train.deterministic=true")
     cfg = load_config(args.config, overrides)
     args.loaded_config = cfg  # for the out-of-memory message
-    resolve_device(cfg.device)
+    configure_threads(resolve_device(cfg.device), args.threads)
     if args.resume and args.resume != "auto":
         require_file(args.resume)
+    if args.run_dir:
+        check_output_folder(args.run_dir, "--run-dir", "checkpoints")
     from ovenet.engine.train import train
 
-    run_dir = train(cfg, resume=args.resume, run_dir=args.run_dir)
+    run_dir = train(cfg, resume=args.resume, run_dir=args.run_dir, overwrite=args.overwrite)
     if _is_main_process():
         print(f"training finished; run folder {run_dir} (best.pth, last.pth, config.yaml, train.log)")
     return 0
@@ -130,6 +155,8 @@ def _split_eval_paths(paths: list[str]) -> tuple[str | None, str, list[str]]:
 def cmd_eval(args: argparse.Namespace) -> int:
     config_path, checkpoint, overrides = _split_eval_paths(args.paths)
     require_file(checkpoint)
+    if args.out:
+        check_output_folder(args.out, "--out")
     overrides += inference_overrides(args)
     if args.data_root:
         overrides.append(f"data.root={args.data_root}")
@@ -141,10 +168,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = load_config(config_path, overrides) if config_path else config_from_checkpoint(checkpoint, overrides)
     args.loaded_config = cfg
     device = resolve_device(cfg.device)
+    configure_threads(device, args.threads)
     from ovenet.engine.evaluate import evaluate, result_paths
 
     result = evaluate(cfg, checkpoint, out_dir=args.out, split=args.split, overwrite=args.overwrite,
-                      device=device, precision=args.precision, progress=sys.stderr.isatty(),
+                      device=device, precision=args.precision, progress=True,
                       model_overrides=model_overrides)
     print_metrics(result)
     json_path, md_path = result_paths(args.out or Path(checkpoint).parent, result.get("split", args.split))
@@ -161,7 +189,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for p in inputs:
         if not p.exists():
             raise DataError(f"input '{p}' does not exist")
+    check_output_folder(args.out, "--out", "predictions")
     device = resolve_device(args.device)
+    configure_threads(device, args.threads)
     from ovenet import checkpoint
     from ovenet.data import dataset_info
     from ovenet.engine.predict import predict_files
@@ -172,18 +202,28 @@ def cmd_predict(args: argparse.Namespace) -> int:
     scales = PAPER_SCALES if args.paper_scales else (args.scales or cfg.eval.scales)
     options: dict[str, Any] = {
         "overwrite": args.overwrite,
+        "skip_bad": args.skip_bad,
         "scales": list(scales),
         "flip": bool(args.flip or args.paper_scales or cfg.eval.flip),
         "mode": args.mode or cfg.eval.mode,
         "crop_size": list(cfg.eval.crop_size),  # sliding-window size when mode is slide
         "device": device,
+        "progress": True,  # a bar on a terminal, a line every few seconds otherwise
     }
     if args.save:
         options["save"] = args.save
     if args.precision:
         options["precision"] = args.precision
     written = predict_files(model, inputs, Path(args.out), palette, class_names, cfg.data.name, **options)
+    if written.already_done:
+        print(f"kept the outputs of {written.already_done} image(s) already done in {args.out}; pass --overwrite "
+              "to redo them")
     print(f"wrote {len(written)} file(s) to {args.out}")
+    for source, reason in written.skipped:
+        print(f"skipped unreadable input {source}: {reason}")
+    if written.skipped:
+        raise DataError(f"{len(written.skipped)} input(s) could not be read and were skipped (listed above); fix or "
+                        "remove them and rerun the same command to finish")
     return 0
 
 
@@ -330,5 +370,5 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     run_quickstart(args.out, minutes=args.minutes, iters=args.iters, device=device, overwrite=args.overwrite,
-                   overrides=args.overrides)
+                   overrides=args.overrides, threads=args.threads)
     return 0

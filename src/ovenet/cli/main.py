@@ -60,6 +60,16 @@ def _add_inference_options(p: argparse.ArgumentParser) -> None:
                         "then exp(logits) summed over scales (default: the config's eval.mode)")
 
 
+THREADS_HELP = ("CPU threads for train, eval, predict and quickstart (default: one core left free and none the "
+                "load average shows busy, so 1 on 2 cores; OMP_NUM_THREADS when set; PyTorch's own on CUDA)")
+
+
+def _thread_count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got '{text}'")
+    return int(text)
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -87,11 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    parser.add_argument("--threads", type=_thread_count, metavar="N", help=THREADS_HELP)
     parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     # --debug is accepted after the command too; SUPPRESS keeps it from overwriting the global value.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    common.add_argument("--threads", type=_thread_count, default=argparse.SUPPRESS, metavar="N", help=THREADS_HELP)
 
     def command(name: str, help: str, description: str, epilog: str, **kw: Any) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help, description=description, epilog="examples:\n" + epilog,
@@ -106,12 +118,22 @@ def build_parser() -> argparse.ArgumentParser:
         "  ovenet train camvid_hrnetv2_w18s_ovenet data.root=data/CamVid\n"
         "  ovenet train cityscapes_hrnetv2_w48_ocr_ovenet train.batch_size=2 model.offset.tau=0.2\n"
         "  ovenet train my_config.yaml --resume auto            # continue the run's last checkpoint\n"
-        "  torchrun --nproc_per_node 4 -m ovenet.cli train cityscapes_hrnetv2_w48_ovenet",
+        "  ovenet train my_config.yaml --resume auto train.iters=120000   # train a finished run longer\n"
+        "  torchrun --nproc_per_node 4 -m ovenet.cli train cityscapes_hrnetv2_w48_ovenet\n"
+        "\n"
+        "train refuses a run folder that holds checkpoints (last.pth, best.pth): continue that run with --resume\n"
+        "auto, start it again with --overwrite (its checkpoints are removed), or pick another --run-dir. A resume\n"
+        "may change only train.iters/epochs, logging, checkpoint and validation intervals, device, data.num_workers\n"
+        "and eval settings (logged, and recorded in config.yaml); a change to the model, data, loss or optimiser is\n"
+        "refused. A resume with no iterations left says so and trains nothing (exit 0).",
     )
     p.add_argument("config", metavar="CONFIG", help="YAML config path or shipped config name")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
-    p.add_argument("--resume", metavar="PATH|auto",
-                   help="checkpoint to resume from, or 'auto' for the run folder's last checkpoint")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--resume", metavar="PATH|auto",
+                       help="checkpoint to resume from, or 'auto' for the run folder's last checkpoint")
+    start.add_argument("--overwrite", action="store_true",
+                       help="start again in a run folder that holds checkpoints, removing them")
     _add_device(p, default=None)
     p.add_argument("--run-dir", metavar="DIR", help="run folder (default: OUTPUT_DIR/NAME from the config)")
     p.add_argument("--deterministic", action="store_true",
@@ -151,7 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
         "field (optical-flow colour wheel) and the confidence map. Extra key=value words are model.* overrides.",
         "  ovenet predict runs/cs/best.pth street.jpg --out preds/\n"
         "  ovenet predict runs/cs/best.pth frames/ --out preds/ --flip --scales 0.75 1.0 1.25 --device cuda\n"
-        "  ovenet predict converted.pth img.png --out preds/ model.offset.sampling=exact",
+        "  ovenet predict converted.pth img.png --out preds/ model.offset.sampling=exact\n"
+        "  ovenet predict runs/cs/best.pth frames/ --out preds/ --skip-bad\n"
+        "\n"
+        "Rerunning into the same --out continues where the last run stopped: inputs whose outputs are already done\n"
+        "are kept and skipped (outputs are written whole or not at all); --overwrite redoes them. Outputs made\n"
+        "with another checkpoint or other settings are never mixed in: that rerun is refused without --overwrite.",
     )
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="ovenet checkpoint (.pth)")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders (overrides key=value too)")
@@ -160,7 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save", nargs="+", metavar="KIND", choices=PREDICTION_KINDS,
                    help=f"what to write: {', '.join(PREDICTION_KINDS)} (default: all that apply; labelids for "
                         "Cityscapes/ACDC, offsets and confidence for OVeNet)")
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--overwrite", action="store_true",
+                   help="redo every input (default: keep the outputs already done and predict the rest)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip unreadable images or videos and list them at the end (exit code 2 if any)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="inference precision (GPU only)")
     _add_device(p)
 
@@ -342,6 +372,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 traceback.print_exc()
             return _error(_oom_message(args))
         raise
+    finally:  # the thread count a command chose ends with it (tests and notebooks call main() in-process)
+        from ovenet.threads import restore_threads
+
+        restore_threads()
 
 
 if __name__ == "__main__":

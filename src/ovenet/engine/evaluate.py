@@ -21,8 +21,10 @@ from torch import nn
 
 from ovenet.config import Config, EvalConfig
 from ovenet.engine.inference import infer_logits
+from ovenet.engine.logging import Progress
 from ovenet.errors import ConfigError, DataError, OvenetError
 from ovenet.metrics import BoundaryConfusion, CityscapesMetric, ConfusionMatrix
+from ovenet.threads import take_note
 
 
 def _dist_info(distributed: bool) -> tuple[int, int]:
@@ -65,6 +67,8 @@ def evaluate_model(
     ``base_size`` (``eval.mode: official`` only): the long side at scale 1, as the official test scales every
     image from ``data.base_size`` (ADE20K: 520 on an image already resized to short side 520).
 
+    ``progress`` (rank 0): a bar on a terminal, otherwise a line every few seconds with images/s and the ETA.
+
     Returns ``miou``, ``miou_all``, ``iou`` (per class), ``pixel_acc``, ``mean_acc``, ``per_class_acc``, the
     boundary band figures ``boundary_miou``/``boundary_iou``, ``per_condition`` (when samples carry a
     ``condition``) and ``cityscapes`` (iIoU/category figures; needs samples with ``label_ids`` and ``instance``).
@@ -82,10 +86,8 @@ def evaluate_model(
     was_training = model.training
     model.eval()
     indices = range(rank, len(dataset), world)
-    if progress and rank == 0:
-        from tqdm import tqdm
-
-        indices = tqdm(indices, desc="eval", unit="img")
+    shown = progress and rank == 0
+    meter = Progress(len(indices), "eval", enabled=shown, note=take_note() if shown else None)
     start = time.perf_counter()
     try:
         for index in indices:
@@ -111,7 +113,9 @@ def evaluate_model(
                     raise DataError(f"sample '{sample.get('name', index)}' lacks label_ids/instance maps; build the "
                                     "Cityscapes dataset with with_instances=True for the iIoU figures")
                 city.update(pred, sample["label_ids"], sample["instance"])
+            meter.update()
     finally:
+        meter.close()
         model.train(was_training)
     seconds = time.perf_counter() - start
 
@@ -282,6 +286,8 @@ def evaluate(
 
 
 def _check_free(out_dir: str | Path, split: str, overwrite: bool) -> None:
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():  # else mkdir fails after the whole evaluation
+        raise OvenetError(f"output folder {out_dir} is a file; results go to a folder: choose another --out")
     if overwrite:
         return
     for path in result_paths(out_dir, split):

@@ -11,14 +11,25 @@ For an input ``<stem>.<ext>`` the files written into ``out_dir`` are:
   longest offset) and ``<stem>_confidence.png`` (viridis, 0 = dark purple, 1 = yellow).
 
 Files of a folder keep their sub-folder inside ``out_dir``; a video ``clip.mp4`` gives ``clip/clip_000000_*.png``
-per frame. Nothing is replaced without ``overwrite``, an input is never replaced, and ``out_dir`` may not be an
-input's own folder.
+per frame. An input is never replaced, and ``out_dir`` may not be an input's own folder.
+
+Reruns continue: every PNG is written to a temporary name and renamed, so a file that exists is complete, and
+without ``overwrite`` an image (or video frame) whose outputs all exist is kept and not predicted again. The
+settings that made an output (a fingerprint of the weights and the model config, scales, flip, mode, ...) are
+recorded in the PNG itself (text chunk ``ovenet``); a rerun whose settings differ from those of the outputs it
+would keep is refused rather than mixing results, unless ``overwrite``. With ``skip_bad`` an unreadable input
+is passed over and reported instead of stopping the run.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from torch import nn
@@ -26,11 +37,27 @@ from torch import nn
 from ovenet import vis
 from ovenet.data.base import IMAGE_EXTENSIONS, read_image
 from ovenet.engine.inference import predict
+from ovenet.engine.logging import Progress
 from ovenet.errors import DataError, OvenetError
+from ovenet.threads import take_note
 
 SAVE_KINDS = ("color", "overlay", "raw", "labelids", "offsets", "confidence")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
 CITYSCAPES_LIKE = ("cityscapes", "acdc")
+SETTINGS_KEY = "ovenet"  # PNG text chunk holding the settings that made the file
+
+
+class PredictionResult(list):
+    """The files written (a ``list`` of paths, as before) and what was not predicted.
+
+    ``already_done``: images and video frames whose outputs were all present and were kept;
+    ``skipped``: ``(input, reason)`` for each unreadable input passed over with ``skip_bad``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.already_done = 0
+        self.skipped: list[tuple[Path, str]] = []
 
 
 def _image_files(folder: Path, exclude: Path) -> list[Path]:
@@ -121,11 +148,15 @@ def predict_files(
     crop_size: Sequence[int] | None = None,
     alpha: float = 0.5,
     progress: bool = False,
-) -> list[Path]:
-    """Predict every input (image files, folders of images, videos) and write the chosen PNGs; returns them.
+    skip_bad: bool = False,
+) -> PredictionResult:
+    """Predict every input (image files, folders of images, videos) and write the chosen PNGs.
 
+    Returns the files written, with ``already_done`` (kept from an earlier run; ``overwrite`` redoes them) and
+    ``skipped`` (unreadable inputs, with ``skip_bad``; without it the first one raises :class:`DataError`).
     ``palette`` defaults to the palette of ``dataset_name`` (Cityscapes by default); ``class_names`` is accepted
-    for callers that report classes and is not written anywhere.
+    for callers that report classes and is not written anywhere. ``progress``: a bar on a terminal, otherwise a
+    line every few seconds with images/s and the ETA.
     """
     from ovenet.data import dataset_info
     from ovenet.data.base import generic_palette
@@ -133,6 +164,8 @@ def predict_files(
 
     del class_names  # the PNGs carry no names; kept in the signature for the CLI's symmetry
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OvenetError(f"output folder {out_dir} is a file; predictions go to a folder: choose another --out")
     num_classes = int(getattr(model, "num_classes", 0) or 0)
     is_ovenet = bool(getattr(model, "is_ovenet", False))
     kinds = _kinds(save, dataset_name, is_ovenet, num_classes)
@@ -147,50 +180,143 @@ def predict_files(
         palette = generic_palette(num_classes)
 
     plan = plan_inputs(inputs, out_dir)
-    _check_outputs(plan, kinds, overwrite)
+    _check_outputs(plan, kinds)
+    settings = _settings(model, palette[:num_classes], dataset_name, scales, flip, mode, precision, crop_size, alpha)
+    if not overwrite:
+        _check_same_settings(out_dir, plan, kinds, settings)
+    tag = json.dumps(settings)
 
-    written: list[Path] = []
-    items: Iterable = plan
-    if progress:
-        from tqdm import tqdm
+    result = PredictionResult()
+    frames_known = not any(is_video for _, _, is_video in plan)  # a video's frame count is known only at its end
+    meter = Progress(len(plan) if frames_known else None, "predict", enabled=progress,
+                     note=take_note() if progress else None)
+    for source, prefix, is_video in plan:
+        try:
+            frames = _video_frames(source) if is_video else iter([None])
+            for index, image in enumerate(frames):
+                stem = f"{prefix}_{index:06d}" if is_video else str(prefix)
+                paths = {kind: Path(f"{stem}_{_suffix(kind)}.png") for kind in kinds}
+                todo = [k for k in kinds if overwrite or not paths[k].exists()]
+                if not todo:
+                    result.already_done += 1
+                    meter.update()
+                    continue
+                if image is None:
+                    image = read_image(source)
+                prediction = predict(model, image, device=device, precision=precision, scales=scales, flip=flip,
+                                     mode=mode, crop_size=crop_size)
+                color = vis.colorize(prediction.labels, palette) if {"color", "overlay"} & set(todo) else None
+                for kind in todo:
+                    if kind == "color":
+                        array = color
+                    elif kind == "overlay":
+                        array = vis.overlay(image, color, alpha)
+                    elif kind == "raw":
+                        array = prediction.labels.astype(np.uint8 if num_classes <= 256 else np.uint16)
+                    elif kind == "labelids":
+                        array = trainid_to_labelid(prediction.labels).astype(np.uint8)
+                    elif kind == "offsets":
+                        array = vis.flow_to_color(prediction.offsets)
+                    else:
+                        array = vis.confidence_to_color(prediction.confidence)
+                    result.append(_save_png_atomic(paths[kind], array, tag))
+                meter.update()
+        except DataError as e:
+            if not skip_bad:
+                raise DataError(f"{e}; or pass --skip-bad (skip_bad=True) to skip unreadable inputs") from None
+            result.skipped.append((source, str(e)))
+    meter.close()
+    return result
 
-        items = tqdm(plan, desc="predict", unit="file")
-    for source, prefix, is_video in items:
-        frames = _video_frames(source) if is_video else iter([read_image(source)])
-        for index, image in enumerate(frames):
-            stem = f"{prefix}_{index:06d}" if is_video else str(prefix)
-            result = predict(model, image, device=device, precision=precision, scales=scales, flip=flip,
-                             mode=mode, crop_size=crop_size)
-            color = vis.colorize(result.labels, palette) if {"color", "overlay"} & set(kinds) else None
-            for kind in kinds:
-                path = Path(f"{stem}_{_suffix(kind)}.png")
-                if kind == "color":
-                    array = color
-                elif kind == "overlay":
-                    array = vis.overlay(image, color, alpha)
-                elif kind == "raw":
-                    array = result.labels.astype(np.uint8 if num_classes <= 256 else np.uint16)
-                elif kind == "labelids":
-                    array = trainid_to_labelid(result.labels).astype(np.uint8)
-                elif kind == "offsets":
-                    array = vis.flow_to_color(result.offsets)
-                else:
-                    array = vis.confidence_to_color(result.confidence)
-                written.append(vis.save_png(path, array))
-    return written
+
+def _save_png_atomic(path: Path, array: Any, tag: str) -> Path:
+    """Write the PNG (with ``tag`` as its settings record) to a temporary name beside ``path``, then rename it:
+    a file at ``path`` is always a complete PNG."""
+    from PIL import Image, PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text(SETTINGS_KEY, tag)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.part")
+    try:
+        Image.fromarray(np.ascontiguousarray(array)).save(tmp, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
 
 
-def _check_outputs(plan: list[tuple[Path, Path, bool]], kinds: list[str], overwrite: bool) -> None:
-    """Refuse clashes between inputs' outputs, outputs that would replace an input, and (without ``overwrite``)
-    existing files; all before anything is written."""
+def _short_hash(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _settings(model: nn.Module, palette: Sequence[Sequence[int]], dataset_name: str, scales: Sequence[float],
+              flip: bool, mode: str, precision: str, crop_size: Sequence[int] | None, alpha: float) -> dict:
+    """Everything that decides the pixels of the outputs, as JSON values (long ones as short hashes)."""
+    digest = hashlib.sha256()
+    # A strided sample of every tensor identifies the weights (any two trained checkpoints differ nearly
+    # everywhere) at a small fraction of the cost of hashing them all.
+    for name, tensor in model.state_dict().items():
+        flat = tensor.detach().flatten()
+        sample = flat[:: max(1, flat.numel() // 256)].float().cpu().numpy()
+        digest.update(f"{name}{tuple(tensor.shape)}".encode())
+        digest.update(sample.tobytes())
+    config = getattr(model, "config", None)
+    settings = {
+        "weights": digest.hexdigest()[:16],
+        "model": _short_hash(asdict(config.model)) if config is not None else None,  # e.g. sampling overrides
+        "scales": [float(s) for s in scales],
+        "flip": bool(flip),
+        "mode": mode,
+        "crop_size": [int(c) for c in crop_size] if crop_size is not None and mode != "whole" else None,
+        "precision": precision,
+        "alpha": float(alpha),
+        "palette": _short_hash([[int(c) for c in colour] for colour in palette]),
+        "dataset": dataset_name,
+    }
+    return json.loads(json.dumps(settings))  # the form it has when read back
+
+
+def _recorded_settings(path: Path) -> dict | None:
+    """The settings recorded in an output PNG, or None (not ours, or from an ovenet that did not record them)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:  # text chunks precede the pixels: nothing is decoded
+            recorded = json.loads(image.info.get(SETTINGS_KEY, "null"))
+    except (OSError, ValueError):
+        return None
+    return recorded if isinstance(recorded, dict) else None
+
+
+def _check_same_settings(out_dir: Path, plan: list[tuple[Path, Path, bool]], kinds: list[str],
+                         settings: dict) -> None:
+    """Refuse, before anything is written, to keep outputs that were made with other settings (the folder would
+    mix results). Every existing output of an image is read (only its header); a video's first frame speaks for
+    the video."""
+    for _, prefix, is_video in plan:
+        if is_video:
+            frames = sorted(prefix.parent.glob(f"{prefix.name}_000000_*.png")) if prefix.parent.is_dir() else []
+            existing = frames
+        else:
+            existing = [p for p in (Path(f"{prefix}_{_suffix(kind)}.png") for kind in kinds) if p.exists()]
+        for path in existing:
+            recorded = _recorded_settings(path)
+            differ = [key for key in settings if recorded is not None and recorded.get(key) != settings[key]]
+            if differ:
+                raise OvenetError(
+                    f"outputs in {out_dir} were made with other settings ({', '.join(differ)} differ), e.g. "
+                    f"{path}; pass --overwrite (overwrite=True) to redo them, or choose another --out"
+                )
+
+
+def _check_outputs(plan: list[tuple[Path, Path, bool]], kinds: list[str]) -> None:
+    """Refuse clashes between inputs' outputs and outputs that would replace an input, before anything is written."""
     inputs = {source.resolve() for source, _, _ in plan}
     owner: dict[Path, Path] = {}
-    existing: list[Path] = []
     for source, prefix, is_video in plan:
         if is_video:
-            folder = prefix.parent
-            if not overwrite and folder.is_dir() and any(folder.glob(f"{prefix.name}_*.png")):
-                existing.append(folder)
             continue
         for kind in kinds:
             path = Path(f"{prefix}_{_suffix(kind)}.png")
@@ -201,9 +327,3 @@ def _check_outputs(plan: list[tuple[Path, Path, bool]], kinds: list[str], overwr
                 raise OvenetError(f"inputs {owner[resolved]} and {source} would both write {path}; rename one or "
                                   "predict them into different output folders")
             owner[resolved] = source
-            if not overwrite and path.exists():
-                existing.append(path)
-    if existing:
-        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
-        raise OvenetError(f"output {existing[0]} already exists{more}; pass --overwrite (overwrite=True) to replace "
-                          "earlier results or choose another output folder")

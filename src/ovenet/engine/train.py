@@ -6,6 +6,12 @@ process runs the same ``train`` and :mod:`ovenet.engine.distributed` joins them.
 What a run folder holds: ``config.yaml``, ``train.log``, ``last.pth`` (every ``ckpt_every`` iterations, on a
 stop request and at the end), ``best.pth`` (best validation mIoU) and TensorBoard events under ``tb/``.
 
+A run folder that holds checkpoints is never started over by accident: a fresh start there needs
+``overwrite=True`` (``--overwrite``), which removes the old checkpoints first. A resume may change only
+:data:`RESUMABLE_KEYS` (how long, how it logs, where it runs); any other difference from the checkpoint's config
+is refused, so ``config.yaml`` and the checkpoints always describe the weights they hold. A resume with no
+iterations left logs so and trains nothing.
+
 Exact resume: a checkpoint holds the model, optimizer, scheduler, grad scaler, iteration and per-rank RNG
 states. The data order is a pure function of (seed, epoch) and each sample's augmentation a pure function of
 (seed, epoch, index), so a run resumed mid-epoch sees the same remaining batches, augmented the same way, as
@@ -14,12 +20,15 @@ the run that never stopped.
 Stopping: the first SIGINT/SIGTERM lets the current step finish, saves ``last.pth`` and raises
 :class:`TrainingInterrupted`, a ``SystemExit`` with code 128 + signal (130 for SIGINT, 143 for SIGTERM), so
 the process exits with the conventional "killed by signal" status, which schedulers read as "not finished".
-A second signal aborts at once (``last.pth`` is written atomically, so the previous one survives).
+A second signal aborts at once (``last.pth`` is written atomically, so the previous one survives). A caller's
+:class:`StopRequest` (e.g. the quickstart's time budget) stops the same way, without a signal, and ``train``
+returns.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import random
@@ -28,7 +37,7 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,13 +56,32 @@ from ..losses import build_loss
 from ..metrics import ConfusionMatrix
 from ..models import build_model
 from ..models.hrnet import HighResolutionModule
+from ..threads import take_note
 from ..weights import load_initial_weights
 from . import distributed as D
-from .logging import TensorBoard, close_logger, format_seconds, progress_bar, setup_logger, visualise_sample
+from .logging import (
+    Progress,
+    TensorBoard,
+    close_logger,
+    format_seconds,
+    progress_bar,
+    setup_logger,
+    visualise_sample,
+)
 from .optim import build_optimizer, build_scheduler, step_unless_nonfinite
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 _MAX_SKIPS_IN_A_ROW = 16
+RUN_CHECKPOINTS = ("last.pth", "best.pth")
+# Config keys a resumed run may change: its length, logging, checkpoint/validation cadence, device, loader workers,
+# speed options and the evaluation defaults. Every other key (model, data, loss, optimiser, schedule shape, seed)
+# shaped the weights in the checkpoint, so changing it would make config.yaml describe weights it did not train.
+RESUMABLE_KEYS = frozenset({
+    "name", "output_dir", "device", "data.num_workers",
+    "train.iters", "train.epochs", "train.log_every", "train.ckpt_every", "train.val_every", "train.tensorboard",
+    "train.bad_sample", "train.compile", "train.channels_last", "train.deterministic",
+    "eval.mode", "eval.crop_size", "eval.stride", "eval.scales", "eval.flip", "eval.boundary_width",
+})
 
 
 class TrainingInterrupted(SystemExit):
@@ -250,31 +278,37 @@ def validate(
     align_corners: bool = True,
     ignore_index: int = 255,
     channels_last: bool = False,
+    progress: bool = False,
+    write: Callable[[str], None] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Tensor] | None]:
     """Single-scale whole-image mIoU of ``logits_final`` upsampled to the label size (summed over ranks).
 
     Returns the metrics and, for visualisation, the first sample's prediction, label, offsets and confidence.
+    ``progress``: a bar on a terminal (under training's), otherwise a line every few seconds through ``write``.
     """
     was_training = model.training
     model.eval()
     matrix = ConfusionMatrix(num_classes, ignore_index, device=device)
     first = None
-    for batch in loader:
-        images, labels = batch_to_device(batch, device, channels_last)
-        with autocast(device, amp_dtype):
-            output = model(images)
-        logits = F.interpolate(
-            output.logits_final.float(), size=labels.shape[-2:], mode="bilinear", align_corners=align_corners
-        )
-        prediction = logits.argmax(1)
-        matrix.update(prediction, labels)
-        if first is None:
-            first = {
-                "prediction": prediction[0],
-                "label": labels[0],
-                "offsets": None if output.offsets is None else output.offsets[0].float(),
-                "confidence": None if output.confidence is None else output.confidence[0, 0].float(),
-            }
+    images_total = len(loader.sampler) if isinstance(loader, DataLoader) else None  # this rank's images
+    with Progress(images_total, "val", enabled=progress, write=write, leave=False) as meter:
+        for batch in loader:
+            images, labels = batch_to_device(batch, device, channels_last)
+            with autocast(device, amp_dtype):
+                output = model(images)
+            logits = F.interpolate(
+                output.logits_final.float(), size=labels.shape[-2:], mode="bilinear", align_corners=align_corners
+            )
+            prediction = logits.argmax(1)
+            matrix.update(prediction, labels)
+            if first is None:
+                first = {
+                    "prediction": prediction[0],
+                    "label": labels[0],
+                    "offsets": None if output.offsets is None else output.offsets[0].float(),
+                    "confidence": None if output.confidence is None else output.confidence[0, 0].float(),
+                }
+            meter.update(images.shape[0])
     matrix.all_reduce()
     model.train(was_training)
     return matrix.compute(), first
@@ -384,6 +418,27 @@ class StopSignals:
         self._previous.clear()
 
 
+class StopRequest:
+    """A stop asked from inside the program (a time budget, a test), not by a signal: the loop finishes its
+    step, saves ``last.pth`` and :func:`train` returns normally, printing no signal message. :meth:`request` may
+    be called from another thread. ``stopped_at``: the iteration where the loop stopped for it; None when the
+    request came after the last step (nothing was cut short).
+    """
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.reason = ""
+        self.stopped_at: int | None = None
+
+    def request(self, reason: str = "") -> None:
+        self.reason = reason
+        self._event.set()
+
+    @property
+    def requested(self) -> bool:
+        return self._event.is_set()
+
+
 # --- setup helpers ----------------------------------------------------------------------------------------
 
 
@@ -399,6 +454,60 @@ def prepare_run_dir(run_dir: Path) -> None:
             f"cannot write to the output folder {run_dir} ({exc.strerror or exc}); set output_dir "
             "(or name) to a writable folder or fix its permissions"
         ) from None
+
+
+def _resumes_own_run(run_dir: Path, ckpt: dict | None) -> bool:
+    return ckpt is not None and Path(ckpt["path"]).resolve().parent == run_dir.resolve()
+
+
+def check_run_folder(run_dir: Path, resume: str | Path | None, ckpt: dict | None, overwrite: bool) -> None:
+    """Refuse a start that would replace another run's checkpoints, unless ``overwrite``.
+
+    Starting fresh, or resuming a checkpoint from elsewhere, in a folder that holds ``last.pth``/``best.pth``
+    would overwrite them (and a stale ``best.pth`` would outlive the new run); a folder without checkpoints
+    (e.g. a start that failed early) is fine.
+    """
+    held = [name for name in RUN_CHECKPOINTS if (run_dir / name).is_file()]
+    if not held or overwrite or _resumes_own_run(run_dir, ckpt):
+        return
+    if ckpt is not None:
+        raise OvenetError(
+            f"run folder {run_dir} holds another run ({', '.join(held)}); resuming {ckpt['path']} there would "
+            "replace its checkpoints: choose another --run-dir"
+        )
+    if resume is not None:  # --resume auto found no last.pth
+        raise OvenetError(
+            f"--resume auto: run folder {run_dir} holds {', '.join(held)} but no last.pth to resume from; start "
+            "it again with --overwrite or choose another --run-dir"
+        )
+    raise OvenetError(
+        f"run folder {run_dir} already holds a run ({', '.join(held)}); continue it with --resume auto, start it "
+        "again with --overwrite, or choose another --run-dir"
+    )
+
+
+def resume_changes(ckpt: dict, cfg: Config) -> list[tuple[str, Any, Any]]:
+    """``(key, old, new)`` for each config key that differs from the checkpoint's config; raises
+    :class:`ConfigError` naming them when any is outside :data:`RESUMABLE_KEYS`."""
+    from ..config import _flatten, from_dict
+
+    try:  # through from_dict, so keys added since the checkpoint was written compare with their defaults
+        old = _flatten(from_dict(copy.deepcopy(ckpt["config"])).to_dict())
+    except (ConfigError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint {ckpt['path']} holds a config this version cannot read ({exc})") from None
+    new = _flatten(cfg.to_dict())
+    changes = [(key, old.get(key), new.get(key)) for key in new if old.get(key) != new.get(key)]
+    refused = [change for change in changes if change[0] not in RESUMABLE_KEYS]
+    if refused:
+        shown = ", ".join(f"{key} {a} -> {b}" for key, a, b in refused[:6])
+        more = f" and {len(refused) - 6} more" if len(refused) > 6 else ""
+        raise ConfigError(
+            f"cannot resume {ckpt['path']}: this config changes what its weights were trained with ({shown}{more}); "
+            "resume with the original config (a resume may change only train.iters/epochs, logging, checkpoint "
+            "and validation intervals, device, data.num_workers and eval settings), or start a new run with "
+            f"another --run-dir (model.init_from={ckpt['path']} starts from its weights)"
+        )
+    return changes
 
 
 def check_free_space(run_dir: Path, model: nn.Module) -> None:
@@ -452,17 +561,26 @@ def write_checkpoint(
 # --- the training run ------------------------------------------------------------------------------------
 
 
-def train(cfg: Config, resume: str | Path | None = None, run_dir: Path | None = None) -> Path:
+def train(
+    cfg: Config,
+    resume: str | Path | None = None,
+    run_dir: Path | None = None,
+    overwrite: bool = False,
+    stop: StopRequest | None = None,
+) -> Path:
     """Train ``cfg`` (optionally resuming from a checkpoint, or ``"auto"`` = ``run_dir/last.pth`` if present).
 
-    Returns the run folder (default ``output_dir/name``). Raises :class:`OvenetError` for user-caused failures
-    and :class:`TrainingInterrupted` (exit code 130/143) after a SIGINT/SIGTERM stop.
+    A run folder that already holds checkpoints is refused for a fresh start unless ``overwrite`` (which
+    removes them before the first step). Returns the run folder (default ``output_dir/name``). Raises
+    :class:`OvenetError` for user-caused failures and :class:`TrainingInterrupted` (exit code 130/143) after a
+    SIGINT/SIGTERM stop. ``stop``: a :class:`StopRequest` the caller may fire (e.g. a time budget); the loop
+    then saves ``last.pth`` and returns normally.
     """
     run_dir = Path(run_dir) if run_dir is not None else Path(cfg.output_dir) / cfg.name
     info = D.init_distributed(cfg.device)
     deterministic_before = torch.are_deterministic_algorithms_enabled()
     try:
-        return _train(cfg, resume, run_dir, info)
+        return _train(cfg, resume, run_dir, info, overwrite, stop)
     finally:
         close_logger()
         if torch.are_deterministic_algorithms_enabled() != deterministic_before:  # leave the process as found
@@ -470,20 +588,33 @@ def train(cfg: Config, resume: str | Path | None = None, run_dir: Path | None = 
         D.cleanup(info)
 
 
-def _train(cfg: Config, resume: str | Path | None, run_dir: Path, info: D.DistInfo) -> Path:
+def _train(
+    cfg: Config,
+    resume: str | Path | None,
+    run_dir: Path,
+    info: D.DistInfo,
+    overwrite: bool = False,
+    stop: StopRequest | None = None,
+) -> Path:
     t = cfg.train
     device = D.resolve_device(cfg.device, info.local_rank)
     on_cuda = device.type == "cuda"
     amp_dtype = AMP_DTYPES[t.amp] if on_cuda else None  # CPU trains in fp32
     channels_last = t.channels_last and on_cuda
 
-    # Output folder first: an unwritable one must fail before anything slow happens.
-    def prepare() -> None:
-        prepare_run_dir(run_dir)
-        save_config(cfg, run_dir / "config.yaml")
+    # What this start does to the run folder is settled before anything is written: a refused start (a folder
+    # holding another run, a resume whose config changes the model or data) leaves the folder as it was.
+    ckpt = _read_resume(resume, run_dir)
+    _on_main_rank(info, lambda: check_run_folder(run_dir, resume, ckpt, overwrite))
+    resume_diff = resume_changes(ckpt, cfg) if ckpt is not None else []
 
-    _on_main_rank(info, prepare)
+    # Output folder next: an unwritable one must fail before anything slow happens.
+    _on_main_rank(info, lambda: prepare_run_dir(run_dir))
     log = setup_logger(run_dir, info.is_main)
+    if resume is not None and ckpt is None:
+        log.info(f"--resume auto: no {run_dir / 'last.pth'} yet, starting from scratch")
+    for key, old, new in resume_diff:
+        log.info(f"resume changes {key}: {old} -> {new}")
     tb = TensorBoard(run_dir / "tb", t.tensorboard and info.is_main, log)
 
     # Reproducibility: each rank its own stream (DDP broadcasts rank 0's initial weights anyway).
@@ -521,6 +652,14 @@ def _train(cfg: Config, resume: str | Path | None, run_dir: Path, info: D.DistIn
         generator=torch.Generator().manual_seed(t.seed + info.rank),
     )
     total_iters = t.iters if t.iters is not None else t.epochs * iters_per_epoch
+    if ckpt is not None and ckpt["iteration"] >= total_iters:
+        # Nothing to do: say so, and leave config.yaml and the checkpoints describing the weights they hold.
+        log.info(
+            f"run already finished: {ckpt['path']} is at iteration {ckpt['iteration']} of {total_iters} planned; "
+            f"raise train.iters above {ckpt['iteration']} to train longer"
+        )
+        tb.close()
+        return run_dir
     val_loader = None
     try:
         val_set = build_dataset(cfg.data, train=False, label_resolution=cfg.eval.label_resolution)
@@ -539,7 +678,6 @@ def _train(cfg: Config, resume: str | Path | None, run_dir: Path, info: D.DistIn
 
     # Model, loss, optimiser.
     model = build_model(cfg.model)
-    ckpt = _read_resume(resume, run_dir, log)
     if ckpt is not None:
         checkpoint.load_state(model, ckpt["model"], f"checkpoint {ckpt['path']}")
     else:  # a resumed run has its weights already; a fresh one starts from model.pretrained, then model.init_from
@@ -595,6 +733,9 @@ def _train(cfg: Config, resume: str | Path | None, run_dir: Path, info: D.DistIn
         f"{n_params / 1e6:.2f}M params | {len(train_set)} train samples, {iters_per_epoch} it/epoch, "
         f"{total_iters} iterations | device {device}, {info.world_size} process(es), amp {amp_dtype}"
     )
+    threads_note = take_note()  # the CLI's CPU thread choice (ovenet.threads), here and in train.log
+    if threads_note:
+        log.info(threads_note)
 
     def save(name: str, **extra: Any) -> None:
         write_checkpoint(
@@ -613,12 +754,25 @@ def _train(cfg: Config, resume: str | Path | None, run_dir: Path, info: D.DistIn
             **extra,
         )
 
+    # From here on the run writes: its config, after removing an overwritten run's checkpoints (a stale best.pth
+    # would otherwise outlive the new run).
+    def start_writing() -> None:
+        if overwrite and not _resumes_own_run(run_dir, ckpt):
+            removed = [name for name in RUN_CHECKPOINTS if (run_dir / name).is_file()]
+            for name in removed:
+                (run_dir / name).unlink()
+            if removed:
+                log.info(f"--overwrite: removed the previous run's {', '.join(removed)} from {run_dir}")
+        save_config(cfg, run_dir / "config.yaml")
+
+    _on_main_rank(info, start_writing)
+
     # The loop.
     model.train()
     watch = NonFiniteWatch(device)
     sums: dict[str, Tensor] = {}
     window_steps, window_start = 0, time.perf_counter()
-    signal_seen, data_failed, data_problem = False, False, None
+    signal_seen, data_failed, data_problem, stop_seen = False, False, None, False
     stream = epoch_batches(loader, sampler, iteration, iters_per_epoch)
     with (
         contextlib.closing(tb),
@@ -628,8 +782,10 @@ def _train(cfg: Config, resume: str | Path | None, run_dir: Path, info: D.DistIn
         while iteration < total_iters:
             batch, data_problem = _next_batch(stream)
             # Ranks agree before each step, so that they all stop at the same one (else DDP would hang).
-            signal_seen, data_failed = D.any_rank(info, signals.signum is not None, data_problem is not None)
-            if signal_seen or data_failed:
+            signal_seen, data_failed, stop_seen = D.any_rank(
+                info, signals.signum is not None, data_problem is not None, stop is not None and stop.requested
+            )
+            if signal_seen or data_failed or stop_seen:
                 break
 
             loss, terms = train_step(
@@ -672,6 +828,7 @@ def _train(cfg: Config, resume: str | Path | None, run_dir: Path, info: D.DistIn
                 or (t.val_every == 0 and t.iters is None and end_of_epoch)
             ):
                 watch.check(info, run_dir / "last.pth")
+                val_start = time.perf_counter()
                 # fp32 whatever train.amp: this mIoU picks best.pth, so it must not move with bf16 rounding.
                 metrics, first = validate(
                     raw_model,
@@ -682,6 +839,8 @@ def _train(cfg: Config, resume: str | Path | None, run_dir: Path, info: D.DistIn
                     cfg.model.align_corners,
                     dataset.ignore_index,
                     channels_last,
+                    progress=info.is_main,
+                    write=log.info,
                 )
                 improved = best_miou is None or metrics["miou"] > best_miou
                 if improved:
@@ -712,6 +871,9 @@ def _train(cfg: Config, resume: str | Path | None, run_dir: Path, info: D.DistIn
                         tb.image(f"val/{name}", image, iteration)
                 if improved:
                     save("best.pth", val_metrics={k: metrics[k] for k in ("miou", "pixel_acc", "mean_acc")})
+                # The next log line's images/s and ETA are about training steps: validation is not one.
+                window_start += time.perf_counter() - val_start
+                bar.unpause()
 
             if iteration % t.ckpt_every == 0 or finished:
                 watch.check(info, run_dir / "last.pth")
@@ -739,6 +901,15 @@ def _train(cfg: Config, resume: str | Path | None, run_dir: Path, info: D.DistIn
         )
         log.info(message)
         raise TrainingInterrupted(signum, message)
+    if stop_seen:  # asked from inside the program (e.g. a time budget): a normal return, no signal message
+        watch.check(info, run_dir / "last.pth")
+        save("last.pth")
+        D.barrier(info)
+        if stop is not None:
+            stop.stopped_at = iteration
+        reason = f" ({stop.reason})" if stop is not None and stop.reason else ""
+        log.info(f"stopped at iteration {iteration}/{total_iters}{reason}; saved {run_dir / 'last.pth'}")
+        return run_dir
 
     D.barrier(info)
     best = f", best val mIoU {100 * best_miou:.2f}" if best_miou is not None else ""
@@ -773,13 +944,12 @@ def _next_batch(stream: Iterator[dict]) -> tuple[dict | None, OvenetError | None
         return None, problem
 
 
-def _read_resume(resume: str | Path | None, run_dir: Path, log: Any) -> dict | None:
+def _read_resume(resume: str | Path | None, run_dir: Path) -> dict | None:
     """The checkpoint dict to resume from (with its ``path``), or None to start fresh."""
     if resume is None:
         return None
     path = run_dir / "last.pth" if str(resume) == "auto" else Path(resume)
     if str(resume) == "auto" and not path.is_file():
-        log.info(f"--resume auto: no {path} yet, starting from scratch")
         return None
     ckpt = checkpoint.read(path)
     missing = [k for k in ("optimizer", "scheduler", "iteration", "rng") if k not in ckpt]
