@@ -6,7 +6,8 @@ import torch
 from helpers import tiny
 from PIL import Image
 
-from ovenet.engine.inference import Prediction, infer_logits, normalize_image, predict
+from ovenet.data.transforms import normalize_image
+from ovenet.engine.inference import Prediction, infer_logits, predict
 from ovenet.errors import DataError, OvenetError
 
 

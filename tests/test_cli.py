@@ -68,13 +68,6 @@ def test_every_command_has_help_with_examples(capsys, command):
     assert code == 0 and "examples:" in out and f"ovenet {command}" in out
 
 
-def test_prediction_kinds_match_the_engine():
-    from ovenet.cli.main import PREDICTION_KINDS
-    from ovenet.engine.predict import SAVE_KINDS
-
-    assert PREDICTION_KINDS == SAVE_KINDS
-
-
 def test_usage_errors_exit_2(capsys):
     assert run(capsys, "no-such-command")[0] == 2
     assert run(capsys, "--debug")[0] == 2  # a command is still required once anything is given

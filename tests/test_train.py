@@ -255,8 +255,7 @@ def test_device_cuda_without_gpu_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(
         OvenetError,
-        match=r"^--device cuda was requested but no CUDA GPU is visible; use "
-        r"--device cpu$",
+        match=r"^device 'cuda' requested but no CUDA GPU is available .*; use --device cpu",
     ):
         train(tiny_config("device=cuda"), run_dir=tmp_path / "run")
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ovenet.vis import colorize, confidence_to_color, denormalize, flow_to_color, overlay, save_png
+from ovenet.data import denormalize
+from ovenet.vis import colorize, confidence_to_color, flow_to_color, overlay, save_png
 
 
 def test_colorize_palette_and_black_for_ignore():

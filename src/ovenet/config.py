@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from collections.abc import Sequence
@@ -344,6 +345,14 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
         return data
     parent = _read_yaml(resolve_config_path(base, path.parent), (*seen, path.resolve()))
     return _merge(parent, data)
+
+
+OVERRIDE_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=")
+
+
+def is_override(text: str) -> bool:
+    """``key.sub=value`` (as opposed to a file path)."""
+    return bool(OVERRIDE_PATTERN.match(text))
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -23,7 +23,7 @@ def resolve_device(name: str | torch.device | None = "auto", local_rank: int = 0
         if not torch.cuda.is_available():
             build = "a CPU-only build" if torch.version.cuda is None else f"a CUDA {torch.version.cuda} build"
             raise OvenetError(f"device '{name}' requested but no CUDA GPU is available (torch {torch.__version__}, "
-                              f"{build}); use device 'cpu' or 'auto'")
+                              f"{build}); use --device cpu (device='cpu' in Python) or auto")
         index = name.partition(":")[2]
         if not index:
             return torch.device(f"cuda:{local_rank}")

@@ -1,7 +1,7 @@
 """ONNX export with dynamic batch, height and width.
 
 The exported graph takes ``image``: float32 ``[B, 3, H, W]``, ImageNet-normalised RGB (as
-:func:`ovenet.engine.inference.normalize_image` makes it) and returns, in this order, whichever of
+:func:`ovenet.data.transforms.normalize_image` makes it) and returns, in this order, whichever of
 
 - ``logits``: ``[B, C, h, w]`` the final prediction S_f (the plain logits for the baseline);
 - ``offsets``: ``[B, 2, h, w]`` offset vectors in normalised image coordinates (x, y), OVeNet only;

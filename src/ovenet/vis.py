@@ -11,10 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 
-from ovenet.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ovenet.data.base import to_numpy
 
 # viridis (the CC0 matplotlib colormap: perceptually uniform, readable in greyscale and when colour-blind)
 # sampled at 17 evenly spaced points; linear interpolation stays within ~5/255 of the full map.
@@ -28,17 +27,11 @@ _VIRIDIS_LUT = np.array(
 )  # fmt: skip
 
 
-def _to_numpy(array: Any) -> np.ndarray:
-    if isinstance(array, torch.Tensor):
-        return array.detach().cpu().numpy()
-    return np.asarray(array)
-
-
 def colorize(
     label_map: Any, palette: Sequence[Sequence[int]] | np.ndarray, ignore_index: int = 255
 ) -> np.ndarray:
     """Colours an ``[H, W]`` label map with ``palette[k] = (r, g, b)``; ignore/unknown labels are black."""
-    labels = _to_numpy(label_map)
+    labels = to_numpy(label_map)
     if labels.ndim != 2:
         raise ValueError(f"label_map must be [H, W], got shape {labels.shape}")
     colors = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
@@ -51,7 +44,7 @@ def colorize(
 
 def overlay(image_uint8: Any, color: Any, alpha: float = 0.5) -> np.ndarray:
     """Blends ``color`` over ``image`` (both ``HxWx3`` uint8): ``(1 - alpha) * image + alpha * color``."""
-    image, color = _to_numpy(image_uint8), _to_numpy(color)
+    image, color = to_numpy(image_uint8), to_numpy(color)
     if image.shape != color.shape or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"image and color must both be HxWx3, got {image.shape} and {color.shape}")
     if not 0.0 <= alpha <= 1.0:
@@ -87,7 +80,7 @@ def flow_to_color(offsets: Any, max_norm: float | None = None) -> np.ndarray:
     Hue gives the direction (+x red, -x cyan), saturation the length: zero is white and a vector of length
     ``max_norm`` (default: the longest in the field) is fully saturated; longer ones are darkened.
     """
-    field = _to_numpy(offsets).astype(np.float64)
+    field = to_numpy(offsets).astype(np.float64)
     if field.ndim != 3 or field.shape[0] != 2:
         raise ValueError(f"offsets must be [2, H, W], got shape {field.shape}")
     u, v = np.nan_to_num(field[0]), np.nan_to_num(field[1])
@@ -113,7 +106,7 @@ def flow_to_color(offsets: Any, max_norm: float | None = None) -> np.ndarray:
 
 def confidence_to_color(conf: Any, vmin: float = 0.0, vmax: float = 1.0) -> np.ndarray:
     """Colours an ``[H, W]`` map with viridis (dark purple = ``vmin``, yellow = ``vmax``); NaN is black."""
-    values = _to_numpy(conf).astype(np.float64)
+    values = to_numpy(conf).astype(np.float64)
     if values.ndim != 2:
         raise ValueError(f"conf must be [H, W], got shape {values.shape}")
     if vmax <= vmin:
@@ -129,24 +122,9 @@ def confidence_to_color(conf: Any, vmin: float = 0.0, vmax: float = 1.0) -> np.n
     return out
 
 
-def denormalize(
-    image_tensor: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
-) -> np.ndarray:
-    """Undoes mean/std normalisation of a ``[3, H, W]`` or ``[1, 3, H, W]`` RGB tensor -> uint8 ``HxWx3``."""
-    image = image_tensor.detach().to("cpu", torch.float64)
-    if image.dim() == 4 and image.shape[0] == 1:
-        image = image[0]
-    if image.dim() != 3 or image.shape[0] != 3:
-        raise ValueError(f"image_tensor must be [3, H, W], got shape {tuple(image_tensor.shape)}")
-    mean_t = torch.tensor(mean, dtype=torch.float64).view(3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float64).view(3, 1, 1)
-    pixels = (image * std_t + mean_t) * 255.0
-    return pixels.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
-
-
 def save_png(path: str | Path, array: Any) -> Path:
     """Writes uint8 ``HxW``/``HxWx3``/``HxWx4`` or uint16 ``HxW`` arrays as PNG, creating parent folders."""
-    data = _to_numpy(array)
+    data = to_numpy(array)
     valid = (data.dtype == np.uint8 and (data.ndim == 2 or (data.ndim == 3 and data.shape[2] in (3, 4)))) or (
         data.dtype == np.uint16 and data.ndim == 2
     )

@@ -6,7 +6,6 @@ Heavy imports (torch, the engine) happen inside the commands so that ``ovenet --
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import tempfile
@@ -15,35 +14,15 @@ from typing import Any
 
 import yaml
 
-from ovenet.config import CONFIG_DIR, Config, apply_overrides, from_dict, load_config
+from ovenet.config import CONFIG_DIR, Config, apply_overrides, from_dict, is_override, load_config
+from ovenet.device import resolve_device
+from ovenet.engine.distributed import is_main_process
+from ovenet.engine.evaluate import percent
+from ovenet.engine.inference import PAPER_SCALES
 from ovenet.errors import CheckpointError, DataError, OvenetError
 from ovenet.threads import configure_threads
 
-from .main import PAPER_SCALES, is_override
-
 # --- helpers --------------------------------------------------------------------------------------------------
-
-def resolve_device(name: str | None) -> str:
-    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; a CUDA device that does not exist is an error."""
-    import torch
-
-    name = (name or "auto").strip().lower()
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cpu":
-        return "cpu"
-    if name == "cuda" or name.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            build = "a CPU-only PyTorch build" if torch.version.cuda is None else f"CUDA {torch.version.cuda} build"
-            raise OvenetError(f"device '{name}' requested but no CUDA GPU is available (torch "
-                              f"{torch.__version__}, {build}); use --device cpu or --device auto")
-        index = name.partition(":")[2]
-        if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
-            raise OvenetError(f"device '{name}' does not exist: {torch.cuda.device_count()} GPU(s) visible "
-                              f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
-        return name
-    raise OvenetError(f"device '{name}' is unknown; use auto, cpu, cuda or cuda:N")
-
 
 def require_file(path: str | Path, what: str = "checkpoint") -> Path:
     path = Path(path)
@@ -99,14 +78,6 @@ def inference_overrides(args: argparse.Namespace) -> list[str]:
     return out
 
 
-def _is_main_process() -> bool:
-    return os.environ.get("RANK", "0") == "0"
-
-
-def _pct(value: Any) -> str:
-    return "n/a" if not isinstance(value, (int, float)) or math.isnan(value) else f"{100 * value:.2f}"
-
-
 def print_metrics(result: dict) -> None:
     """The headline figures of an evaluation result, in percent."""
     rows = [("mIoU", result.get("miou")), ("pixel accuracy", result.get("pixel_acc")),
@@ -118,7 +89,7 @@ def print_metrics(result: dict) -> None:
     width = max(len(label) for label, _ in rows)
     print(f"{result.get('dataset', '?')} {result.get('split', '?')}: {result.get('num_images', '?')} images")
     for label, value in rows:
-        print(f"  {label:<{width}}  {_pct(value)}")
+        print(f"  {label:<{width}}  {percent(value)}")
 
 
 # --- commands -------------------------------------------------------------------------------------------------
@@ -137,7 +108,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ovenet.engine.train import train
 
     run_dir = train(cfg, resume=args.resume, run_dir=args.run_dir, overwrite=args.overwrite)
-    if _is_main_process():
+    if is_main_process():
         print(f"training finished; run folder {run_dir} (best.pth, last.pth, config.yaml, train.log)")
     return 0
 
@@ -368,7 +339,7 @@ def _format_state(value: Any) -> str:
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from ovenet.quickstart import run_quickstart
 
-    device = resolve_device(args.device)
+    device = str(resolve_device(args.device))  # the quickstart records it in its JSON summary
     run_quickstart(args.out, minutes=args.minutes, iters=args.iters, device=device, overwrite=args.overwrite,
                    overrides=args.overrides, threads=args.threads)
     return 0

@@ -1,31 +1,26 @@
 """The ``ovenet`` command line: argument parsing, dispatch and the mapping of errors to one-line messages.
 
-Every subcommand lives in :mod:`ovenet.cli.commands` and imports the engine (training, evaluation, export)
-only when it runs, so ``ovenet --help`` works even where an optional part cannot be imported.
+Every subcommand is a ``cmd_*`` function of :mod:`ovenet.cli.commands` (set as the parser's ``func``), which
+imports the heavy parts of the engine only when it runs. commands never imports this module.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import traceback
 from collections.abc import Sequence
 from typing import Any
 
+from ovenet.cli import commands
+from ovenet.config import is_override
+from ovenet.engine.inference import PAPER_SCALES
+from ovenet.engine.predict import SAVE_KINDS
 from ovenet.errors import OvenetError
 
 PROG = "ovenet"
-PAPER_SCALES = [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
-PREDICTION_KINDS = ("color", "overlay", "raw", "labelids", "offsets", "confidence")  # engine.predict.SAVE_KINDS
-OVERRIDE_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=")
 COMMANDS_TAKING_OVERRIDES = ("train", "eval", "predict", "check-data", "configs", "quickstart")
-
-
-def is_override(text: str) -> bool:
-    """``key.sub=value`` (as opposed to a file path)."""
-    return bool(OVERRIDE_PATTERN.match(text))
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -106,8 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--threads", type=_thread_count, default=argparse.SUPPRESS, metavar="N", help=THREADS_HELP)
 
     def command(name: str, help: str, description: str, epilog: str, **kw: Any) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help, description=description, epilog="examples:\n" + epilog,
-                              parents=[common], formatter_class=_Formatter, **kw)
+        p = sub.add_parser(name, help=help, description=description, epilog="examples:\n" + epilog,
+                           parents=[common], formatter_class=_Formatter, **kw)
+        p.set_defaults(func=getattr(commands, "cmd_" + name.replace("-", "_")))
+        return p
 
     # -- train -------------------------------------------------------------------------------------------------
     p = command(
@@ -184,8 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders (overrides key=value too)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     _add_inference_options(p)
-    p.add_argument("--save", nargs="+", metavar="KIND", choices=PREDICTION_KINDS,
-                   help=f"what to write: {', '.join(PREDICTION_KINDS)} (default: all that apply; labelids for "
+    p.add_argument("--save", nargs="+", metavar="KIND", choices=SAVE_KINDS,
+                   help=f"what to write: {', '.join(SAVE_KINDS)} (default: all that apply; labelids for "
                         "Cityscapes/ACDC, offsets and confidence for OVeNet)")
     p.add_argument("--overwrite", action="store_true",
                    help="redo every input (default: keep the outputs already done and predict the rest)")
@@ -342,11 +339,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # --help, usage errors: keep argparse's messages, return its code in-process
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
 
-    from ovenet.cli import commands
-
-    handler = getattr(commands, "cmd_" + args.command.replace("-", "_"))
     try:
-        return int(handler(args) or 0)
+        return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
     except SystemExit as e:  # TrainingInterrupted (SIGINT/SIGTERM): the engine has already said where last.pth is

@@ -45,8 +45,19 @@ def normalize(image: np.ndarray, out: torch.Tensor | None = None) -> torch.Tenso
     return out.copy_(pixels).sub_(_MEAN_255).mul_(_INV_STD_255)
 
 
+def normalize_image(image: torch.Tensor) -> torch.Tensor:
+    """ImageNet mean/std normalisation of float ``[..., 3, H, W]`` values in [0, 1], on the image's device."""
+    mean = image.new_tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = image.new_tensor(IMAGENET_STD).view(3, 1, 1)
+    return (image - mean) / std
+
+
 def denormalize(image: torch.Tensor) -> np.ndarray:
-    """Inverse of :func:`normalize` for visualisation: [3,H,W] float -> uint8 HxWx3."""
+    """Inverse of :func:`normalize` for visualisation: [3,H,W] (or [1,3,H,W]) float -> uint8 HxWx3."""
+    if image.dim() == 4 and image.shape[0] == 1:
+        image = image[0]
+    if image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(f"denormalize needs a [3, H, W] image, got shape {tuple(image.shape)}")
     pixels = image.detach().cpu().float() * _STD_255 + _MEAN_255
     return pixels.round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
 

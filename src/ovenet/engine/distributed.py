@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..errors import OvenetError
+from ..device import resolve_device
 
 
 @dataclass
@@ -35,18 +35,17 @@ class DistInfo:
         return self.rank == 0
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto``: this rank's GPU if CUDA is visible, else the CPU; ``cuda`` without a GPU is a user error."""
-    name = name.strip().lower()
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise OvenetError(f"--device {name} was requested but no CUDA GPU is visible; use --device cpu")
-        return torch.device(f"cuda:{local_rank}") if name == "cuda" else torch.device(name)
-    if name == "cpu":
-        return torch.device("cpu")
-    raise OvenetError(f"device '{name}' is not understood; use auto, cpu, cuda or cuda:N")
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the world size: from the process group once it is up, else from torchrun's
+    RANK/WORLD_SIZE (so a command can tell before joining), else a single process."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    """Rank 0, the process that prints and writes files."""
+    return rank_and_world()[0] == 0
 
 
 def init_distributed(device_name: str) -> DistInfo:

@@ -20,17 +20,13 @@ import torch.distributed as dist
 from torch import nn
 
 from ovenet.config import Config, EvalConfig
+from ovenet.device import resolve_device
+from ovenet.engine.distributed import rank_and_world
 from ovenet.engine.inference import infer_logits
 from ovenet.engine.logging import Progress
 from ovenet.errors import ConfigError, DataError, OvenetError
 from ovenet.metrics import BoundaryConfusion, CityscapesMetric, ConfusionMatrix
 from ovenet.threads import take_note
-
-
-def _dist_info(distributed: bool) -> tuple[int, int]:
-    if distributed and dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _all_conditions(local: set[str], world: int) -> list[str]:
@@ -77,7 +73,7 @@ def evaluate_model(
     if getattr(model, "num_classes", num_classes) != num_classes:
         raise ConfigError(f"the model predicts {model.num_classes} classes but the dataset has {num_classes}; "
                           "evaluate with a checkpoint trained for this dataset")
-    rank, world = _dist_info(distributed)
+    rank, world = rank_and_world() if distributed else (0, 1)
     confusion = ConfusionMatrix(num_classes, ignore_index, device=device)
     boundary = BoundaryConfusion(num_classes, eval_cfg.boundary_width, ignore_index, device=device)
     per_condition: dict[str, ConfusionMatrix] = {}
@@ -158,19 +154,6 @@ def evaluate_model(
 
 # --- evaluate a checkpoint and write result files -----------------------------------------------------------------
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` -> the first CUDA GPU when there is one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"device '{name}' is not valid; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device '{name}' was requested but CUDA is not available; use device=cpu")
-    return device
-
-
 def _json_safe(value: Any) -> Any:
     """NaN/inf -> null (strict JSON); tuples -> lists."""
     if isinstance(value, float):
@@ -182,8 +165,11 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}"
+def percent(value: float | None) -> str:
+    """A fraction as a percentage with two decimals, ``n/a`` for a missing or NaN figure."""
+    if not isinstance(value, (int, float)) or math.isnan(value):
+        return "n/a"
+    return f"{100 * value:.2f}"
 
 
 def results_markdown(result: dict[str, Any], title: str = "Evaluation") -> str:
@@ -199,25 +185,25 @@ def results_markdown(result: dict[str, Any], title: str = "Evaluation") -> str:
     lines += ["", "| metric | value (%) |", "|---|---:|"]
     summary = [("mIoU", "miou"), ("mIoU over all classes", "miou_all"), ("pixel accuracy", "pixel_acc"),
                ("mean class accuracy", "mean_acc"), (f"boundary mIoU ({result['boundary_width']} px)", "boundary_miou")]
-    lines += [f"| {label} | {_pct(result.get(key))} |" for label, key in summary]
+    lines += [f"| {label} | {percent(result.get(key))} |" for label, key in summary]
     city = result.get("cityscapes")
     if city:
         for label, key in (("Cityscapes mIoU (label ids)", "miou"), ("iIoU class", "iiou_class"),
                            ("IoU category", "iou_category"), ("iIoU category", "iiou_category")):
-            lines.append(f"| {label} | {_pct(city.get(key))} |")
+            lines.append(f"| {label} | {percent(city.get(key))} |")
     lines += ["", "| class | IoU | boundary IoU | accuracy |", "|---|---:|---:|---:|"]
     for i, name in enumerate(result["class_names"]):
-        lines.append(f"| {name} | {_pct(result['iou'][i])} | {_pct(result['boundary_iou'][i])} | "
-                     f"{_pct(result['per_class_acc'][i])} |")
+        lines.append(f"| {name} | {percent(result['iou'][i])} | {percent(result['boundary_iou'][i])} | "
+                     f"{percent(result['per_class_acc'][i])} |")
     if result.get("per_condition"):
         lines += ["", "| condition | mIoU | pixel accuracy | mean accuracy |", "|---|---:|---:|---:|"]
         for name, figures in result["per_condition"].items():
-            lines.append(f"| {name} | {_pct(figures['miou'])} | {_pct(figures['pixel_acc'])} | "
-                         f"{_pct(figures['mean_acc'])} |")
+            lines.append(f"| {name} | {percent(figures['miou'])} | {percent(figures['pixel_acc'])} | "
+                         f"{percent(figures['mean_acc'])} |")
     if city:
         lines += ["", "| Cityscapes category | IoU | iIoU |", "|---|---:|---:|"]
         for name, value in city["iou_per_category"].items():
-            lines.append(f"| {name} | {_pct(value)} | {_pct(city['iiou_per_category'].get(name))} |")
+            lines.append(f"| {name} | {percent(value)} | {percent(city['iiou_per_category'].get(name))} |")
     lines.append("")
     return "\n".join(lines)
 

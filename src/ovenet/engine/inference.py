@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from ovenet.data.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_image
+from ovenet.data.transforms import normalize_image, resize_image
 from ovenet.device import resolve_device
 from ovenet.errors import OvenetError
 
@@ -384,13 +384,6 @@ def _checked_unit_range(tensor: Tensor, original: Any) -> Tensor:
                           f"{float(tensor.max()):.3g} in a {_describe(original)}); pass uint8 for 0-255 data and do "
                           "not normalise it yourself")
     return tensor
-
-
-def normalize_image(image: Tensor) -> Tensor:
-    """ImageNet mean/std normalisation of ``[..., 3, H, W]`` values in [0, 1]."""
-    mean = image.new_tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = image.new_tensor(IMAGENET_STD).view(3, 1, 1)
-    return (image - mean) / std
 
 
 def _model_device(model: nn.Module) -> torch.device:

@@ -51,6 +51,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .. import checkpoint
 from ..config import Config, save_config
 from ..data import build_dataset, build_loader, collate_samples, seed_worker
+from ..device import resolve_device
 from ..errors import CheckpointError, ConfigError, DataError, OvenetError
 from ..losses import build_loss
 from ..metrics import ConfusionMatrix
@@ -597,7 +598,7 @@ def _train(
     stop: StopRequest | None = None,
 ) -> Path:
     t = cfg.train
-    device = D.resolve_device(cfg.device, info.local_rank)
+    device = resolve_device(cfg.device, info.local_rank)
     on_cuda = device.type == "cuda"
     amp_dtype = AMP_DTYPES[t.amp] if on_cuda else None  # CPU trains in fp32
     channels_last = t.channels_last and on_cuda

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ovenet.data.base import to_numpy
 from ovenet.data.cityscapes import LABELS
 from ovenet.errors import CheckpointError, ConfigError, DataError
 
@@ -56,12 +57,6 @@ _CATEGORY_OF = [cat for _, _, _, cat, _, _ in LABELS]
 _IGNORED = np.array([ignored for *_, ignored in LABELS])
 _CATEGORY_EVAL_IDS = {c: [lid for lid in EVAL_IDS if _CATEGORY_OF[lid] == c] for c in CATEGORIES}
 _CATEGORY_ALL_IDS = {c: [lid for lid in range(NUM_LABEL_IDS) if _CATEGORY_OF[lid] == c] for c in CATEGORIES}
-
-
-def _to_numpy(array: Any) -> np.ndarray:
-    if isinstance(array, torch.Tensor):
-        return array.detach().cpu().numpy()
-    return np.asarray(array)
 
 
 def _score_average(scores: list[float]) -> float:
@@ -109,8 +104,8 @@ class CityscapesMetric:
         ``pred_is_train_ids=False``, label ids 0..33. ``gt_instance_ids`` is the ``*_instanceIds.png`` content
         (label id * 1000 + k); without it iIoU figures come out NaN.
         """
-        pred, gt = _to_numpy(pred).astype(np.int64), _to_numpy(gt_label_ids).astype(np.int64)
-        inst = None if gt_instance_ids is None else _to_numpy(gt_instance_ids).astype(np.int64)
+        pred, gt = to_numpy(pred).astype(np.int64), to_numpy(gt_label_ids).astype(np.int64)
+        inst = None if gt_instance_ids is None else to_numpy(gt_instance_ids).astype(np.int64)
         if pred.shape != gt.shape or (inst is not None and inst.shape != gt.shape) or gt.ndim < 2:
             shapes = [tuple(a.shape) for a in (pred, gt, inst) if a is not None]
             raise ValueError(
