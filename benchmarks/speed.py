@@ -22,7 +22,8 @@ import torch
 
 from ovenet.config import LossConfig, ModelConfig, OffsetConfig, TrainConfig
 from ovenet.engine.optim import build_optimizer
-from ovenet.engine.train import compile_regions, train_step
+from ovenet.engine.step import train_step
+from ovenet.engine.train import compile_regions
 from ovenet.losses import build_loss
 from ovenet.models import build_model
 from ovenet.models.heads import upsample_logits

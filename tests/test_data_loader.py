@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from torch.utils.data import DistributedSampler
 
 from ovenet.data import EvalTransform, SyntheticScenes, TrainTransform, build_loader, collate_samples
+from ovenet.data.training import ResumableSampler
 from ovenet.errors import ConfigError, DataError
 
 
@@ -60,12 +60,14 @@ def test_distributed_requires_a_process_group():
         build_loader(train_set(), batch_size=2, train=True, num_workers=0, distributed=True)
 
 
-def test_distributed_loader_uses_a_distributed_sampler(tmp_path):
+def test_distributed_training_loader_is_the_trainers_resumable_one(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         loader = build_loader(train_set(5), batch_size=2, train=True, num_workers=0, distributed=True, seed=9)
-        assert isinstance(loader.sampler, DistributedSampler) and loader.sampler.seed == 9
+        assert isinstance(loader.sampler, ResumableSampler) and loader.sampler.seed == 9
+        first = [name for batch in loader for name in batch["name"]]
         loader.sampler.set_epoch(1)
-        assert len(list(loader)) == 2
+        second = [name for batch in loader for name in batch["name"]]
+        assert len(first) == len(second) == 4 and first != second  # a new order each epoch
     finally:
         dist.destroy_process_group()

@@ -16,7 +16,8 @@ from test_train import one_thread, tiny_config  # noqa: F401  (fixture re-export
 
 from ovenet import checkpoint
 from ovenet.engine import train as train_mod
-from ovenet.engine.train import TrainingInterrupted, train
+from ovenet.engine.guards import TrainingInterrupted
+from ovenet.engine.train import train
 from ovenet.errors import CheckpointError
 
 TOTAL = 6  # 4 iterations per epoch: the run crosses an epoch boundary

@@ -16,8 +16,10 @@ from torch import nn
 from ovenet import checkpoint
 from ovenet.config import Config, load_config
 from ovenet.data import build_dataset
+from ovenet.data.training import ResumableSampler, TrainingSet
 from ovenet.engine.optim import build_optimizer, build_scheduler, poly_factor
-from ovenet.engine.train import ResumableSampler, TrainingSet, train, train_step, validate
+from ovenet.engine.step import train_step, validate
+from ovenet.engine.train import train
 from ovenet.errors import ConfigError, OvenetError
 from ovenet.losses import build_loss
 from ovenet.models import SegOutput, build_model

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import os
 import pickle
+import random
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -125,3 +127,52 @@ def load(path: str | Path, device: str | torch.device = "cpu", overrides: list[s
     load_state(model, ckpt["model"], f"checkpoint '{path}'")
     model.config = cfg
     return model.to(device).eval()
+
+
+# --- training state: RNG streams, resuming -------------------------------------------------------------------
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's RNG states in types that ``torch.load(weights_only=True)`` accepts."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "python": random.getstate(),
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+    }
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state(
+        (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
+
+
+def read_resume(resume: str | Path | None, run_dir: Path) -> dict | None:
+    """The checkpoint dict to resume from (with its ``path``), or None to start fresh."""
+    if resume is None:
+        return None
+    path = run_dir / "last.pth" if str(resume) == "auto" else Path(resume)
+    if str(resume) == "auto" and not path.is_file():
+        return None
+    ckpt = read(path)
+    missing = [k for k in ("optimizer", "scheduler", "iteration", "rng") if k not in ckpt]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {path} has no training state ({', '.join(missing)} missing): it holds "
+            "weights only; use it as model.pretrained or for evaluation, not for --resume"
+        )
+    ckpt["path"] = path
+    return ckpt

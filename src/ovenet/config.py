@@ -117,6 +117,7 @@ class LossConfig:
     confidence: Literal["paper", "official", "none"] = "paper"  # Eq. 6 as the paper defines it, "official" (its code), or "none"
     confidence_weight: float = 1.0
     formula: Literal["paper", "official"] = "paper"  # "official" reproduces the official code's reductions (see ovenet.losses)
+    chunked: bool = False  # upsample+score logits a few images at a time, redone in backward: less memory
 
 
 @dataclass
@@ -141,6 +142,7 @@ class TrainConfig:
     log_every: int = 20
     bad_sample: Literal["stop", "skip"] = "stop"  # when a training sample cannot be read
     tensorboard: bool = False  # TensorBoard scalars/images; needs `pip install ovenet[tensorboard]`
+    activation_checkpointing: bool = False  # recompute HRNet modules in backward instead of keeping their activations
 
 
 @dataclass

@@ -99,12 +99,12 @@ def plan_iterations(train_seconds: float, seconds_per_iter: float) -> int:
 class TrainingDeadline:
     """Asks training to stop once ``seconds`` have passed, so that a machine that got busier than when the steps
     were timed cannot stretch the quickstart far past its budget. Through the trainer's own
-    :class:`~ovenet.engine.train.StopRequest`: it finishes the step, saves ``last.pth`` and returns; no signal.
+    :class:`~ovenet.engine.guards.StopRequest`: it finishes the step, saves ``last.pth`` and returns; no signal.
     ``cut`` tells whether it stopped training before its last iteration. ``seconds=None`` disables it.
     """
 
     def __init__(self, seconds: float | None, reason: str = "time budget reached"):
-        from ovenet.engine.train import StopRequest
+        from ovenet.engine.guards import StopRequest
 
         self.seconds = seconds
         self.reason = reason

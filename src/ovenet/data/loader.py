@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from ovenet.data.training import ResumableSampler, TrainingSet
 from ovenet.errors import ConfigError, DataError
 
 
@@ -44,42 +45,71 @@ def build_loader(
     distributed: bool = False,
     seed: int = 0,
     pin_memory: bool | None = None,
+    bad_sample: str = "stop",
 ) -> DataLoader:
-    """A DataLoader for training (shuffled, drop_last) or evaluation (in order, every sample once).
+    """A DataLoader for training or evaluation; the one way ovenet builds either.
 
-    With ``distributed`` a :class:`DistributedSampler` splits the data across ranks; the training loop must call
-    ``loader.sampler.set_epoch(epoch)`` each epoch for a fresh shuffle. The generator is seeded with
-    ``seed + rank`` so every rank gets its own, reproducible augmentation stream.
+    Training: :func:`ovenet.data.training.build_train_loader`, the loader the trainer uses (seeded per-sample
+    augmentation, a (seed, epoch) permutation split across ranks, last partial batch dropped); call
+    ``loader.sampler.set_epoch(epoch)`` for the next epoch's order. Evaluation: every sample once, in order,
+    split across ranks with ``distributed``.
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     rank, world_size = 0, 1
-    sampler = None
     if distributed:
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             raise ConfigError(
                 "distributed=True but torch.distributed is not initialised; init the process group first"
             )
         rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        # Same seed on every rank: the sampler's permutation must agree across ranks to partition the data.
-        sampler = DistributedSampler(dataset, shuffle=train, seed=seed, drop_last=train)
-    if train and len(dataset) < batch_size * world_size:
-        raise DataError(
-            f"training set has {len(dataset)} samples, fewer than one batch ({batch_size} x {world_size} ranks); "
-            "lower the batch size or add data"
-        )
+    pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+    if train:
+        return build_train_loader(dataset, batch_size, seed, bad_sample, num_workers, rank, world_size,
+                                  pin_memory)[0]
+    sampler = DistributedSampler(dataset, shuffle=False, drop_last=False) if distributed else None
     generator = torch.Generator()
     generator.manual_seed(seed + rank)
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=train and sampler is None,
+        shuffle=False,
         sampler=sampler,
         num_workers=num_workers,
         collate_fn=collate_samples,
-        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
-        drop_last=train,
+        pin_memory=pin_memory,
+        drop_last=False,
         persistent_workers=num_workers > 0,
         worker_init_fn=seed_worker,
         generator=generator,
     )
+
+
+def build_train_loader(dataset: Dataset, batch_size: int, seed: int, bad_sample: str = "stop",
+                       num_workers: int = 0, rank: int = 0, world_size: int = 1, pin_memory: bool = False
+                       ) -> tuple[DataLoader, ResumableSampler]:
+    """The training loader (and its sampler, which the loop moves from epoch to epoch): this rank's share of a
+    seeded permutation, in batches of ``batch_size`` (the last partial batch dropped)."""
+    if batch_size < 1:
+        raise DataError(f"batch_size must be >= 1, got {batch_size}")
+    train_set = TrainingSet(dataset, seed, bad_sample)
+    sampler = ResumableSampler(len(train_set), seed, rank, world_size)
+    if sampler.per_rank < batch_size:
+        raise DataError(
+            f"the training set has {len(train_set)} samples, fewer than one batch ({batch_size} per GPU x "
+            f"{world_size} processes); lower train.batch_size or add data"
+        )
+    loader = DataLoader(
+        train_set,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate_samples,
+        pin_memory=pin_memory,
+        drop_last=True,
+        persistent_workers=num_workers > 0,
+        worker_init_fn=seed_worker,
+        # Own generator: creating loader iterators must not draw from the global torch RNG.
+        generator=torch.Generator().manual_seed(seed + rank),
+    )
+    return loader, sampler

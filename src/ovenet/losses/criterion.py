@@ -1,7 +1,8 @@
 """The training objective: Eq. 5-7 of the paper over every prediction head.
 
 For each prediction S (initial, seed, final), L(S) sums the heads with ``aux_weights`` (OCR: 0.4 x aux + 1 x OCR;
-plain HRNetV2 has one head). Logits are upsampled to the label resolution first, as in HRNet.
+plain HRNetV2 has one head). Logits are upsampled to the label resolution first, as in HRNet; with
+``loss.chunked`` a few images at a time, recomputed in backward (same numbers, less memory: see losses.ce).
 
 ``formula: official`` reproduces the official training loop's numbers. Its OHEM criterion returns the auxiliary
 term unreduced, so ``losses.mean()`` averages it over *all* pixels (ignored ones as 0); its plain CE criterion
@@ -12,7 +13,6 @@ official criterion, with and without class weights (tests/test_official.py).
 """
 
 from __future__ import annotations
-
 
 import torch
 from torch import Tensor, nn
@@ -41,15 +41,22 @@ class SegmentationLoss(nn.Module):
 
     def prediction_loss(self, logits: Tensor, aux: Tensor | None, target: Tensor) -> Tensor:
         """L(S): the (OCR) main head and, when present, the auxiliary head, weighted by ``aux_weights``."""
-        size = target.shape[-2:]
-        main = self.main(upsample_logits(logits, size, self.align_corners), target)
+        if self.cfg.chunked:  # same numbers without keeping the full-resolution maps (losses.ce)
+            main = self.main.upsampled(logits, target, self.align_corners)
+        else:
+            main = self.main(upsample_logits(logits, target.shape[-2:], self.align_corners), target)
         if aux is None:
             return main
-        aux = upsample_logits(aux, size, self.align_corners)
-        if self.cfg.formula == "official" and self.cfg.type == "ohem":
-            aux_term = self.ce.per_pixel(aux, target).mean()  # unreduced map averaged over all pixels
+        official_ohem = self.cfg.formula == "official" and self.cfg.type == "ohem"
+        if self.cfg.chunked:
+            aux_term = (self.ce.upsampled_per_pixel(aux, target, self.align_corners)[0].mean() if official_ohem
+                        else self.ce.upsampled(aux, target, self.align_corners))
         else:
-            aux_term = self.ce(aux, target)  # the auxiliary head always uses plain CE, as in HRNet-OCR
+            aux = upsample_logits(aux, target.shape[-2:], self.align_corners)
+            if official_ohem:
+                aux_term = self.ce.per_pixel(aux, target).mean()  # unreduced map averaged over all pixels
+            else:
+                aux_term = self.ce(aux, target)  # the auxiliary head always uses plain CE, as in HRNet-OCR
         w_aux, w_main = self.cfg.aux_weights
         return w_aux * aux_term + w_main * main
 

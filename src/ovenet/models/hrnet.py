@@ -7,11 +7,15 @@ layers upsample bilinearly to the exact size of the target branch, so any input 
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 # Stage layouts as data: (num_modules, block, num_blocks per branch, channels per branch).
 # STAGE1 is the ResNet-style stem stage (one branch of bottlenecks).
@@ -113,6 +117,47 @@ def make_blocks(block: type, cin: int, planes: int, num_blocks: int, bn_momentum
     layers = [block(cin, planes, downsample=downsample, bn_momentum=bn_momentum)]
     layers += [block(planes * block.expansion, planes, bn_momentum=bn_momentum) for _ in range(num_blocks - 1)]
     return nn.Sequential(*layers)
+
+
+class _FrozenRunningStats:
+    """Context of a checkpoint's recomputation: its BatchNorm layers update throwaway copies of their running
+    statistics, which the forward pass has updated already (a second update would apply the momentum twice).
+    Copies rather than ``track_running_stats=False``: the recomputation must save the same tensors as the
+    forward pass, and the running statistics are among them."""
+
+    _NAMES = ("running_mean", "running_var", "num_batches_tracked")
+
+    def __init__(self, modules: tuple[nn.Module, ...]):
+        self.layers = [m for module in modules for m in module.modules()
+                       if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+        self.kept: list[list[Tensor]] = []
+
+    def __enter__(self) -> None:
+        self.kept = [[getattr(m, name) for name in self._NAMES] for m in self.layers]
+        for m in self.layers:
+            for name in self._NAMES:
+                setattr(m, name, getattr(m, name).clone())
+
+    def __exit__(self, *exc: object) -> None:
+        for m, kept in zip(self.layers, self.kept):
+            for name, buffer in zip(self._NAMES, kept):
+                setattr(m, name, buffer)
+        self.kept = []
+
+
+def recomputed(fn: Callable[..., Any], *args: Any, scope: tuple[nn.Module, ...]) -> Any:
+    """``fn(*args)`` keeping only its inputs for backward, which runs it again (activation checkpointing,
+    ``torch.utils.checkpoint`` non-reentrant: RNG and autocast state are replayed). Same outputs, gradients and
+    BatchNorm running statistics as ``fn(*args)``; ``scope``: the modules ``fn`` runs (for their BatchNorms)."""
+
+    def contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+        return contextlib.nullcontext(), _FrozenRunningStats(scope)
+
+    if torch.compiler.is_compiling():
+        # Inside a compiled graph (train.compile=full) the partitioner recomputes from the traced graph, whose
+        # BatchNorm buffer updates happen once, in the forward graph; dynamo takes no custom context_fn.
+        return checkpoint(fn, *args, use_reentrant=False)
+    return checkpoint(fn, *args, use_reentrant=False, context_fn=contexts)
 
 
 def upsample_to(x: Tensor, size: tuple[int, int] | torch.Size, align_corners: bool) -> Tensor:
@@ -224,6 +269,9 @@ class HRNetStages(nn.Module):
                  bn_momentum: float):
         super().__init__()
         self.first = first
+        # Activation checkpointing (OVeNet.set_activation_checkpointing): each HRNet module is recomputed in
+        # backward while training, so only the module inputs stay alive between forward and backward.
+        self.activation_checkpointing = False
         for k in range(first, 5):
             s = spec[f"STAGE{k}"]
             cout = [c * BLOCKS[s["BLOCK"]].expansion for c in s["NUM_CHANNELS"]]
@@ -236,11 +284,22 @@ class HRNetStages(nn.Module):
     def stage_pairs(self) -> list[tuple[nn.ModuleList, nn.Sequential]]:
         return [(getattr(self, f"transition{k - 1}"), getattr(self, f"stage{k}")) for k in range(self.first, 5)]
 
+    def _checkpointing(self) -> bool:
+        return self.activation_checkpointing and self.training and torch.is_grad_enabled()
+
+    def _run(self, layers: nn.Sequential, x: Any) -> Any:
+        """``layers(x)``, each layer recomputed in backward when checkpointing."""
+        if not self._checkpointing():
+            return layers(x)
+        for layer in layers:
+            x = recomputed(layer, x, scope=(layer,))
+        return x
+
     def forward(self, xs: list[Tensor], keep: int | None = None) -> tuple[list[Tensor], list[Tensor] | None]:
         """Run the stages; also return the output of stage ``keep`` (the offset branch's input) if asked."""
         kept = None
         for k, (transition, stage) in zip(range(self.first, 5), self.stage_pairs()):
-            xs = stage(apply_transition(transition, xs))
+            xs = self._run(stage, apply_transition(transition, xs))
             if k == keep:
                 kept = xs
         return xs, kept
@@ -271,10 +330,16 @@ class HRNetV2(HRNetStages):
         """Channels of the output of stage ``k`` (1..4)."""
         return self.stage1_channels if k == 1 else getattr(self, f"stage{k}")[-1].out_channels
 
-    def forward(self, x: Tensor, keep: int | None = None) -> tuple[list[Tensor], list[Tensor] | None]:
+    def stem(self, x: Tensor) -> Tensor:
         x = self.relu(self.bn1(self.conv1(x)))
-        x = self.relu(self.bn2(self.conv2(x)))
-        xs = [self.layer1(x)]
+        return self.relu(self.bn2(self.conv2(x)))
+
+    def forward(self, x: Tensor, keep: int | None = None) -> tuple[list[Tensor], list[Tensor] | None]:
+        if self._checkpointing():
+            x = recomputed(self.stem, x, scope=(self.bn1, self.bn2))
+        else:
+            x = self.stem(x)
+        xs = [self._run(self.layer1, x)]
         out, kept = super().forward(xs, keep)
         return out, (xs if keep == 1 else kept)
 

@@ -117,6 +117,19 @@ class OVeNet(nn.Module):
                     nn.init.ones_(m.weight)
                     nn.init.zeros_(m.bias)
 
+    @property
+    def activation_checkpointing(self) -> bool:
+        return self.backbone.activation_checkpointing
+
+    def set_activation_checkpointing(self, enabled: bool = True) -> OVeNet:
+        """``train.activation_checkpointing``: while training, recompute the stem, each stage-1 block and each
+        HRNet module of the backbone and of the offset branch in backward instead of keeping their activations.
+        Same losses, gradients and BatchNorm statistics; less memory, more compute (benchmarks/RESULTS.md)."""
+        for body in (self.backbone, self.offset_branch):
+            if body is not None:
+                body.activation_checkpointing = enabled
+        return self
+
     def main_modules(self) -> list[nn.Module]:
         return [self.backbone, self.decode_head]
 

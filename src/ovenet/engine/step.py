@@ -1,0 +1,114 @@
+"""One optimisation step and the validation pass, shared by the training loop and the memory estimator."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from ..metrics import ConfusionMatrix
+from .logging import Progress
+from .optim import step_unless_nonfinite
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
+
+
+def autocast(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=amp_dtype)
+
+
+def batch_to_device(batch: dict[str, Tensor], device: torch.device, channels_last: bool) -> tuple[Tensor, Tensor]:
+    """Images (channels_last if asked) and labels of a batch on ``device``, copied asynchronously."""
+    images = batch["image"].to(device, non_blocking=True)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, batch["label"].to(device, non_blocking=True)
+
+
+def train_step(
+    model: nn.Module,
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: dict[str, Tensor],
+    scaler: torch.amp.GradScaler | None = None,
+    amp_dtype: torch.dtype | None = None,
+    grad_clip: float | None = None,
+    channels_last: bool = False,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Forward, loss, backward and optimizer step on one batch (``image`` [B,3,H,W], ``label`` [B,H,W]).
+
+    A NaN/inf loss skips the parameter update on the device (fp16: GradScaler skips it). Returns the detached
+    loss and the loss terms as device tensors: nothing here waits for the GPU.
+    """
+    device = next(model.parameters()).device
+    images, labels = batch_to_device(batch, device, channels_last)
+    with autocast(device, amp_dtype):
+        output = model(images)
+        loss, terms = criterion(output, labels)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None and scaler.is_enabled():
+        scaler.scale(loss).backward()
+        if grad_clip:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        if grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        step_unless_nonfinite(optimizer, loss.detach())
+    return loss.detach(), terms
+
+
+@torch.no_grad()
+def validate(
+    model: nn.Module,
+    loader: DataLoader,
+    num_classes: int,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    align_corners: bool = True,
+    ignore_index: int = 255,
+    channels_last: bool = False,
+    progress: bool = False,
+    write: Callable[[str], None] | None = None,
+) -> tuple[dict[str, Any], dict[str, Tensor] | None]:
+    """Single-scale whole-image mIoU of ``logits_final`` upsampled to the label size (summed over ranks).
+
+    Returns the metrics and, for visualisation, the first sample's prediction, label, offsets and confidence.
+    ``progress``: a bar on a terminal (under training's), otherwise a line every few seconds through ``write``.
+    """
+    was_training = model.training
+    model.eval()
+    matrix = ConfusionMatrix(num_classes, ignore_index, device=device)
+    first = None
+    images_total = len(loader.sampler) if isinstance(loader, DataLoader) else None  # this rank's images
+    with Progress(images_total, "val", enabled=progress, write=write, leave=False) as meter:
+        for batch in loader:
+            images, labels = batch_to_device(batch, device, channels_last)
+            with autocast(device, amp_dtype):
+                output = model(images)
+            logits = F.interpolate(
+                output.logits_final.float(), size=labels.shape[-2:], mode="bilinear", align_corners=align_corners
+            )
+            prediction = logits.argmax(1)
+            matrix.update(prediction, labels)
+            if first is None:
+                first = {
+                    "prediction": prediction[0],
+                    "label": labels[0],
+                    "offsets": None if output.offsets is None else output.offsets[0].float(),
+                    "confidence": None if output.confidence is None else output.confidence[0, 0].float(),
+                }
+            meter.update(images.shape[0])
+    matrix.all_reduce()
+    model.train(was_training)
+    return matrix.compute(), first
