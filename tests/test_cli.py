@@ -180,7 +180,7 @@ def test_train_passes_config_resume_and_run_dir(capsys, monkeypatch, tmp_path):
     monkeypatch.setattr(engine_train, "train", fake_train)
     code, out, _ = run(capsys, "train", "quickstart", "train.lr=0.02", "--resume", "auto", "--run-dir",
                        str(tmp_path), "--device", "cpu")
-    assert code == 0 and str(tmp_path) in out
+    assert code == 0  # the engine logs where the run folder is; the CLI adds no second "finished" line
     assert seen["cfg"].train.lr == 0.02 and seen["cfg"].device == "cpu"
     assert seen["resume"] == "auto" and seen["run_dir"] == str(tmp_path) and seen["overwrite"] is False
     assert seen["cfg"].train.deterministic is False
@@ -248,6 +248,27 @@ def test_info(capsys, tiny_checkpoint):
     assert "8 (synthetic): sky, building" in out and "iteration 7" in out
 
 
+def test_info_shows_validation_figures_in_percent(capsys, tmp_path):
+    cfg = load_config("quickstart", TINY)
+    path = tmp_path / "best.pth"
+    checkpoint.save(path, build_model(cfg.model), cfg, iteration=7, best_miou=0.5154)
+    code, out, _ = run(capsys, "info", str(path))
+    assert code == 0 and "best_miou 51.54 %" in out and "0.5154" not in out
+
+
+def test_every_data_reading_command_takes_data_root(capsys, tmp_path):
+    """train, eval and check-data all read --data-root (before, train and check-data rejected it), and a wrong
+    root says how to set it."""
+    empty = tmp_path / "not_camvid"
+    empty.mkdir()
+    code, out, err = run(capsys, "train", "camvid_hrnetv2_w18s_ovenet", "--data-root", str(empty),
+                         "--run-dir", str(tmp_path / "run"))
+    assert code == 2
+    assert_one_line_error(err, str(empty), "set it with --data-root DIR or data.root=DIR")
+    code, out, err = run(capsys, "check-data", "camvid_hrnetv2_w18s_ovenet", "--data-root", str(empty))
+    assert code == 2 and str(empty) in out and "--data-root DIR" in out
+
+
 def test_eval_with_and_without_config(capsys, tiny_checkpoint, tmp_path):
     code, out, err = run(capsys, "eval", str(tiny_checkpoint), "--out", str(tmp_path / "a"), "--device", "cpu")
     assert code == 0, err
@@ -309,7 +330,7 @@ def test_predict_writes_labels_offsets_and_confidence(capsys, tiny_checkpoint, t
     assert f"wrote 5 file(s) to {out}" in stdout
     # Sliding windows of the config's eval.crop_size, several scales and flip: same files, same size.
     code, stdout, err = run(capsys, "predict", str(tiny_checkpoint), str(image), "--out", str(out), "--overwrite",
-                            "--mode", "slide", "--scales", "0.5", "1.0", "--flip", "--save", "raw", "confidence")
+                            "--mode", "slide", "--scales", "0.5", "1.0", "--flip", "--save", "labels,confidence")
     assert code == 0, err
     assert f"wrote 2 file(s) to {out}" in stdout
     assert Image.open(out / "street_labels.png").size == (56, 40)
@@ -328,6 +349,24 @@ def test_predict_writes_labels_offsets_and_confidence(capsys, tiny_checkpoint, t
     code, _, err = run(capsys, "predict", str(tiny_checkpoint), str(tmp_path / "none.png"), "--out", str(out))
     assert code == 2
     assert_one_line_error(err, "none.png", "does not exist")
+
+
+def test_predict_save_kinds_are_one_argument_and_must_apply(capsys, tiny_checkpoint, tmp_path):
+    image = tmp_path / "street.png"
+    Image.fromarray(np.zeros((24, 32, 3), dtype=np.uint8)).save(image)
+    out = tmp_path / "out"
+    # "--save color img.png" used to swallow the image as a kind; the kinds are one comma-separated argument.
+    code, stdout, err = run(capsys, "predict", str(tiny_checkpoint), "--save", "color", str(image), "--out", str(out))
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir() if p.suffix == ".png") == ["street_color.png"]
+    code, _, err = run(capsys, "predict", str(tiny_checkpoint), str(image), "--save", "raw", "--out", str(out))
+    assert code == 2 and "unknown kind(s) raw" in err and "labels" in err
+    # A kind that does not apply to this model is an error, not silently dropped into "nothing to write".
+    code, _, err = run(capsys, "predict", str(tiny_checkpoint), str(image), "--save", "labelids",
+                       "--out", str(tmp_path / "ids"))
+    assert code == 2
+    assert_one_line_error(err, "--save labelids needs a Cityscapes/ACDC model", "save labels instead")
+    assert not (tmp_path / "ids").exists()
 
 
 def test_export_onnx(capsys, tiny_checkpoint, tmp_path):
@@ -395,3 +434,10 @@ def test_bare_ovenet_prints_the_help_and_version_is_reported(capsys):
     assert out.startswith("usage: ovenet") and "first steps:" in out and "quickstart" in out
     code, out, _ = run(capsys, "--version")
     assert code == 0 and out.strip() == f"ovenet {__version__}"
+
+
+def test_train_says_it_finished_once(capsys, tmp_path):
+    code, out, err = run(capsys, "train", "quickstart", *TINY, "train.iters=2", "train.epochs=null",
+                         "--run-dir", str(tmp_path / "run"))
+    assert code == 0, err
+    assert (out + err).count("training finished") == 1

@@ -197,7 +197,7 @@ def test_predict_skip_bad_and_rerun_continues_where_it_stopped(capsys, tiny_chec
     good = images[1].read_bytes()
     images[1].write_bytes(b"\x89PNG corrupt")
     out = tmp_path / "out"
-    predict = ["predict", str(tiny_checkpoint), str(tmp_path / "in"), "--out", str(out), "--save", "color", "raw"]
+    predict = ["predict", str(tiny_checkpoint), str(tmp_path / "in"), "--out", str(out), "--save", "color,labels"]
 
     # Without --skip-bad: stops at the corrupt file, naming it and the flag; img0's outputs stay.
     code, _, err = run(capsys, *predict)

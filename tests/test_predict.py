@@ -98,7 +98,7 @@ def test_rerun_keeps_done_outputs_and_overwrite_redoes_them(model, tmp_path):
     (out / "img1_color.png").unlink()
     again = predict_files(model, images, out, save={"color"})
     assert [p.name for p in again] == ["img1_color.png"] and again.already_done == 1
-    again = predict_files(model, images, out, save={"color", "raw"})
+    again = predict_files(model, images, out, save={"color", "labels"})
     assert [p.name for p in again] == ["img0_labels.png", "img1_labels.png"] and again.already_done == 0
     assert (out / "img0_color.png").read_bytes() == b"earlier result"
     again = predict_files(model, images, out, save={"color"}, overwrite=True)
@@ -135,12 +135,12 @@ def test_outputs_are_written_whole_or_not_at_all(model, tmp_path, monkeypatch):
 
     monkeypatch.setattr(Image.Image, "save", killed_during_the_second_write)
     with pytest.raises(KeyboardInterrupt):
-        predict_files(model, images, out, save={"color", "raw"})
+        predict_files(model, images, out, save={"color", "labels"})
     assert sorted(p.name for p in out.iterdir()) == ["img0_color.png"]  # no torn img0_labels.png, no temp file
     assert read(out / "img0_color.png").shape == (24, 32, 3)
 
     monkeypatch.undo()
-    again = predict_files(model, images, out, save={"color", "raw"})
+    again = predict_files(model, images, out, save={"color", "labels"})
     assert [p.name for p in again] == ["img0_labels.png", "img1_color.png", "img1_labels.png"]
 
 

@@ -69,7 +69,7 @@ def _prepare(model_or_checkpoint: nn.Module | str | Path, out_path: Path, output
              overwrite: bool) -> tuple[nn.Module, tuple[str, ...]]:
     """Checks shared by every format; returns the model and the output names."""
     if out_path.exists() and not overwrite:
-        raise OvenetError(f"{out_path} already exists; pass --overwrite (overwrite=True) to replace it")
+        raise OvenetError(f"{out_path} already exists; pass --overwrite to replace it")
     model = _load_model(model_or_checkpoint)
     is_ovenet = bool(getattr(model, "is_ovenet", False))
     if outputs is None:

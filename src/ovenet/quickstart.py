@@ -234,7 +234,7 @@ def _run(out_dir: Path, iters: int, device: str, overrides: Sequence[str], num_p
     _, class_names, palette = dataset_info("synthetic", cfg.model.num_classes)
     scenes = write_scenes(cfg, out_dir / "scenes", num_predictions)
     pred_dir = out_dir / "predictions"
-    written = predict_files(model, [path for path, _ in scenes], pred_dir, palette, class_names, "synthetic",
+    written = predict_files(model, [path for path, _ in scenes], pred_dir, palette, "synthetic",
                             save=("color", "overlay", "offsets", "confidence"), overwrite=True, device=device)
     for path, label in scenes:  # the ground truth beside each prediction, for a side-by-side look
         written.append(save_png(pred_dir / f"{path.stem}_truth.png", colorize(label, palette)))

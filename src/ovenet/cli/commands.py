@@ -16,7 +16,6 @@ import yaml
 
 from ovenet.config import CONFIG_DIR, Config, apply_overrides, from_dict, is_override, load_config
 from ovenet.device import resolve_device
-from ovenet.engine.distributed import is_main_process
 from ovenet.engine.evaluate import percent
 from ovenet.engine.inference import PAPER_SCALES
 from ovenet.errors import CheckpointError, DataError, OvenetError
@@ -96,6 +95,8 @@ def print_metrics(result: dict) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + ([f"device={args.device}"] if args.device else [])
+    if args.data_root:
+        overrides.append(f"data.root={args.data_root}")
     if args.deterministic:
         overrides.append("train.deterministic=true")
     cfg = load_config(args.config, overrides)
@@ -107,10 +108,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         check_output_folder(args.run_dir, "--run-dir", "checkpoints")
     from ovenet.engine.train import train
 
-    run_dir = train(cfg, resume=args.resume, run_dir=args.run_dir, overwrite=args.overwrite)
-    if is_main_process():
-        print(f"training finished; run folder {run_dir} (best.pth, last.pth, config.yaml, train.log)")
-    return 0
+    train(cfg, resume=args.resume, run_dir=args.run_dir, overwrite=args.overwrite)
+    return 0  # the engine's log has said how the run ended and where its files are
 
 
 def _split_eval_paths(paths: list[str]) -> tuple[str | None, str, list[str]]:
@@ -169,7 +168,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     model = checkpoint.load(args.checkpoint, device, overrides=overrides or None)
     cfg: Config = model.config
-    _, class_names, palette = dataset_info(cfg.data.name, cfg.data.num_classes or cfg.model.num_classes)
+    _, _, palette = dataset_info(cfg.data.name, cfg.data.num_classes or cfg.model.num_classes)
     scales = PAPER_SCALES if args.paper_scales else (args.scales or cfg.eval.scales)
     options: dict[str, Any] = {
         "overwrite": args.overwrite,
@@ -185,7 +184,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         options["save"] = args.save
     if args.precision:
         options["precision"] = args.precision
-    written = predict_files(model, inputs, Path(args.out), palette, class_names, cfg.data.name, **options)
+    written = predict_files(model, inputs, Path(args.out), palette, cfg.data.name, **options)
     if written.already_done:
         print(f"kept the outputs of {written.already_done} image(s) already done in {args.out}; pass --overwrite "
               "to redo them")
@@ -230,7 +229,7 @@ def cmd_convert_official(args: argparse.Namespace) -> int:
 
 
 def cmd_check_data(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, list(args.overrides) + ([f"data.root={args.data_root}"] if args.data_root else []))
     from ovenet.data import build_dataset, check_dataset
 
     splits = {"train": [cfg.data.train_split], "val": [cfg.data.val_split],
@@ -319,7 +318,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     state = {k: v for k, v in raw.items() if k not in ("format", "version", "config", "model")
              and isinstance(v, (int, float, str)) and not isinstance(v, bool)}
     if state:
-        rows.append(("training", ", ".join(f"{k} {_format_state(v)}" for k, v in state.items())))
+        rows.append(("training", ", ".join(_format_state(k, v) for k, v in state.items())))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
@@ -332,8 +331,11 @@ def _class_list(names: list[str], num_classes: int) -> str:
     return f": {', '.join(names)}" if num_classes <= 40 else ""
 
 
-def _format_state(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+def _format_state(key: str, value: Any) -> str:
+    """``best_miou 51.54 %``: fractions in percent, as everywhere else ovenet prints figures."""
+    if key.endswith(("miou", "acc")) and isinstance(value, float):
+        return f"{key} {percent(value)} %"
+    return f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:

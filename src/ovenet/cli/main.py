@@ -39,6 +39,11 @@ def _add_device(p: argparse.ArgumentParser, default: str | None = "auto") -> Non
                    help="auto (GPU when present), cpu, cuda or cuda:N")
 
 
+def _add_data_root(p: argparse.ArgumentParser) -> None:
+    """Every command that reads a dataset takes --data-root (the same as the override data.root=DIR)."""
+    p.add_argument("--data-root", metavar="DIR", help="the dataset's folder (sets data.root)")
+
+
 def _add_inference_options(p: argparse.ArgumentParser) -> None:
     scales = p.add_mutually_exclusive_group()
     scales.add_argument("--scales", type=float, nargs="+", metavar="S",
@@ -74,6 +79,16 @@ def _version() -> str:
         from ovenet import __version__
 
         return __version__
+
+
+def _save_kinds(text: str) -> list[str]:
+    """``--save color,labels``: one argument, so it cannot swallow the input paths that follow it."""
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in SAVE_KINDS]
+    if unknown or not kinds:
+        raise argparse.ArgumentTypeError(f"unknown kind(s) {', '.join(unknown) or repr(text)}; choose from "
+                                         f"{', '.join(SAVE_KINDS)}, comma-separated")
+    return kinds
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("config", metavar="CONFIG", help="YAML config path or shipped config name")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    _add_data_root(p)
     start = p.add_mutually_exclusive_group()
     start.add_argument("--resume", metavar="PATH|auto",
                        help="checkpoint to resume from, or 'auto' for the run folder's last checkpoint")
@@ -154,12 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="optional config, the checkpoint, then optional overrides")
     p.add_argument("--split", help="dataset split (default: the config's data.val_split)")
     _add_inference_options(p)
-    p.add_argument("--data-root", metavar="DIR", help="dataset root (sets data.root)")
+    _add_data_root(p)
     p.add_argument("--out", metavar="DIR",
                    help="where to write eval_SPLIT.json and eval_SPLIT.md (default: the checkpoint's folder)")
     p.add_argument("--overwrite", action="store_true", help="replace existing results in --out")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
-                   help="inference precision (bf16/fp16 on GPU only)")
+                   help="inference precision (autocast; bf16/fp16 are fast on GPUs, bf16 also runs on CPUs)")
     _add_device(p, default=None)
 
     # -- predict -----------------------------------------------------------------------------------------------
@@ -181,14 +197,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders (overrides key=value too)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     _add_inference_options(p)
-    p.add_argument("--save", nargs="+", metavar="KIND", choices=SAVE_KINDS,
-                   help=f"what to write: {', '.join(SAVE_KINDS)} (default: all that apply; labelids for "
-                        "Cityscapes/ACDC, offsets and confidence for OVeNet)")
+    p.add_argument("--save", type=_save_kinds, metavar="KIND[,KIND...]",
+                   help=f"what to write, comma-separated: {', '.join(SAVE_KINDS)} (default: all that apply to the "
+                        "model: labelids for Cityscapes/ACDC, offsets and confidence for OVeNet)")
     p.add_argument("--overwrite", action="store_true",
                    help="redo every input (default: keep the outputs already done and predict the rest)")
     p.add_argument("--skip-bad", action="store_true",
                    help="skip unreadable images or videos and list them at the end (exit code 2 if any)")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="inference precision (GPU only)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
+                   help="inference precision (autocast; bf16/fp16 are fast on GPUs, bf16 also runs on CPUs)")
     _add_device(p)
 
     # -- export ------------------------------------------------------------------------------------------------
@@ -246,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("config", metavar="CONFIG", help="YAML config path or shipped config name")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    _add_data_root(p)
     p.add_argument("--split", choices=("train", "val", "both"), default="both", help="which split to check")
 
     # -- configs, info -----------------------------------------------------------------------------------------

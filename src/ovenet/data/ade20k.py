@@ -71,7 +71,8 @@ class ADE20KDataset(SegmentationDataset):
         if not images:
             raise DataError(
                 f"no ADE20K images matching {image_dir}/*.jpg ({describe_directory(image_dir)}); "
-                "root must be the ADEChallengeData2016 folder holding images/ and annotations/"
+                "the root must be the ADEChallengeData2016 folder holding images/ and annotations/: set it with "
+                "--data-root DIR or data.root=DIR"
             )
         samples, missing = [], []
         for image in images:

@@ -50,7 +50,8 @@ class CamVidDataset(SegmentationDataset):
             if not images:
                 raise DataError(
                     f"no CamVid list {list_file} and no images matching {image_dir}/*.(png|jpg) "
-                    f"({describe_directory(image_dir)}); root must be the SegNet CamVid folder"
+                    f"({describe_directory(image_dir)}); the root must be the SegNet CamVid folder (with train/, "
+                    "trainannot/, val/, valannot/): set it with --data-root DIR or data.root=DIR"
                 )
             pairs = [(image, label_dir / f"{image.stem}.png") for image in images]
         super().__init__(pairs_to_samples(pairs, name_root=self.root / split), _CAMVID_TABLE, transform)

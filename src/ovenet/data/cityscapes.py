@@ -135,7 +135,7 @@ class CityscapesDataset(_CityscapesIds):
                 raise DataError(
                     f"no Cityscapes images matching {image_dir}/*/*_leftImg8bit.png "
                     f"({describe_directory(image_dir)}); "
-                    "root must be the folder holding leftImg8bit/ and gtFine/"
+                    "the root must be the folder holding leftImg8bit/ and gtFine/: set it with --data-root DIR or data.root=DIR"
                 )
             for image in images:
                 city, stem = image.parent.name, image.name[: -len("_leftImg8bit.png")]
@@ -197,7 +197,7 @@ class ACDCDataset(_CityscapesIds):
                     found = describe_directory(image_dir)
                     raise DataError(
                         f"no ACDC images matching {image_dir}/*/*_rgb_anon.png ({found}); "
-                        "root must be the folder holding rgb_anon/ and gt/"
+                        "the root must be the folder holding rgb_anon/ and gt/: set it with --data-root DIR or data.root=DIR"
                     )
                 for image in images:
                     sequence, stem = image.parent.name, image.name[: -len("_rgb_anon.png")]

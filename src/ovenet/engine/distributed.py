@@ -43,11 +43,6 @@ def rank_and_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def is_main_process() -> bool:
-    """Rank 0, the process that prints and writes files."""
-    return rank_and_world()[0] == 0
-
-
 def init_distributed(device_name: str) -> DistInfo:
     """Join the process group that torchrun describes in RANK/WORLD_SIZE/LOCAL_RANK (nccl on CUDA, else gloo).
 

@@ -278,5 +278,5 @@ def _check_free(out_dir: str | Path, split: str, overwrite: bool) -> None:
         return
     for path in result_paths(out_dir, split):
         if path.exists():
-            raise OvenetError(f"result file {path} already exists; pass --overwrite (overwrite=True) to replace it "
+            raise OvenetError(f"result file {path} already exists; pass --overwrite to replace it "
                               "or choose another output folder")

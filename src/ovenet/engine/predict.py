@@ -41,7 +41,7 @@ from ovenet.engine.logging import Progress
 from ovenet.errors import DataError, OvenetError
 from ovenet.threads import take_note
 
-SAVE_KINDS = ("color", "overlay", "raw", "labelids", "offsets", "confidence")
+SAVE_KINDS = ("color", "overlay", "labels", "labelids", "offsets", "confidence")  # the file suffixes too
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
 CITYSCAPES_LIKE = ("cityscapes", "acdc")
 SETTINGS_KEY = "ovenet"  # PNG text chunk holding the settings that made the file
@@ -96,21 +96,27 @@ def plan_inputs(inputs: Sequence[str | Path], out_dir: Path) -> list[tuple[Path,
     return plan
 
 
-def _kinds(save: Iterable[str], dataset_name: str, is_ovenet: bool, num_classes: int) -> list[str]:
+def _kinds(save: Iterable[str] | None, dataset_name: str, is_ovenet: bool, num_classes: int) -> list[str]:
+    """The kinds to write: those asked for (each must apply to this model), or by default all that apply."""
+    cityscapes_ids = dataset_name in CITYSCAPES_LIKE and num_classes == 19
+    applies = {"labelids": cityscapes_ids, "offsets": is_ovenet, "confidence": is_ovenet}
+    if save is None:
+        return [k for k in SAVE_KINDS if applies.get(k, True)]
     save = list(save)
     unknown = [s for s in save if s not in SAVE_KINDS]
     if unknown:
         raise OvenetError(f"unknown output kind(s) {', '.join(unknown)}; choose from {', '.join(SAVE_KINDS)}")
-    kinds = [s for s in SAVE_KINDS if s in save]
-    if not (dataset_name in CITYSCAPES_LIKE and num_classes == 19):
-        kinds = [k for k in kinds if k != "labelids"]
-    if not is_ovenet:
-        kinds = [k for k in kinds if k not in ("offsets", "confidence")]
-    return kinds
+    if "labelids" in save and not cityscapes_ids:
+        raise OvenetError(f"--save labelids needs a Cityscapes/ACDC model (19 train ids mapped to label ids); this "
+                          f"model is '{dataset_name}' with {num_classes} classes: save labels instead")
+    if not is_ovenet and {"offsets", "confidence"} & set(save):
+        raise OvenetError("--save offsets/confidence need an OVeNet model; this checkpoint is a baseline "
+                          "(no offset head)")
+    return [k for k in SAVE_KINDS if k in save]
 
 
 def _suffix(kind: str) -> str:
-    return {"raw": "labels", "labelids": "labelIds"}.get(kind, kind)
+    return {"labelids": "labelIds"}.get(kind, kind)
 
 
 def _require_av(path: Path):
@@ -136,9 +142,8 @@ def predict_files(
     inputs: Sequence[str | Path],
     out_dir: str | Path,
     palette: Sequence[Sequence[int]] | None = None,
-    class_names: Sequence[str] | None = None,
     dataset_name: str = "cityscapes",
-    save: Iterable[str] = SAVE_KINDS,
+    save: Iterable[str] | None = None,
     overwrite: bool = False,
     scales: Sequence[float] = (1.0,),
     flip: bool = False,
@@ -154,15 +159,14 @@ def predict_files(
 
     Returns the files written, with ``already_done`` (kept from an earlier run; ``overwrite`` redoes them) and
     ``skipped`` (unreadable inputs, with ``skip_bad``; without it the first one raises :class:`DataError`).
-    ``palette`` defaults to the palette of ``dataset_name`` (Cityscapes by default); ``class_names`` is accepted
-    for callers that report classes and is not written anywhere. ``progress``: a bar on a terminal, otherwise a
+    ``palette`` defaults to the palette of ``dataset_name`` (Cityscapes by default). ``save``: the kinds to write
+    (default: every kind that applies to the model); asking for one that does not apply is an error. ``progress``: a bar on a terminal, otherwise a
     line every few seconds with images/s and the ETA.
     """
     from ovenet.data import dataset_info
     from ovenet.data.base import generic_palette
     from ovenet.data.cityscapes import trainid_to_labelid
 
-    del class_names  # the PNGs carry no names; kept in the signature for the CLI's symmetry
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise OvenetError(f"output folder {out_dir} is a file; predictions go to a folder: choose another --out")
@@ -211,7 +215,7 @@ def predict_files(
                         array = color
                     elif kind == "overlay":
                         array = vis.overlay(image, color, alpha)
-                    elif kind == "raw":
+                    elif kind == "labels":
                         array = prediction.labels.astype(np.uint8 if num_classes <= 256 else np.uint16)
                     elif kind == "labelids":
                         array = trainid_to_labelid(prediction.labels).astype(np.uint8)
@@ -307,7 +311,7 @@ def _check_same_settings(out_dir: Path, plan: list[tuple[Path, Path, bool]], kin
             if differ:
                 raise OvenetError(
                     f"outputs in {out_dir} were made with other settings ({', '.join(differ)} differ), e.g. "
-                    f"{path}; pass --overwrite (overwrite=True) to redo them, or choose another --out"
+                    f"{path}; pass --overwrite to redo them, or choose another --out"
                 )
 
 
