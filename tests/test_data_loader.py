@@ -71,3 +71,14 @@ def test_distributed_training_loader_is_the_trainers_resumable_one(tmp_path):
         assert len(first) == len(second) == 4 and first != second  # a new order each epoch
     finally:
         dist.destroy_process_group()
+
+
+def test_default_workers_are_sized_to_the_machine(recwarn):
+    import os
+
+    cores = len(os.sched_getaffinity(0))
+    loader = build_loader(train_set(), batch_size=2, train=True, num_workers=cores + 3, seed=0)
+    assert loader.num_workers == cores
+    eval_loader = build_loader(train_set(), batch_size=1, train=False, num_workers=cores + 3)
+    assert eval_loader.num_workers == cores
+    assert not [w for w in recwarn if "worker processes in total" in str(w.message)]

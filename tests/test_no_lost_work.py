@@ -236,3 +236,16 @@ def test_predict_help_documents_skip_bad_and_rerun(capsys):
     code, out, _ = run(capsys, "predict", "--help")
     assert code == 0 and "--skip-bad" in out and "already done" in out
 
+
+
+def test_a_failed_start_leaves_no_run_folder(capsys, tmp_path):
+    run_dir = tmp_path / "run"
+    code, _, err = run(capsys, "train", "camvid_hrnetv2_w18s_ovenet", "--data-root", str(tmp_path / "missing"),
+                       "--run-dir", str(run_dir))
+    assert code == 2 and "CamVid" in err
+    assert not run_dir.exists()
+    kept = tmp_path / "kept"  # a folder the user made is never removed
+    (kept / "notes").mkdir(parents=True)
+    code, _, _ = run(capsys, "train", "camvid_hrnetv2_w18s_ovenet", "--data-root", str(tmp_path / "missing"),
+                     "--run-dir", str(kept))
+    assert code == 2 and (kept / "notes").is_dir()

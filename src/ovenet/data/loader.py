@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
@@ -35,6 +36,16 @@ def seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)
+
+
+def usable_workers(requested: int) -> int:
+    """Loader worker processes, at most one per CPU this process may use (more only queue behind each other,
+    and PyTorch warns about them)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(0, min(requested, cores))
 
 
 def build_loader(
@@ -75,11 +86,11 @@ def build_loader(
         batch_size=batch_size,
         shuffle=False,
         sampler=sampler,
-        num_workers=num_workers,
+        num_workers=usable_workers(num_workers),
         collate_fn=collate_samples,
         pin_memory=pin_memory,
         drop_last=False,
-        persistent_workers=num_workers > 0,
+        persistent_workers=usable_workers(num_workers) > 0,
         worker_init_fn=seed_worker,
         generator=generator,
     )
@@ -103,11 +114,11 @@ def build_train_loader(dataset: Dataset, batch_size: int, seed: int, bad_sample:
         train_set,
         batch_size=batch_size,
         sampler=sampler,
-        num_workers=num_workers,
+        num_workers=usable_workers(num_workers),
         collate_fn=collate_samples,
         pin_memory=pin_memory,
         drop_last=True,
-        persistent_workers=num_workers > 0,
+        persistent_workers=usable_workers(num_workers) > 0,
         worker_init_fn=seed_worker,
         # Own generator: creating loader iterators must not draw from the global torch RNG.
         generator=torch.Generator().manual_seed(seed + rank),

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -287,10 +288,27 @@ def _finish(run: Run, end: LoopEnd, stop: StopRequest | None) -> Path:
 
 def _train(cfg: Config, resume: str | Path | None, run_dir: Path, info: D.DistInfo, overwrite: bool = False,
            stop: StopRequest | None = None) -> Path:
-    run = setup(cfg, resume, run_dir, info, overwrite)
+    fresh_folder = not run_dir.exists()
+    try:
+        run = setup(cfg, resume, run_dir, info, overwrite)
+    except BaseException:
+        if fresh_folder and info.is_main:
+            close_logger()
+            _remove_failed_start(run_dir)
+        raise
     if run is None:  # a resume with nothing left to train
         return run_dir
     return _finish(run, train_loop(run, stop), stop)
+
+
+def _remove_failed_start(run_dir: Path) -> None:
+    """A start that failed before training leaves no run folder behind, if it made the folder and the folder
+    holds nothing but its own log (the error was printed; a folder with anything else is kept)."""
+    if not run_dir.is_dir():
+        return
+    leftovers = [p for p in run_dir.rglob("*") if p.is_file() and p.name != "train.log"]
+    if not leftovers:
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def setup(cfg: Config, resume: str | Path | None, run_dir: Path, info: D.DistInfo, overwrite: bool = False
