@@ -54,7 +54,7 @@ def table(rows: list[tuple[str, int | None, list[int] | None]]) -> list[MemoryEs
 
 
 def precision(e: MemoryEstimate) -> str:
-    return "fp32" if e.amp == "none" else e.amp
+    return e.amp
 
 
 def breakdown(estimates: dict[str, MemoryEstimate]) -> None:

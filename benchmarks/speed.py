@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ovenet.config import LossConfig, ModelConfig, OffsetConfig, TrainConfig
+from ovenet.device import autocast
 from ovenet.engine.optim import build_optimizer
 from ovenet.engine.step import train_step
 from ovenet.engine.train import compile_regions
@@ -29,10 +30,10 @@ from ovenet.models import build_model
 from ovenet.models.heads import upsample_logits
 
 MODES = {
-    "fp32_eager": dict(amp=None, channels_last=False, compile=None),
-    "bf16": dict(amp=torch.bfloat16, channels_last=False, compile=None),
-    "bf16_cl": dict(amp=torch.bfloat16, channels_last=True, compile=None),
-    "bf16_cl_compile_regional": dict(amp=torch.bfloat16, channels_last=True, compile="regional"),
+    "fp32_eager": dict(amp="fp32", channels_last=False, compile=None),
+    "bf16": dict(amp="bf16", channels_last=False, compile=None),
+    "bf16_cl": dict(amp="bf16", channels_last=True, compile=None),
+    "bf16_cl_compile_regional": dict(amp="bf16", channels_last=True, compile="regional"),
 }
 
 
@@ -79,7 +80,7 @@ def bench_train(arch, ovenet, mode, device, batch, crop, warmup, repeats, timer)
                   "label": torch.randint(0, 19, (batch, *crop), device=device)}
 
     def step():  # the training loop's own step: forward, full loss, backward, fused SGD
-        train_step(model, criterion, opt, batch_data, amp_dtype=mode["amp"], channels_last=mode["channels_last"])
+        train_step(model, criterion, opt, batch_data, precision=mode["amp"], channels_last=mode["channels_last"])
 
     t0 = time.perf_counter()
     step()  # first step: cudnn autotuning / compilation
@@ -102,7 +103,7 @@ def bench_infer(arch, ovenet, mode, device, size, warmup, repeats, timer):
 
     @torch.inference_mode()
     def infer():
-        with torch.autocast(device.type, dtype=mode["amp"] or torch.float32, enabled=mode["amp"] is not None):
+        with autocast(device, mode["amp"]):
             upsample_logits(model(x).logits_final, size).argmax(1)
 
     infer()

@@ -108,7 +108,7 @@ def test_official_recipe_config_sets_the_official_choices():
     assert d["model.offset.tau"] == (0.5, 0.2)
     assert d["loss.type"] == ("ohem", "ce") and d["loss.class_weights"] == (None, "cityscapes")
     assert d["data.train_split"] == ("train", "trainval")
-    assert d["train.amp"] == ("bf16", "none")  # the official code trains and validates in fp32
+    assert d["train.amp"] == ("bf16", "fp32")  # the official code trains and validates in fp32
 
 
 @pytest.mark.parametrize("dataset,arch", [("cityscapes", "hrnetv2_w48"), ("cityscapes", "hrnetv2_w48_ocr"),
@@ -183,3 +183,14 @@ def test_no_shipped_config_needs_an_optional_package(path: Path):
     """TensorBoard is an extra (ovenet[tensorboard]): a shipped recipe that switched it on printed a notice on
     every run of a default install."""
     assert load_config(path).train.tensorboard is False
+
+
+def test_one_precision_vocabulary_and_old_spellings_still_load():
+    """train.amp and --precision both say fp32/bf16/fp16; 'none', what configs and checkpoints said before,
+    reads as fp32."""
+    assert load_config(None, ["train.amp=none"]).train.amp == "fp32"
+    assert load_config(None, ["train.amp=fp32"]).train.amp == "fp32"
+    from ovenet.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="is not one of \\['fp32', 'bf16', 'fp16'\\]"):
+        load_config(None, ["train.amp=float16"])

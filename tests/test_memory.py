@@ -30,7 +30,7 @@ B, H, W = 2, 64, 128
 
 def _config(levers: bool = False) -> Config:
     cfg = Config(model=tiny_config(), loss=LossConfig(ohem_min_kept=1000, chunked=levers),
-                 train=TrainConfig(activation_checkpointing=levers, amp="none"))
+                 train=TrainConfig(activation_checkpointing=levers, amp="fp32"))
     cfg.data.crop_size = [H, W]
     return cfg
 
@@ -76,7 +76,7 @@ def estimates():
 def test_estimate_within_10_percent_of_the_measured_cpu_peak(one_thread, estimates, levers):
     measured = measured_cpu_peak(_config(levers))
     estimate = estimates[levers]
-    assert (estimate.batch_size, estimate.crop, estimate.amp) == (B, (H, W), "none")
+    assert (estimate.batch_size, estimate.crop, estimate.amp) == (B, (H, W), "fp32")
     assert abs(estimate.peak - measured) <= 0.10 * measured, (estimate.peak, measured)
 
 
@@ -92,7 +92,7 @@ def test_estimate_names_what_the_levers_remove(estimates):
         assert levers.saved[part] < plain.saved[part] / 2, part
     assert levers.saved["losses"] < plain.saved["losses"] / 4
     assert levers.peak < plain.peak
-    assert plain.summary().startswith(f"{plain.config}: batch {B}, {H}x{W}, none: peak ")
+    assert plain.summary().startswith(f"{plain.config}: batch {B}, {H}x{W}, fp32: peak ")
 
 
 def test_cuda_autocast_rules_cast_like_cuda_and_go_away():

@@ -91,7 +91,7 @@ def _batch(seed: int = 0) -> dict[str, torch.Tensor]:
     return {"image": torch.randn(2, 3, 64, 96, generator=g), "label": label}
 
 
-@pytest.mark.parametrize("head,amp", [("ocr", None), ("fcn", None), ("ocr", torch.bfloat16)])
+@pytest.mark.parametrize("head,amp", [("ocr", "fp32"), ("fcn", "fp32"), ("ocr", "bf16")])
 def test_activation_checkpointing_gives_the_plain_training_step(one_thread, head, amp):
     plain = tiny(ovenet=True, head=head).train()
     checkpointed = copy.deepcopy(plain).set_activation_checkpointing(True)
@@ -100,7 +100,7 @@ def test_activation_checkpointing_gives_the_plain_training_step(one_thread, head
     for model in (plain, checkpointed):
         optimizer = build_optimizer(model, TrainConfig())
         torch.manual_seed(1)  # the OCR head's dropout draws the same masks in both runs
-        loss, terms = train_step(model, criterion, optimizer, _batch(), amp_dtype=amp)
+        loss, terms = train_step(model, criterion, optimizer, _batch(), precision=amp)
         results.append((loss, terms, model))
     (loss, terms, plain), (ck_loss, ck_terms, checkpointed) = results
     assert_close_scaled(ck_loss, loss, msg="loss")

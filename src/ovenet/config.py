@@ -130,7 +130,7 @@ class TrainConfig:
     weight_decay: float = 5e-4
     poly_power: float = 0.9
     warmup_iters: int = 0
-    amp: Literal["bf16", "fp16", "none"] = "bf16"  # "bf16", "fp16" or "none" (ignored on CPU)
+    amp: Literal["fp32", "bf16", "fp16"] = "bf16"  # GPU autocast precision (the CPU trains in fp32)
     channels_last: bool = True
     compile: Literal["none", "regional", "full"] = "none"  # "none", "regional" (repeated HRNet blocks) or "full"
     sync_bn: bool = True  # only takes effect when world size > 1
@@ -256,6 +256,7 @@ def _build(cls: type, data: dict, path: str = "") -> Any:
             kwargs[key] = _build(tp, value, full + ".")
             continue
         value = _coerce_floats(value, tp)
+        value = _LEGACY_VALUES.get((full, value), value) if isinstance(value, str) else value
         choices = _choices(tp)
         if choices and not _type_ok(value, tp):
             raise ConfigError(f"config key '{full}': {value!r} is not one of {list(choices)}")
@@ -263,6 +264,10 @@ def _build(cls: type, data: dict, path: str = "") -> Any:
             raise ConfigError(f"config key '{full}' has the wrong type: got {value!r}, expected {_type_name(tp)}")
         kwargs[key] = value
     return cls(**kwargs)
+
+
+# Values older configs and checkpoints hold, read as their current spelling.
+_LEGACY_VALUES = {("train.amp", "none"): "fp32"}
 
 
 def _choices(tp: Any) -> tuple:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .errors import OvenetError
+
+# The one precision vocabulary, for training (train.amp) and inference (--precision): autocast's dtype or None.
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(name: str | torch.device | None = "auto", local_rank: int = 0) -> torch.device:
@@ -32,3 +37,11 @@ def resolve_device(name: str | torch.device | None = "auto", local_rank: int = 0
                               f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
         return torch.device(name)
     raise OvenetError(f"device '{name}' is unknown; use auto, cpu, cuda or cuda:N")
+
+
+def autocast(device: torch.device, precision: str = "fp32") -> contextlib.AbstractContextManager:
+    """``torch.autocast`` for ``precision`` ("fp32": no autocast) on ``device``'s type."""
+    if precision not in PRECISIONS:
+        raise OvenetError(f"precision '{precision}' is unknown; use one of {', '.join(PRECISIONS)}")
+    dtype = PRECISIONS[precision]
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)

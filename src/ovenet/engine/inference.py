@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,14 +45,13 @@ from PIL import Image
 from torch import Tensor, nn
 
 from ovenet.data.transforms import normalize_image, resize_image
-from ovenet.device import resolve_device
+from ovenet.device import autocast, resolve_device
 from ovenet.errors import OvenetError
 
 # The six test scales of the paper's Cityscapes/ADE20K results (used with flip).
 PAPER_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 OUTPUTS = ("final", "initial", "seed")
 MODES = ("whole", "slide", "official")
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
@@ -71,19 +69,10 @@ def window_starts(size: int, crop: int, stride: int) -> list[int]:
     return list(range(0, size - crop, stride)) + [size - crop]
 
 
-def _autocast(device: torch.device, precision: str):
-    if precision not in PRECISIONS:
-        raise OvenetError(f"precision '{precision}' is unknown; use one of {', '.join(PRECISIONS)}")
-    dtype = PRECISIONS[precision]
-    if dtype is None:
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 def _forward(model: nn.Module, x: Tensor, output: str, precision: str) -> tuple[Tensor, Tensor | None,
                                                                                  Tensor | None]:
     """Logits of the chosen output, offsets and confidence at 1/4 resolution, all float32."""
-    with _autocast(x.device, precision):
+    with autocast(x.device, precision):
         out = model(x)
     logits = getattr(out, f"logits_{output}")
     if logits is None:

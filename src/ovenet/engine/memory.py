@@ -43,11 +43,11 @@ from torch.utils._pytree import tree_leaves, tree_map_only
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..config import Config
+from ..device import PRECISIONS
 
 GiB = 2**30
 CUDA_BLOCK = 512  # the CUDA caching allocator rounds every allocation up to this (c10/cuda/CUDACachingAllocator.cpp)
 HEADROOM = 0.9  # warn above this share of the device memory: the CUDA context, workspaces and fragmentation need the rest
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 
 # Kinds of memory besides the activations of each model part.
 PARAMETERS, BUFFERS, OPTIMIZER, GRADIENTS, BATCH = "parameters", "buffers", "optimizer state", "gradients", "batch"
@@ -285,7 +285,7 @@ def estimate_training_memory(
         raise ValueError("estimate_training_memory needs a crop: data.crop_size is null")
     h, w = (int(c) for c in crop)
     b = cfg.train.batch_size
-    amp_dtype = AMP_DTYPES[cfg.train.amp]
+    amp_dtype = PRECISIONS[cfg.train.amp]
     start = time.perf_counter()
     phase = {"step": False}
     with FakeTensorMode():
@@ -330,7 +330,7 @@ def estimate_training_memory(
         rules = cuda_autocast_rules() if device_type == "cuda" and amp_dtype is not None else contextlib.nullcontext()
         try:
             with rules, tracker:
-                train_step(model, criterion, optimizer, batch, None, amp_dtype, cfg.train.grad_clip)
+                train_step(model, criterion, optimizer, batch, None, cfg.train.amp, cfg.train.grad_clip)
         finally:
             for handle in hooks + handles:
                 handle.remove()
@@ -375,7 +375,7 @@ def warn_if_over_memory(
         levers = [lever for lever in MEMORY_LEVERS
                   if not (lever.startswith("train.activation_checkpointing") and estimate.activation_checkpointing)
                   and not (lever.startswith("loss.chunked") and estimate.loss_chunked)
-                  and not (lever.startswith("train.amp") and estimate.amp != "none")]
+                  and not (lever.startswith("train.amp") and estimate.amp != "fp32")]
         log.warning(
             f"this step needs about {estimate.peak_gib:.1f} GiB of tensor memory (estimate) but {device} has "
             f"{total_memory / GiB:.1f} GiB; it will likely run out of memory. Levers: {', '.join(levers)} "

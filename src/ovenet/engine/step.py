@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -11,17 +10,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from ..device import autocast
 from ..metrics import ConfusionMatrix
 from .logging import Progress
 from .optim import step_unless_nonfinite
-
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
-
-
-def autocast(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    if amp_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=amp_dtype)
 
 
 def batch_to_device(batch: dict[str, Tensor], device: torch.device, channels_last: bool) -> tuple[Tensor, Tensor]:
@@ -38,7 +30,7 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     batch: dict[str, Tensor],
     scaler: torch.amp.GradScaler | None = None,
-    amp_dtype: torch.dtype | None = None,
+    precision: str = "fp32",
     grad_clip: float | None = None,
     channels_last: bool = False,
 ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -49,7 +41,7 @@ def train_step(
     """
     device = next(model.parameters()).device
     images, labels = batch_to_device(batch, device, channels_last)
-    with autocast(device, amp_dtype):
+    with autocast(device, precision):
         output = model(images)
         loss, terms = criterion(output, labels)
     optimizer.zero_grad(set_to_none=True)
@@ -74,7 +66,7 @@ def validate(
     loader: DataLoader,
     num_classes: int,
     device: torch.device,
-    amp_dtype: torch.dtype | None = None,
+    precision: str = "fp32",
     align_corners: bool = True,
     ignore_index: int = 255,
     channels_last: bool = False,
@@ -94,7 +86,7 @@ def validate(
     with Progress(images_total, "val", enabled=progress, write=write, leave=False) as meter:
         for batch in loader:
             images, labels = batch_to_device(batch, device, channels_last)
-            with autocast(device, amp_dtype):
+            with autocast(device, precision):
                 output = model(images)
             logits = F.interpolate(
                 output.logits_final.float(), size=labels.shape[-2:], mode="bilinear", align_corners=align_corners

@@ -60,7 +60,7 @@ from .guards import (
 )
 from .logging import TensorBoard, close_logger, format_seconds, progress_bar, setup_logger, visualise_sample
 from .optim import build_optimizer, build_scheduler
-from .step import AMP_DTYPES, train_step, validate
+from .step import train_step, validate
 
 __all__ = ["Run", "setup", "train", "train_loop"]
 
@@ -114,7 +114,7 @@ class Run:
     val_loader: DataLoader | None
     palette: Any
     ignore_index: int
-    amp_dtype: torch.dtype | None
+    precision: str  # autocast precision of the training step
     channels_last: bool
     iters_per_epoch: int
     total_iters: int
@@ -177,7 +177,7 @@ def validate_and_save_best(run: Run) -> float:
     """Validate (fp32 whatever train.amp: this mIoU picks best.pth), log, save ``best.pth`` on a new best.
     Returns the seconds it took."""
     start = time.perf_counter()
-    metrics, first = validate(run.raw_model, run.val_loader, run.cfg.model.num_classes, run.device, None,
+    metrics, first = validate(run.raw_model, run.val_loader, run.cfg.model.num_classes, run.device, "fp32",
                               run.cfg.model.align_corners, run.ignore_index, run.channels_last,
                               progress=run.info.is_main, write=run.log.info)
     improved = run.best_miou is None or metrics["miou"] > run.best_miou
@@ -226,7 +226,7 @@ def train_loop(run: Run, stop: StopRequest | None = None) -> LoopEnd:
                 end.signum = signals.signum
                 break
 
-            loss, terms = train_step(run.model, run.criterion, run.optimizer, batch, run.scaler, run.amp_dtype,
+            loss, terms = train_step(run.model, run.criterion, run.optimizer, batch, run.scaler, run.precision,
                                      t.grad_clip, run.channels_last)
             run.scheduler.step()
             run.iteration += 1
@@ -318,7 +318,7 @@ def setup(cfg: Config, resume: str | Path | None, run_dir: Path, info: D.DistInf
     t = cfg.train
     device = resolve_device(cfg.device, info.local_rank)
     on_cuda = device.type == "cuda"
-    amp_dtype = AMP_DTYPES[t.amp] if on_cuda else None  # CPU trains in fp32
+    precision = t.amp if on_cuda else "fp32"  # the CPU trains in fp32
     channels_last = t.channels_last and on_cuda
 
     # What this start does to the run folder is settled before anything is written: a refused start (a folder
@@ -390,14 +390,14 @@ def setup(cfg: Config, resume: str | Path | None, run_dir: Path, info: D.DistInf
                            cfg.model.offset.sampling).to(device)
     optimizer = build_optimizer(model, t)
     scheduler = build_scheduler(optimizer, total_iters, t.poly_power, t.warmup_iters)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     if on_cuda and info.is_main:  # will the step fit? A fake-tensor estimate, seconds on the CPU, no GPU memory
         from .memory import warn_if_over_memory
 
         warn_if_over_memory(model, cfg, device, log, ddp=info.distributed)
 
     run = Run(cfg, info, run_dir, device, log, tb, model, model, criterion, optimizer, scheduler, scaler, loader,
-              sampler, val_loader, getattr(dataset, "palette", None), dataset.ignore_index, amp_dtype,
+              sampler, val_loader, getattr(dataset, "palette", None), dataset.ignore_index, precision,
               channels_last, iters_per_epoch, total_iters)
     if ckpt is not None:
         _restore(run, ckpt)
@@ -412,7 +412,7 @@ def setup(cfg: Config, resume: str | Path | None, run_dir: Path, info: D.DistInf
     log.info(
         f"run folder {run_dir} | {cfg.model.arch} {cfg.model.head} offset={cfg.model.offset.enabled} "
         f"{n_params / 1e6:.2f}M params | {len(dataset)} train samples, {iters_per_epoch} it/epoch, "
-        f"{total_iters} iterations | device {device}, {info.world_size} process(es), amp {amp_dtype}"
+        f"{total_iters} iterations | device {device}, {info.world_size} process(es), precision {precision}"
     )
     threads_note = take_note()  # the CLI's CPU thread choice (ovenet.threads), here and in train.log
     if threads_note:
