@@ -7,7 +7,7 @@ from helpers import tiny
 from PIL import Image
 
 from ovenet.data.transforms import normalize_image
-from ovenet.engine.inference import Prediction, infer_logits, predict
+from ovenet.inference import Prediction, infer_logits, predict
 from ovenet.errors import DataError, OvenetError
 
 

@@ -87,3 +87,32 @@ def test_no_import_cycles_inside_ovenet():
     # module importing its own package's __init__ would show up as a cycle, as it should.
     cycles = find_cycles(import_graph())
     assert cycles == [], "import cycles (lazy imports included): " + "; ".join(" <-> ".join(c) for c in cycles)
+
+
+# What may import what (the README's Layout section): a part imports only parts on its own line or above.
+LAYERS = [
+    {"errors"},
+    {"config", "device", "threads"},
+    {"data", "method"},
+    {"models", "inference", "metrics", "vis"},  # models.predict uses inference, which needs only data and torch
+    {"losses", "checkpoint"},
+    {"official"},
+    {"weights", "export"},
+    {"engine"},
+    {"quickstart"},
+    {"cli", "ovenet"},
+]
+
+
+def _part(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "ovenet"
+
+
+def test_no_layer_reaches_up():
+    level = {part: i for i, parts in enumerate(LAYERS) for part in parts}
+    graph = import_graph()
+    assert {_part(m) for m in graph} <= set(level), "a new part of ovenet needs a place in LAYERS (and the README)"
+    upward = sorted(f"{a} -> {b}" for a, targets in graph.items() for b in targets
+                    if level[_part(b)] > level[_part(a)])
+    assert upward == [], "imports that reach up a layer: " + ", ".join(upward)

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from ovenet.cli.main import build_parser
 from ovenet.config import load_config
 from ovenet.data.transforms import resize_image
-from ovenet.engine.inference import infer_logits, scaled_size
+from ovenet.inference import infer_logits, scaled_size
 from ovenet.errors import OvenetError
 
 WEIGHTS = torch.tensor([1.0, -0.5, 0.8, 0.3])

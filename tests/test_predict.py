@@ -13,7 +13,7 @@ from ovenet import vis
 from ovenet.config import ModelConfig
 from ovenet.data import dataset_info
 from ovenet.data.cityscapes import CITYSCAPES_PALETTE, trainid_to_labelid
-from ovenet.engine.inference import predict
+from ovenet.inference import predict
 from ovenet.engine.predict import predict_files
 from ovenet.errors import DataError, OvenetError
 from ovenet.models import build_model

@@ -15,7 +15,7 @@ from typing import Any
 
 from ovenet.cli import commands
 from ovenet.config import is_override
-from ovenet.engine.inference import PAPER_SCALES
+from ovenet.inference import PAPER_SCALES
 from ovenet.engine.predict import SAVE_KINDS
 from ovenet.errors import OvenetError
 

@@ -6,7 +6,7 @@ A transform takes the dict from ``SegmentationDataset.load`` (uint8 ``image`` Hx
 Resizing follows the official code, which used OpenCV: images with ``cv2.INTER_LINEAR`` (half-pixel centres, no
 antialiasing even when shrinking, clamped at the borders) and label maps with ``cv2.INTER_NEAREST`` (source index
 ``floor(i * in / out)``). :func:`resize_image` and :func:`resize_label` reproduce both in torch/numpy; training
-(here) and multi-scale testing (``engine.inference``) both use them, so a model sees the same resampling in both.
+(here) and multi-scale testing (``ovenet.inference``) both use them, so a model sees the same resampling in both.
 
 Speed: ``TrainTransform`` never resizes the whole image. It draws the scale and the crop window first, then
 resamples only the output pixels inside the crop (``window=``), which gives the same pixels as "resize everything,

@@ -22,7 +22,7 @@ from torch import nn
 from ovenet.config import Config, EvalConfig
 from ovenet.device import resolve_device
 from ovenet.engine.distributed import rank_and_world
-from ovenet.engine.inference import infer_logits
+from ovenet.inference import infer_logits
 from ovenet.engine.logging import Progress
 from ovenet.errors import ConfigError, DataError, OvenetError
 from ovenet.metrics import BoundaryConfusion, CityscapesMetric, ConfusionMatrix

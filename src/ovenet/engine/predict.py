@@ -36,7 +36,7 @@ from torch import nn
 
 from ovenet import vis
 from ovenet.data.base import IMAGE_EXTENSIONS, read_image
-from ovenet.engine.inference import predict
+from ovenet.inference import predict
 from ovenet.engine.logging import Progress
 from ovenet.errors import DataError, OvenetError
 from ovenet.threads import take_note

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import method
-from ..config import ModelConfig
+from ..config import Config, ModelConfig
 from ..errors import ConfigError
 from .heads import FCNHead, OCRHead, fcn_head
 from .hrnet import HRNetStages, HRNetV2, arch_spec, concat_resolutions
@@ -70,6 +70,9 @@ class OVeNet(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+        # The whole run config (data, eval, ...) when loaded from a checkpoint (ovenet.checkpoint.load sets it):
+        # inference reads its eval settings, e.g. the sliding-window crop. None for a freshly built model.
+        self.config: Config | None = None
         spec = model_spec(cfg)
         self.align_corners = cfg.align_corners
         self.backbone = HRNetV2(spec, cfg.align_corners, cfg.bn_momentum)
@@ -187,8 +190,8 @@ class OVeNet(nn.Module):
 
 
     def predict(self, image, **kwargs):
-        """Label map (and offsets/confidence) for one image or a batch; see :func:`ovenet.engine.inference.predict`."""
-        from ..engine.inference import predict
+        """Label map (and offsets/confidence) for one image or a batch; see :func:`ovenet.inference.predict`."""
+        from ..inference import predict
 
         return predict(self, image, **kwargs)
 
