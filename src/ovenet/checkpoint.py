@@ -64,10 +64,7 @@ def read(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for truncated/corrupt files
-        raise CheckpointError(f"checkpoint '{path}' {unreadable_reason(path, e)}") from None
+    ckpt = load_file(path, f"checkpoint '{path}'")
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         hint = ""
         if isinstance(ckpt, dict) and any(str(k).startswith("model.") for k in ckpt):
@@ -75,6 +72,15 @@ def read(path: str | Path) -> dict:
                    f"{path.name} OUT.pth` first"
         raise CheckpointError(f"checkpoint '{path}' is not an ovenet checkpoint{hint}")
     return ckpt
+
+
+def load_file(path: Path, what: str) -> Any:
+    """``torch.load`` (weights only, on the CPU) of an existing file; a :class:`CheckpointError` saying why
+    ``what`` (e.g. "model.init_from 'x.pth'") cannot be read otherwise."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for truncated/corrupt files
+        raise CheckpointError(f"{what} {unreadable_reason(path, e)}") from None
 
 
 def unreadable_reason(path: Path, error: Exception) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import yaml
 
-from .checkpoint import load_state, save, unreadable_reason
+from .checkpoint import load_file, load_state, save
 from .config import Config, from_dict
 from .errors import CheckpointError, ConfigError
 from .models import build_model
@@ -141,10 +141,7 @@ def read_official_state(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"official checkpoint '{path}' does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"official checkpoint '{path}' {unreadable_reason(path, e)}") from None
+    state = load_file(path, f"official checkpoint '{path}'")
     if isinstance(state, dict) and "state_dict" in state:  # checkpoint.pth.tar: {epoch, state_dict, optimizer}
         state = state["state_dict"]
     if not isinstance(state, dict) or not any(str(k).startswith("model.") for k in state):

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import FORMAT, unreadable_reason
+from .checkpoint import FORMAT, load_file
 from .config import ModelConfig
 from .errors import CheckpointError
 from .models import OVeNet
@@ -53,10 +53,7 @@ def load_pretrained_backbone(model: OVeNet, path: str | Path) -> dict[str, list[
     if not path.is_file():
         raise CheckpointError(f"pretrained weights '{path}' do not exist; set model.pretrained to an HRNet ImageNet "
                               "checkpoint (e.g. hrnetv2_w48_imagenet_pretrained.pth) or null")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"pretrained weights '{path}' {unreadable_reason(path, e)}") from None
+    raw = load_file(path, f"pretrained weights '{path}'")
     state = raw
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
@@ -123,10 +120,7 @@ def load_init_from(model: OVeNet, path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"model.init_from '{path}' does not exist; set it to a trained ovenet checkpoint "
                               "(e.g. runs/<baseline>/best.pth) or an official final_state.pth, or null")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for truncated/corrupt files
-        raise CheckpointError(f"model.init_from '{path}' {unreadable_reason(path, e)}") from None
+    obj = load_file(path, f"model.init_from '{path}'")
     state, kind = _trained_state(obj)
     own = model.state_dict()
     new: dict[str, torch.Tensor] = {}

@@ -7,7 +7,7 @@ import random
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from ovenet.data.training import ResumableSampler, TrainingSet
 from ovenet.errors import ConfigError, DataError
@@ -79,20 +79,17 @@ def build_loader(
         return build_train_loader(dataset, batch_size, seed, bad_sample, num_workers, rank, world_size,
                                   pin_memory)[0]
     sampler = DistributedSampler(dataset, shuffle=False, drop_last=False) if distributed else None
-    generator = torch.Generator()
-    generator.manual_seed(seed + rank)
+    return _data_loader(dataset, batch_size, sampler, num_workers, pin_memory, drop_last=False, seed=seed + rank)
+
+
+def _data_loader(dataset: Dataset, batch_size: int, sampler: Sampler | None, num_workers: int, pin_memory: bool,
+                 drop_last: bool, seed: int) -> DataLoader:
+    workers = usable_workers(num_workers)
     return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        sampler=sampler,
-        num_workers=usable_workers(num_workers),
-        collate_fn=collate_samples,
-        pin_memory=pin_memory,
-        drop_last=False,
-        persistent_workers=usable_workers(num_workers) > 0,
-        worker_init_fn=seed_worker,
-        generator=generator,
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate_samples,
+        pin_memory=pin_memory, drop_last=drop_last, persistent_workers=workers > 0, worker_init_fn=seed_worker,
+        # Own generator: creating loader iterators must not draw from the global torch RNG.
+        generator=torch.Generator().manual_seed(seed),
     )
 
 
@@ -110,17 +107,5 @@ def build_train_loader(dataset: Dataset, batch_size: int, seed: int, bad_sample:
             f"the training set has {len(train_set)} samples, fewer than one batch ({batch_size} per GPU x "
             f"{world_size} processes); lower train.batch_size or add data"
         )
-    loader = DataLoader(
-        train_set,
-        batch_size=batch_size,
-        sampler=sampler,
-        num_workers=usable_workers(num_workers),
-        collate_fn=collate_samples,
-        pin_memory=pin_memory,
-        drop_last=True,
-        persistent_workers=usable_workers(num_workers) > 0,
-        worker_init_fn=seed_worker,
-        # Own generator: creating loader iterators must not draw from the global torch RNG.
-        generator=torch.Generator().manual_seed(seed + rank),
-    )
+    loader = _data_loader(train_set, batch_size, sampler, num_workers, pin_memory, drop_last=True, seed=seed + rank)
     return loader, sampler
