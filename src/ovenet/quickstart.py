@@ -43,23 +43,22 @@ def seconds_per_iteration(cfg: Config, device: str, steps: int = 3, give_up_afte
     """
     import torch
 
+    from ovenet.engine.optim import build_optimizer
+    from ovenet.engine.step import train_step
     from ovenet.losses import build_loss
     from ovenet.models import build_model
 
     torch.manual_seed(0)
     model = build_model(cfg.model).to(device).train()
     criterion = build_loss(cfg.loss, cfg.model.num_classes, align_corners=cfg.model.align_corners,
-                           sampling=cfg.model.offset.sampling)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+                           sampling=cfg.model.offset.sampling).to(device)
+    optimizer = build_optimizer(model, cfg.train)
     h, w = cfg.data.crop_size
-    images = torch.randn(cfg.train.batch_size, 3, h, w, device=device)
-    labels = torch.randint(0, cfg.model.num_classes, (cfg.train.batch_size, h, w), device=device)
+    batch = {"image": torch.randn(cfg.train.batch_size, 3, h, w),
+             "label": torch.randint(0, cfg.model.num_classes, (cfg.train.batch_size, h, w))}
 
-    def step() -> None:
-        loss, _ = criterion(model(images), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    def step() -> None:  # the training loop's own step, so the timing is of what training will run
+        train_step(model, criterion, optimizer, batch)
 
     start = time.perf_counter()
     step()  # warm-up: allocator, kernel selection
