@@ -7,8 +7,8 @@ from helpers import tiny
 from PIL import Image
 
 from ovenet.data.transforms import normalize_image
-from ovenet.inference import Prediction, infer_logits, predict
 from ovenet.errors import DataError, OvenetError
+from ovenet.inference import Prediction, infer_logits, predict
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,9 @@ import torch
 from helpers import tiny_config
 
 from ovenet.config import LossConfig, TrainConfig
-from ovenet.inference import infer_logits
 from ovenet.engine.optim import build_optimizer
 from ovenet.engine.step import train_step
+from ovenet.inference import infer_logits
 from ovenet.losses import build_loss
 from ovenet.models import build_model
 

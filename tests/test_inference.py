@@ -8,8 +8,8 @@ from helpers import assert_close_scaled, tiny
 from torch import nn
 
 from ovenet.data.transforms import resize_image
-from ovenet.inference import PAPER_SCALES, infer_logits, window_starts
 from ovenet.errors import OvenetError
+from ovenet.inference import PAPER_SCALES, infer_logits, window_starts
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ from torch import Tensor, nn
 from ovenet.cli.main import build_parser
 from ovenet.config import load_config
 from ovenet.data.transforms import resize_image
-from ovenet.inference import infer_logits, scaled_size
 from ovenet.errors import OvenetError
+from ovenet.inference import infer_logits, scaled_size
 
 WEIGHTS = torch.tensor([1.0, -0.5, 0.8, 0.3])
 CONTEXT = torch.tensor([0.0, 2.0, -1.5, 3.0])

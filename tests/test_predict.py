@@ -13,9 +13,9 @@ from ovenet import vis
 from ovenet.config import ModelConfig
 from ovenet.data import dataset_info
 from ovenet.data.cityscapes import CITYSCAPES_PALETTE, trainid_to_labelid
-from ovenet.inference import predict
 from ovenet.engine.predict import predict_files
 from ovenet.errors import DataError, OvenetError
+from ovenet.inference import predict
 from ovenet.models import build_model
 
 CITYSCAPES_LABEL_IDS = {7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33}

@@ -230,7 +230,7 @@ def _run(out_dir: Path, iters: int, device: str, overrides: Sequence[str], num_p
     eval_json, eval_md = result_paths(out_dir / "eval", result["split"])
 
     model = checkpoint.load(ckpt, device)
-    _, class_names, palette = dataset_info("synthetic", cfg.model.num_classes)
+    _, _, palette = dataset_info("synthetic", cfg.model.num_classes)
     scenes = write_scenes(cfg, out_dir / "scenes", num_predictions)
     pred_dir = out_dir / "predictions"
     written = predict_files(model, [path for path, _ in scenes], pred_dir, palette, "synthetic",

@@ -17,8 +17,8 @@ import yaml
 from ovenet.config import CONFIG_DIR, Config, apply_overrides, from_dict, is_override, load_config
 from ovenet.device import resolve_device
 from ovenet.engine.evaluate import percent
-from ovenet.inference import PAPER_SCALES
 from ovenet.errors import CheckpointError, DataError, OvenetError
+from ovenet.inference import PAPER_SCALES
 from ovenet.threads import configure_threads
 
 # --- helpers --------------------------------------------------------------------------------------------------

@@ -15,9 +15,9 @@ from typing import Any
 
 from ovenet.cli import commands
 from ovenet.config import is_override
-from ovenet.inference import PAPER_SCALES
 from ovenet.engine.predict import SAVE_KINDS
 from ovenet.errors import OvenetError
+from ovenet.inference import PAPER_SCALES
 
 PROG = "ovenet"
 COMMANDS_TAKING_OVERRIDES = ("train", "eval", "predict", "check-data", "configs", "quickstart")

@@ -22,9 +22,9 @@ from torch import nn
 from ovenet.config import Config, EvalConfig
 from ovenet.device import resolve_device
 from ovenet.engine.distributed import rank_and_world
-from ovenet.inference import infer_logits
 from ovenet.engine.logging import Progress
 from ovenet.errors import ConfigError, DataError, OvenetError
+from ovenet.inference import infer_logits
 from ovenet.metrics import BoundaryConfusion, CityscapesMetric, ConfusionMatrix
 from ovenet.threads import take_note
 

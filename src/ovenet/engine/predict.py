@@ -36,9 +36,9 @@ from torch import nn
 
 from ovenet import vis
 from ovenet.data.base import IMAGE_EXTENSIONS, read_image
-from ovenet.inference import predict
 from ovenet.engine.logging import Progress
 from ovenet.errors import DataError, OvenetError
+from ovenet.inference import predict
 from ovenet.threads import take_note
 
 SAVE_KINDS = ("color", "overlay", "labels", "labelids", "offsets", "confidence")  # the file suffixes too
