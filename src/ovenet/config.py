@@ -131,7 +131,7 @@ class TrainConfig:
     poly_power: float = 0.9
     warmup_iters: int = 0
     amp: Literal["fp32", "bf16", "fp16"] = "bf16"  # GPU autocast precision (the CPU trains in fp32)
-    channels_last: bool = True
+    channels_last: bool = True  # on CUDA and the CPU (1.15x on the CPU pilot: benchmarks/RESULTS.md, "CPU speed")
     compile: Literal["none", "regional", "full"] = "none"  # "none", "regional" (repeated HRNet blocks) or "full"
     sync_bn: bool = True  # only takes effect when world size > 1
     seed: int = 304

@@ -319,7 +319,9 @@ def setup(cfg: Config, resume: str | Path | None, run_dir: Path, info: D.DistInf
     device = resolve_device(cfg.device, info.local_rank)
     on_cuda = device.type == "cuda"
     precision = t.amp if on_cuda else "fp32"  # the CPU trains in fp32
-    channels_last = t.channels_last and on_cuda
+    # On the CPU too: the CamVid pilot's step ran 1.15x faster at one thread, and only float rounding changes
+    # (benchmarks/RESULTS.md, "CPU speed"; tests/test_cpu_defaults.py).
+    channels_last = t.channels_last
 
     # What this start does to the run folder is settled before anything is written: a refused start (a folder
     # holding another run, a resume whose config changes the model or data) leaves the folder as it was.
