@@ -328,6 +328,7 @@ def test_predict_writes_labels_offsets_and_confidence(capsys, tiny_checkpoint, t
     for kind in ("color", "overlay", "labels", "offsets", "confidence"):
         assert Image.open(out / f"street_{kind}.png").size == (56, 40)
     assert f"wrote 5 file(s) to {out}" in stdout
+    assert "runtime: onnxruntime on cpu; --runtime torch to use PyTorch" in stdout  # the CPU default, said
     # Sliding windows of the config's eval.crop_size, several scales and flip: same files, same size.
     code, stdout, err = run(capsys, "predict", str(tiny_checkpoint), str(image), "--out", str(out), "--overwrite",
                             "--mode", "slide", "--scales", "0.5", "1.0", "--flip", "--save", "labels,confidence")

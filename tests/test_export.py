@@ -1,8 +1,9 @@
 """ONNX export: onnxruntime matches PyTorch at the export size and at another size and batch (dynamic axes)."""
 
+import numpy as np
 import pytest
 import torch
-from helpers import lively, tiny_config
+from helpers import lively, tiny, tiny_config
 
 from ovenet import checkpoint
 from ovenet.config import Config
@@ -72,3 +73,22 @@ def test_export_errors(tmp_path):
     with pytest.raises(OvenetError, match="already exists.*--overwrite"):
         export_onnx(baseline, tmp_path / "taken.onnx")
     assert (tmp_path / "taken.onnx").read_bytes() == b"keep me"
+
+
+@pytest.mark.parametrize("options", [dict(), dict(scales=(0.75, 1.25), flip=True),
+                                     dict(mode="slide", crop_size=(48, 64), flip=True)])
+def test_onnxruntime_model_predicts_what_pytorch_predicts(tmp_path, options):
+    """``ovenet predict``'s default runtime on the CPU: the same multi-scale/flip/slide inference, run by ONNX
+    Runtime on the exported graph, gives PyTorch's probabilities to float noise and the same labels."""
+    from ovenet.export import OnnxRuntimeModel
+    from ovenet.inference import predict
+
+    model = tiny().eval()
+    image = np.random.default_rng(0).integers(0, 256, (61, 90, 3), dtype=np.uint8)
+    ort_model = OnnxRuntimeModel(model, tmp_path)
+    ours = predict(ort_model, image, return_probs=True, **options)
+    ref = predict(model, image, return_probs=True, **options)
+    assert np.abs(ours.probs - ref.probs).max() < TOLERANCE
+    assert (ours.labels == ref.labels).mean() > 0.999  # ties within float noise may flip a pixel
+    assert np.abs(ours.offsets - ref.offsets).max() < TOLERANCE
+    assert ort_model.num_classes == model.num_classes

@@ -6,6 +6,7 @@ Heavy imports (torch, the engine) happen inside the commands so that ``ovenet --
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -150,7 +151,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict_runtime(requested: str, device: Any, precision: str | None) -> str:
+    """``auto``: ONNX Runtime for fp32 on the CPU when it is installed (1.75x eager PyTorch there, same labels:
+    benchmarks/RESULTS.md), else PyTorch."""
+    if requested != "auto":
+        if requested == "onnxruntime" and (str(device) != "cpu" or (precision or "fp32") != "fp32"):
+            raise OvenetError("--runtime onnxruntime runs fp32 on the CPU; use --device cpu without --precision, "
+                              "or --runtime torch")
+        return requested
+    if str(device) != "cpu" or (precision or "fp32") != "fp32":
+        return "torch"
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return "torch"
+    return "onnxruntime"
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
+    with contextlib.ExitStack() as stack:
+        return _predict(args, stack)
+
+
+def _predict(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
     overrides = [p for p in args.inputs if is_override(p)]
     inputs = [Path(p) for p in args.inputs if not is_override(p)]
     if not inputs:
@@ -168,6 +191,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     model = checkpoint.load(args.checkpoint, device, overrides=overrides or None)
     cfg: Config = model.config
+    runtime = _predict_runtime(args.runtime, device, args.precision)
+    if runtime == "onnxruntime":
+        from ovenet.export import OnnxRuntimeModel
+
+        onnx_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="ovenet_onnx_"))
+        model = OnnxRuntimeModel(model, onnx_dir)
+    print(f"runtime: {runtime} on {device}" + ("; --runtime torch to use PyTorch" if runtime == "onnxruntime" else ""))
     _, _, palette = dataset_info(cfg.data.name, cfg.data.num_classes or cfg.model.num_classes)
     scales = PAPER_SCALES if args.paper_scales else (args.scales or cfg.eval.scales)
     options: dict[str, Any] = {
