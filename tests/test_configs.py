@@ -194,3 +194,11 @@ def test_one_precision_vocabulary_and_old_spellings_still_load():
 
     with pytest.raises(ConfigError, match="is not one of \\['fp32', 'bf16', 'fp16'\\]"):
         load_config(None, ["train.amp=float16"])
+
+
+@pytest.mark.parametrize("override", ["train.ckpt_every=0", "train.log_every=0", "train.val_every=-1"])
+def test_intervals_that_would_crash_the_loop_are_config_errors(override):
+    from ovenet.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=override.split("=")[0]):
+        load_config(None, [override])

@@ -185,6 +185,9 @@ def _check_ranges(cfg: Config) -> None:
     need(cfg.model.offset.iterative_refinement >= 0, "model.offset.iterative_refinement", "must be >= 0")
     need(cfg.train.lr > 0, "train.lr", f"must be > 0, got {cfg.train.lr}")
     need(cfg.train.batch_size >= 1, "train.batch_size", "must be >= 1")
+    for key in ("train.ckpt_every", "train.log_every"):
+        need(flat[key] >= 1, key, f"must be >= 1 (iterations between them), got {flat[key]}")
+    need(cfg.train.val_every >= 0, "train.val_every", "must be >= 0 (0: once per epoch, or at the end)")
     need(cfg.train.weight_decay >= 0, "train.weight_decay", "must be >= 0")
     need(0 <= cfg.train.momentum < 1, "train.momentum", "must be in [0, 1)")
     need(cfg.train.epochs is not None or cfg.train.iters is not None, "train.epochs", "set epochs or iters")
