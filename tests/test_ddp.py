@@ -14,11 +14,14 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
-from test_train import one_thread, tiny_config  # noqa: F401  (fixture re-exported for this module)
+from test_train import tiny_config
 
 from ovenet import checkpoint
 from ovenet.config import save_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: one intra-op thread
 
 RANK_SCRIPT = textwrap.dedent("""
     import json, os, sys

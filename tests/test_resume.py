@@ -12,13 +12,15 @@ import signal
 
 import pytest
 import torch
-from test_train import one_thread, tiny_config  # noqa: F401  (fixture re-exported for this module)
+from test_train import tiny_config
 
 from ovenet import checkpoint
 from ovenet.engine import train as train_mod
 from ovenet.engine.guards import TrainingInterrupted
 from ovenet.engine.train import train
 from ovenet.errors import CheckpointError
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: one intra-op thread
 
 TOTAL = 6  # 4 iterations per epoch: the run crosses an epoch boundary
 

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_train import one_thread, tiny_config  # noqa: F401  (fixture re-exported for this module)
+from test_train import tiny_config
 from torch import nn
 
 from ovenet import checkpoint
@@ -30,6 +30,8 @@ from ovenet.config import save_config
 from ovenet.engine import train as train_mod
 from ovenet.engine.train import train
 from ovenet.errors import DataError, OvenetError
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: one intra-op thread
 
 RUNNER = textwrap.dedent("""
     import os, sys

@@ -69,13 +69,7 @@ def tiny_config(*overrides: str) -> Config:
     return cfg
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two cores shared with other jobs: one intra-op thread avoids OpenMP oversubscription stalls.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: one intra-op thread
 
 
 def test_full_run_writes_run_folder_and_complete_checkpoints(tmp_path):
