@@ -170,19 +170,25 @@ def bench_train(cfg, args, log) -> dict:
         results[name] = info
         live.append(mode)
 
-    for r in range(args.rounds):
+    interleaved_rounds(live, args.rounds, args.steps, "round", log)
+    summarise(results, live, b, "eager")
+    return results
+
+
+def interleaved_rounds(live: list, rounds: int, steps: int, label: str, log) -> None:
+    """Each round times ``steps`` calls of every mode in turn, so load changes hit all modes alike; each mode
+    keeps every time and the median of each round."""
+    for r in range(rounds):
         for mode in live:
             times = []
-            for _ in range(args.steps):
+            for _ in range(steps):
                 t0 = time.perf_counter()
                 mode.step()
                 times.append(time.perf_counter() - t0)
             mode.times += times
             mode.rounds.append(statistics.median(times))
-        log(f"round {r + 1}/{args.rounds} (load {os.getloadavg()[0]:.2f}): "
+        log(f"{label} {r + 1}/{rounds} (load {os.getloadavg()[0]:.2f}): "
             + ", ".join(f"{m.name} {m.rounds[-1] * 1000:.0f}" for m in live) + " ms")
-    summarise(results, live, b, "eager")
-    return results
 
 
 def summarise(results: dict, live: list, images_per_step: int, baseline: str) -> None:
@@ -285,17 +291,7 @@ def bench_infer(cfg, args, log) -> dict:
         results[name] = info
         live.append(InferMode(name, fn))
 
-    for r in range(args.rounds):
-        for mode in live:
-            times = []
-            for _ in range(args.infer_steps):
-                t0 = time.perf_counter()
-                mode.step()
-                times.append(time.perf_counter() - t0)
-            mode.times += times
-            mode.rounds.append(statistics.median(times))
-        log(f"infer round {r + 1}/{args.rounds} (load {os.getloadavg()[0]:.2f}): "
-            + ", ".join(f"{m.name} {m.rounds[-1] * 1000:.0f}" for m in live) + " ms")
+    interleaved_rounds(live, args.rounds, args.infer_steps, "infer round", log)
     summarise(results, live, 1, "eager")
     return results
 

@@ -57,3 +57,14 @@ def assert_close_scaled(actual: Tensor, expected: Tensor, rel: float = 1e-5, msg
     scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
     error = (actual - expected).abs().max().item() if expected.numel() else 0.0
     assert error <= rel * scale, f"{msg} max |diff| {error:.3g} > {rel:g} * scale {scale:.3g}"
+
+
+def save_tiny_checkpoint(path, overrides, iteration: int = 1):
+    """An untrained quickstart-sized OVeNet saved as an ovenet checkpoint with the quickstart config plus
+    ``overrides`` (a tiny synthetic dataset, for CLI tests); returns the path."""
+    from ovenet import checkpoint
+    from ovenet.config import load_config
+
+    cfg = load_config("quickstart", overrides)
+    torch.manual_seed(0)
+    return checkpoint.save(path, build_model(cfg.model), cfg, iteration=iteration)

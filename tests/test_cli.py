@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import save_tiny_checkpoint
 from PIL import Image
 
 from ovenet import checkpoint
@@ -43,11 +44,7 @@ def assert_one_line_error(err: str, *fragments: str) -> None:
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """An untrained quickstart-sized OVeNet saved as an ovenet checkpoint with a tiny synthetic data config."""
-    cfg = load_config("quickstart", TINY)
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
-    checkpoint.save(path, build_model(cfg.model), cfg, iteration=7)
-    return path
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pth", TINY, iteration=7)
 
 
 # --- help and parsing -------------------------------------------------------------------------------------------

@@ -9,11 +9,11 @@ import time
 
 import pytest
 import torch
+from helpers import save_tiny_checkpoint
 from PIL import Image
 
 import ovenet.engine.logging as logmod
 import ovenet.engine.train as train_module
-from ovenet import checkpoint
 from ovenet.cli.main import main
 from ovenet.config import load_config
 from ovenet.engine.logging import Progress
@@ -66,11 +66,7 @@ def test_a_terminal_gets_the_bar_not_lines(monkeypatch, capsys, every_update):
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
-    cfg = load_config("quickstart", TINY)
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
-    checkpoint.save(path, build_model(cfg.model), cfg, iteration=1)
-    return path
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pth", TINY)
 
 
 def test_eval_command_reports_progress_when_not_on_a_terminal(capsys, tmp_path, tiny_checkpoint, every_update):

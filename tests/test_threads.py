@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import save_tiny_checkpoint
 from PIL import Image
 
-from ovenet import checkpoint, threads
+from ovenet import threads
 from ovenet.cli.main import main
-from ovenet.config import load_config
-from ovenet.models import build_model
 from ovenet.threads import choose_cpu_threads, configure_threads, restore_threads, take_note
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -72,10 +71,7 @@ def test_configure_applies_on_cpu_leaves_cuda_alone_and_restores(monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
-    cfg = load_config("quickstart", TINY)
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
-    checkpoint.save(path, build_model(cfg.model), cfg, iteration=1)
+    path = save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pth", TINY)
     image = tmp_path_factory.mktemp("img") / "scene.png"
     Image.new("RGB", (64, 48), (90, 120, 60)).save(image)
     return path, image
