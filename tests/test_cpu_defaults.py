@@ -14,10 +14,13 @@ from ovenet.engine.step import train_step
 from ovenet.engine.train import Run, setup
 
 # channels_last changes only the order in which floats are summed (oneDNN's channels_last convolutions, and
-# BatchNorm's channels_last CPU kernel, which sums each channel over N*H*W in another order). Here the two
-# layouts' gradients differ by ~2e-5 of a tensor's scale (the updated weights by ~2e-7); 1e-4 leaves room for
-# other CPUs' kernels, while any real change (a wrong layout, a different loss) is O(1).
+# BatchNorm's channels_last CPU kernel, which sums each channel over N*H*W in another order). On 32x48 crops the
+# 1/32 branch is 1x2 pixels, so train-mode BatchNorm normalises over 4 values and magnifies that rounding in the
+# backward pass: the gradients differ by 2e-5 of their scale on one CPU and by up to 1e-3 of their norm (median
+# 5e-4) on an AMD EPYC; the updated weights and BN statistics by ~2e-7. GRAD_REL and REL leave room for other
+# CPUs' kernels, while any real change (a wrong layout, a different loss) is O(1).
 REL = 1e-4
+GRAD_REL = 1e-2
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: one intra-op thread
@@ -75,8 +78,12 @@ def test_cpu_channels_last_step_matches_the_contiguous_step(tmp_path):
     assert abs(loss_f.item() - loss_p.item()) <= REL * max(1.0, abs(loss_p.item()))
     assert grads_f.keys() == grads_p.keys() and len(grads_p) > 100
     assert max(g.abs().max().item() for g in grads_p.values()) > 1e-3  # the comparison is not of zeros
-    pairs = [(f"grad {n}", grads_f[n], g) for n, g in grads_p.items()]
-    pairs += [(f"state {n}", state_f[n], v) for n, v in state_p.items()]  # weights after the step, BN statistics
+    for name, expected in grads_p.items():
+        # Relative to the tensor's norm; biases in front of a BatchNorm have gradients of rounding size only.
+        norm = expected.norm().item()
+        if norm > 1e-4:
+            assert (grads_f[name] - expected).norm().item() <= GRAD_REL * norm, f"grad {name}"
+    pairs = [(f"state {n}", state_f[n], v) for n, v in state_p.items()]  # weights after the step, BN statistics
     for name, actual, expected in pairs:
         if not expected.is_floating_point():
             assert torch.equal(actual, expected), name

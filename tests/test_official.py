@@ -70,7 +70,10 @@ def test_train_outputs_match_official_given_its_dropout_mask(official_fixture):
     model.decode_head.ocr_distri_head.conv_bn_dropout[-1] = _FixedChannelMask(torch.stack(masks), p)
     with torch.no_grad():
         out = model(official_fixture["input"])
-    _compare(out, ref)
+    # Train mode normalises by batch statistics of a 2-image batch, which magnifies the CPUs' kernel rounding:
+    # 1.2e-5 of the scale on an AMD EPYC (s_s), against the ~1e-5 eval-mode spread the fixture's README states.
+    # A real difference (another mask, another BN mode) is O(1).
+    _compare(out, ref, rel=5e-5)
 
 
 def test_loss_terms_match_official(official_fixture):
