@@ -41,10 +41,12 @@ def train_step(
     """
     device = next(model.parameters()).device
     images, labels = batch_to_device(batch, device, channels_last)
+    # Before the forward, not after it: the last step's gradients would stay alive through this forward (one
+    # copy of the parameters on top of the activations, from the second step on).
+    optimizer.zero_grad(set_to_none=True)
     with autocast(device, precision):
         output = model(images)
         loss, terms = criterion(output, labels)
-    optimizer.zero_grad(set_to_none=True)
     if scaler is not None and scaler.is_enabled():
         scaler.scale(loss).backward()
         if grad_clip:
