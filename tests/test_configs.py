@@ -109,6 +109,19 @@ def test_official_recipe_config_sets_the_official_choices():
     assert d["loss.type"] == ("ohem", "ce") and d["loss.class_weights"] == (None, "cityscapes")
     assert d["data.train_split"] == ("train", "trainval")
     assert d["train.amp"] == ("bf16", "fp32")  # the official code trains and validates in fp32
+    # One sampling convention: the official confidence loss reads seeds with align_corners=False, as S_s must.
+    assert d["model.offset.sampling"] == ("exact", "official") and d["loss.confidence"] == ("paper", "official")
+
+
+def test_every_shipped_recipe_reads_seeds_one_way():
+    """S_s and the confidence target read seeds in the same convention: loss.confidence official (always
+    align_corners=False) goes with model.offset.sampling official."""
+    from ovenet.cli.commands import shipped_configs
+
+    for path in shipped_configs():
+        cfg = load_config(str(path))
+        if cfg.loss.confidence == "official":
+            assert cfg.model.offset.sampling == "official", path.name
 
 
 @pytest.mark.parametrize("dataset,arch", [("cityscapes", "hrnetv2_w48"), ("cityscapes", "hrnetv2_w48_ocr"),
