@@ -34,3 +34,9 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _onnx_cache(tmp_path_factory, monkeypatch):
+    """ONNX exports that `ovenet predict` caches go to a folder of the test session, never the user's home."""
+    monkeypatch.setenv("OVENET_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "ovenet_cache"))

@@ -92,3 +92,45 @@ def test_onnxruntime_model_predicts_what_pytorch_predicts(tmp_path, options):
     assert (ours.labels == ref.labels).mean() > 0.999  # ties within float noise may flip a pixel
     assert np.abs(ours.offsets - ref.offsets).max() < TOLERANCE
     assert ort_model.num_classes == model.num_classes
+
+
+def test_onnxruntime_model_answers_every_output_option(tmp_path):
+    """S_i and S_s come from the exported graph too (they were S_f before); a baseline has no S_s and says so."""
+    from ovenet.export import OnnxRuntimeModel
+    from ovenet.inference import predict
+
+    model = tiny().eval()
+    ort_model = OnnxRuntimeModel(model, tmp_path)
+    image = np.random.default_rng(1).integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    finals = {}
+    for output in ("final", "initial", "seed"):
+        ours = predict(ort_model, image, output=output, return_logits=True)
+        ref = predict(model, image, output=output, return_logits=True)
+        assert np.abs(ours.logits - ref.logits).max() < TOLERANCE * max(1.0, np.abs(ref.logits).max()), output
+        finals[output] = ref.logits
+    assert np.abs(finals["initial"] - finals["final"]).max() > 0.1  # S_i really differs from S_f here
+
+    baseline_ort = OnnxRuntimeModel(tiny(ovenet=False).eval(), tmp_path)
+    assert predict(baseline_ort, image, output="initial").labels.shape == (50, 70)
+    with pytest.raises(OvenetError, match="output 'seed' does not exist for this model"):
+        predict(baseline_ort, image, output="seed")
+
+
+def test_onnxruntime_export_is_cached_by_content(tmp_path, monkeypatch):
+    """A second OnnxRuntimeModel of the same weights and config reuses the file; other weights get another."""
+    from ovenet import export
+    from ovenet.export import OnnxRuntimeModel
+
+    model = tiny().eval()
+    first = OnnxRuntimeModel(model, tmp_path)
+    assert not first.cached and first.path.is_file() and list(tmp_path.glob(".*part")) == []
+    calls = []
+    real = export.export_onnx
+    monkeypatch.setattr(export, "export_onnx", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = OnnxRuntimeModel(tiny().eval(), tmp_path)
+    assert again.cached and again.path == first.path and calls == []
+    changed = tiny().eval()
+    with torch.no_grad():
+        next(changed.parameters()).add_(1e-3)
+    other = OnnxRuntimeModel(changed, tmp_path)
+    assert not other.cached and other.path != first.path and calls == [1]

@@ -6,6 +6,7 @@ The exported graph takes ``image``: float32 ``[B, 3, H, W]``, ImageNet-normalise
 - ``logits``: ``[B, C, h, w]`` the final prediction S_f (the plain logits for the baseline);
 - ``offsets``: ``[B, 2, h, w]`` offset vectors in normalised image coordinates (x, y), OVeNet only;
 - ``confidence``: ``[B, 1, h, w]`` the fusion confidence F in [0, 1], OVeNet only;
+- ``logits_initial``, ``logits_seed``: S_i and S_s, OVeNet only (not exported unless asked for);
 
 were asked for, at 1/4 of the input size (``h = ceil(H / 4)``), or at ``H x W`` with ``full_resolution=True``
 (bilinear, the model's ``align_corners``). Argmax over ``logits`` gives the label map.
@@ -20,8 +21,12 @@ opsets are refused. Opsets 12, 13, 16 and 17 were checked against onnxruntime.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import warnings
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -31,7 +36,8 @@ from torch import Tensor, nn
 from ovenet.errors import OvenetError
 from ovenet.models import SegOutput
 
-OUTPUT_NAMES = ("logits", "offsets", "confidence")
+OUTPUT_NAMES = ("logits", "offsets", "confidence", "logits_initial", "logits_seed")
+DEFAULT_OUTPUTS = ("logits", "offsets", "confidence")  # OVeNet's; the baseline has logits only
 MIN_OPSET = 12
 
 
@@ -47,7 +53,8 @@ class ExportWrapper(nn.Module):
 
     def forward(self, image: Tensor) -> tuple[Tensor, ...]:
         out = self.model(image)
-        tensors = {"logits": out.logits_final, "offsets": out.offsets, "confidence": out.confidence}
+        tensors = {"logits": out.logits_final, "offsets": out.offsets, "confidence": out.confidence,
+                   "logits_initial": out.logits_initial, "logits_seed": out.logits_seed}
         result = []
         for name in self.outputs:
             tensor = tensors[name].float()
@@ -74,14 +81,14 @@ def _prepare(model_or_checkpoint: nn.Module | str | Path, out_path: Path, output
     model = _load_model(model_or_checkpoint)
     is_ovenet = bool(getattr(model, "is_ovenet", False))
     if outputs is None:
-        outputs = OUTPUT_NAMES if is_ovenet else ("logits",)
+        outputs = DEFAULT_OUTPUTS if is_ovenet else ("logits",)
     outputs = tuple(outputs)
     unknown = [o for o in outputs if o not in OUTPUT_NAMES]
     if unknown or not outputs or len(set(outputs)) != len(outputs):
         raise OvenetError(f"export outputs {list(outputs)} are invalid; choose distinct names from {OUTPUT_NAMES}")
     if not is_ovenet and set(outputs) - {"logits"}:
-        raise OvenetError("offsets/confidence outputs need an OVeNet model; this one is the baseline "
-                          "(model.offset.enabled: false), export outputs=('logits',)")
+        raise OvenetError(f"{'/'.join(o for o in outputs if o != 'logits')} outputs need an OVeNet model; this one "
+                          "is the baseline (model.offset.enabled: false), export outputs=('logits',)")
     return model, outputs
 
 
@@ -186,17 +193,57 @@ def onnx_max_abs_diff(onnx_path: str | Path, model: nn.Module, image: Tensor,
     return {name: float((torch.from_numpy(g) - e.cpu()).abs().max()) for name, g, e in zip(names, got, expected)}
 
 
+def cache_dir() -> Path:
+    """Where exported ONNX files are kept between runs: ``$OVENET_CACHE_DIR``, else ``$XDG_CACHE_HOME/ovenet``,
+    else ``~/.cache/ovenet``."""
+    root = os.environ.get("OVENET_CACHE_DIR")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ovenet"
+
+
+def export_key(model: nn.Module, outputs: Sequence[str], opset: int) -> str:
+    """A name for the ONNX file of ``model``: every weight's bytes, the model config, the outputs, the opset, the
+    torch version and the source of the code that builds the graph (any of them changes the graph)."""
+    digest = hashlib.sha256()
+    package = Path(__file__).resolve().parent
+    for source in sorted([package / "method.py", package / "export.py", *(package / "models").glob("*.py")]):
+        digest.update(source.read_bytes())
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    config = getattr(model, "config", None)
+    meta = {"model": asdict(config.model) if config is not None else None, "outputs": list(outputs),
+            "opset": int(opset), "torch": torch.__version__}
+    digest.update(json.dumps(meta, sort_keys=True).encode())
+    return digest.hexdigest()[:24]
+
+
+ORT_OPSET = 17
+
+
+def cached_onnx_path(model: nn.Module) -> Path:
+    """The cache file that :class:`OnnxRuntimeModel` reads or writes for ``model`` by default."""
+    return cache_dir() / "onnx" / f"{export_key(model, _ort_outputs(model), ORT_OPSET)}.onnx"
+
+
+def _ort_outputs(model: nn.Module) -> tuple[str, ...]:
+    return OUTPUT_NAMES if getattr(model, "is_ovenet", False) else ("logits",)
+
+
 class OnnxRuntimeModel(nn.Module):
     """An ovenet model exported to ONNX and run by ONNX Runtime on the CPU, with the model's own interface:
-    ``model(images)`` returns a :class:`~ovenet.models.SegOutput` (final logits, offsets, confidence), so the
-    multi-scale, flip and sliding-window inference of :mod:`ovenet.inference` runs on it unchanged.
+    ``model(images)`` returns a :class:`~ovenet.models.SegOutput` (S_f, S_i, S_s, offsets, confidence), so
+    :mod:`ovenet.inference` runs on it unchanged, every ``output`` option included.
 
     On 2 CPU cores ONNX Runtime ran the W18-small OVeNet at 360x480 1.75x faster than eager PyTorch, with the same
-    labels (benchmarks/RESULTS.md, "CPU speed"). It has no parameters; ``config``, ``num_classes``,
-    ``is_ovenet`` and ``align_corners`` are the exported model's.
+    labels (benchmarks/RESULTS.md, "CPU speed"). The export is kept in ``onnx_dir`` (default
+    :func:`cache_dir`), named by the weights, config, outputs and versions, so a second run of the same
+    checkpoint skips it (``cached`` says whether this one did). It has no parameters; ``config``,
+    ``num_classes``, ``is_ovenet`` and ``align_corners`` are the exported model's.
     """
 
-    def __init__(self, model: nn.Module, onnx_dir: str | Path, threads: int | None = None):
+    def __init__(self, model: nn.Module, onnx_dir: str | Path | None = None, threads: int | None = None):
         super().__init__()
         try:
             import onnxruntime as ort
@@ -207,15 +254,31 @@ class OnnxRuntimeModel(nn.Module):
         self.num_classes = getattr(model, "num_classes", None)
         self.is_ovenet = bool(getattr(model, "is_ovenet", False))
         self.align_corners = bool(getattr(model, "align_corners", True))
-        path = export_onnx(model, Path(onnx_dir) / "model.onnx", height=64, width=64, overwrite=True)
+        outputs = _ort_outputs(model)
+        folder = Path(onnx_dir) if onnx_dir is not None else cache_dir() / "onnx"
+        path = folder / f"{export_key(model, outputs, ORT_OPSET)}.onnx"
+        self.cached = path.is_file()
+        if not self.cached:
+            # Exported beside its final name, then renamed: a file at ``path`` is always complete, also when two
+            # processes export the same checkpoint at once.
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = folder / f".{path.stem}.{os.getpid()}.onnx.part"
+            try:
+                export_onnx(model, tmp, opset=ORT_OPSET, height=64, width=64, outputs=outputs, overwrite=True)
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.log_severity_level = 3  # warnings about unused initialisers are noise here
+        self.path = path
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.output_names = [o.name for o in self.session.get_outputs()]
 
-    def forward(self, images: Tensor):
+    def forward(self, images: Tensor) -> SegOutput:
         outputs = dict(zip(self.output_names, self.session.run(None, {"image": images.float().cpu().numpy()})))
         tensors = {k: torch.from_numpy(v) for k, v in outputs.items()}
-        return SegOutput(logits_initial=tensors["logits"], logits_final=tensors["logits"],
-                         offsets=tensors.get("offsets"), confidence=tensors.get("confidence"))
+        final = tensors["logits"]
+        return SegOutput(logits_final=final, logits_initial=tensors.get("logits_initial", final),
+                         logits_seed=tensors.get("logits_seed"), offsets=tensors.get("offsets"),
+                         confidence=tensors.get("confidence"))
