@@ -271,7 +271,16 @@ def test_eval_with_and_without_config(capsys, tiny_checkpoint, tmp_path):
     assert code == 0, err
     result = json.loads((tmp_path / "a" / "eval_val.json").read_text())
     assert result["num_images"] == 2 and 0 <= result["miou"] <= 1 and "boundary_miou" in result
-    assert "mIoU" in out and "eval_val.md" in out
+    assert "eval_val.md" in out
+    # Both means, named: an untrained model on 2 scenes misses classes, so they differ (the official code and the
+    # paper's tables average over all classes; cityscapesScripts over those present).
+    assert result["miou"] != result["miou_all"]
+    lines = {line.rsplit(None, 1)[0].strip(): line.rsplit(None, 1)[1] for line in out.splitlines()
+             if line.startswith("  ")}
+    assert lines["mIoU, classes present"] == f"{100 * result['miou']:.2f}"
+    assert lines["mIoU, all 8 classes (official code, paper tables)"] == f"{100 * result['miou_all']:.2f}"
+    markdown = (tmp_path / "a" / "eval_val.md").read_text()
+    assert f"(the official code's, as in the paper's tables) | {100 * result['miou_all']:.2f} |" in markdown
 
     # Refuses to overwrite, then does with --overwrite; CONFIG + overrides + flags all apply.
     code, _, err = run(capsys, "eval", str(tiny_checkpoint), "--out", str(tmp_path / "a"))
@@ -325,7 +334,8 @@ def test_predict_writes_labels_offsets_and_confidence(capsys, tiny_checkpoint, t
     for kind in ("color", "overlay", "labels", "offsets", "confidence"):
         assert Image.open(out / f"street_{kind}.png").size == (56, 40)
     assert f"wrote 5 file(s) to {out}" in stdout
-    assert "runtime: onnxruntime on cpu; --runtime torch to use PyTorch" in stdout  # the CPU default, said
+    # One image does not pay for an ONNX export (nothing cached yet): PyTorch, and the reason, said.
+    assert "runtime: torch on cpu (1 image(s): exporting for ONNX Runtime would cost more" in stdout
     # Sliding windows of the config's eval.crop_size, several scales and flip: same files, same size.
     code, stdout, err = run(capsys, "predict", str(tiny_checkpoint), str(image), "--out", str(out), "--overwrite",
                             "--mode", "slide", "--scales", "0.5", "1.0", "--flip", "--save", "labels,confidence")
@@ -439,3 +449,39 @@ def test_train_says_it_finished_once(capsys, tmp_path):
                          "--run-dir", str(tmp_path / "run"))
     assert code == 0, err
     assert (out + err).count("training finished") == 1
+
+
+def test_predict_default_runtime_exports_once_and_only_when_it_pays(capsys, tiny_checkpoint, tmp_path, monkeypatch):
+    """--runtime auto on the CPU: PyTorch for a few images, ONNX Runtime for ORT_PAYOFF_IMAGES or more (the export
+    then kept in the cache), and ONNX Runtime with no export for any number of images once it is cached."""
+    pytest.importorskip("onnxruntime")
+    from ovenet.cli.commands import ORT_PAYOFF_IMAGES
+
+    monkeypatch.setenv("OVENET_CACHE_DIR", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(ORT_PAYOFF_IMAGES):
+        Image.fromarray(rng.integers(0, 255, (36, 40, 3), dtype=np.uint8)).save(folder / f"f{i:02d}.png")
+    code, stdout, err = run(capsys, "predict", str(tiny_checkpoint), str(folder / "f00.png"), "--out",
+                            str(tmp_path / "one"), "--save", "labels")
+    assert code == 0, err
+    assert "runtime: torch on cpu" in stdout and not (tmp_path / "cache").exists()
+    code, stdout, err = run(capsys, "predict", str(tiny_checkpoint), str(folder), "--out", str(tmp_path / "all"),
+                            "--save", "labels")
+    assert code == 0, err
+    assert f"runtime: onnxruntime on cpu ({ORT_PAYOFF_IMAGES} images pay for the one-time export" in stdout
+    assert len(list((tmp_path / "cache" / "onnx").glob("*.onnx"))) == 1
+    import ovenet.export
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("exported again although cached")
+
+    monkeypatch.setattr(ovenet.export, "export_onnx", no_export)
+    code, stdout, err = run(capsys, "predict", str(tiny_checkpoint), str(folder / "f00.png"), "--out",
+                            str(tmp_path / "cached"), "--save", "labels")
+    assert code == 0, err
+    assert "runtime: onnxruntime on cpu (this checkpoint's ONNX export is cached" in stdout
+    # Same labels from either runtime (the comparison is of the file the cached graph wrote).
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "cached" / "f00_labels.png")),
+                          np.asarray(Image.open(tmp_path / "one" / "f00_labels.png")))

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from ovenet.data.transforms import normalize_image, resize_image
+from ovenet.data.transforms import EvalTransform, normalize_pixels, resize_image
 from ovenet.device import autocast, resolve_device
 from ovenet.errors import OvenetError
 
@@ -380,14 +380,73 @@ def _model_device(model: nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
+@dataclass(frozen=True)
+class InferenceSettings:
+    """How a checkpoint is run at test time: what ``ovenet eval`` does with it, and so what ``predict`` does by
+    default (:meth:`for_model`).
+
+    ``resize_short`` (``data.eval_resize_short``, ADE20K's 520) resizes the image before inference; with
+    ``pad_multiple`` (``eval.label_resolution: official`` with such a resize) the resized image is padded at the
+    bottom/right to a multiple of it, as the official ADE20K val loader; ``base_size`` (``data.base_size``,
+    official mode only) is the long side at scale 1.
+    """
+
+    mode: str = "whole"
+    crop_size: tuple[int, int] | None = None
+    stride: tuple[int, int] | None = None
+    scales: tuple[float, ...] = (1.0,)
+    flip: bool = False
+    base_size: int | None = None
+    resize_short: int | None = None
+    pad_multiple: int | None = None
+
+    @classmethod
+    def for_model(cls, model: nn.Module, native_size: bool = False, **chosen: Any) -> InferenceSettings:
+        """The settings ``ovenet eval`` uses for ``model``'s checkpoint (its config's ``eval`` and ``data``
+        sections; plain whole-image inference for a model without a config), with ``chosen`` values (not None)
+        in place of the config's. ``native_size`` runs the image at its own size: no ``resize_short``/padding,
+        and official-mode scales relative to the image's own long side instead of ``base_size``."""
+        cfg = getattr(model, "config", None)
+        if cfg is None:
+            settings = cls()
+        else:
+            ev, data = cfg.eval, cfg.data
+            resize = data.eval_resize_short or None
+            settings = cls(mode=ev.mode, crop_size=tuple(ev.crop_size), stride=None if ev.stride is None else
+                           tuple(ev.stride), scales=tuple(ev.scales), flip=bool(ev.flip), base_size=data.base_size,
+                           resize_short=resize,
+                           pad_multiple=8 if resize and ev.label_resolution == "official" else None)
+        values = {k: v for k, v in chosen.items() if v is not None}
+        for key in ("crop_size", "stride", "scales"):
+            if key in values:
+                values[key] = tuple(values[key])
+        settings = replace(settings, **values)
+        if native_size:
+            settings = replace(settings, base_size=None, resize_short=None, pad_multiple=None)
+        return settings
+
+    def infer_options(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`infer_logits` these settings amount to."""
+        return {"mode": self.mode, "crop_size": self.crop_size, "stride": self.stride, "scales": self.scales,
+                "flip": self.flip, "base_size": self.base_size if self.mode == "official" else None}
+
+    def record(self) -> dict[str, Any]:
+        """JSON values of everything that changes the pixels (``predict`` records them in its PNGs)."""
+        return {"scales": [float(s) for s in self.scales], "flip": self.flip, "mode": self.mode,
+                "crop_size": list(self.crop_size) if self.crop_size and self.mode != "whole" else None,
+                "stride": list(self.stride) if self.stride and self.mode == "slide" else None,
+                "base_size": self.base_size if self.mode == "official" else None,
+                "resize_short": self.resize_short, "pad_multiple": self.pad_multiple}
+
+
 def predict(
     model: nn.Module,
     image: ImageInput | Sequence[ImageInput],
     device: str | torch.device | None = None,
     precision: str = "fp32",
-    scales: Sequence[float] = (1.0,),
-    flip: bool = False,
-    mode: str = "whole",
+    scales: Sequence[float] | None = None,
+    flip: bool | None = None,
+    mode: str | None = None,
     batch_size: int = 4,
     crop_size: Sequence[int] | None = None,
     stride: Sequence[int] | None = None,
@@ -395,8 +454,16 @@ def predict(
     return_probs: bool = False,
     return_logits: bool = False,
     as_tensors: bool = False,
+    native_size: bool = False,
 ) -> Prediction | list[Prediction]:
     """Segment one image (-> :class:`Prediction`) or a list of images / a ``[B, 3, H, W]`` tensor (-> list).
+
+    By default an image is run as ``ovenet eval`` runs the checkpoint's validation images (its config's
+    ``eval.mode``, ``eval.scales``, ``eval.flip``, crop and stride, the resize to ``data.eval_resize_short`` and,
+    in the official mode, the scales relative to ``data.base_size``: :class:`InferenceSettings`), so the labels are
+    the ones eval scores; the arguments given replace the config's values. ``native_size=True`` runs the image at
+    its own size instead (no test-time resize; official-mode scales relative to the image's long side). Results
+    are always at the input image's size.
 
     Images may be paths, PIL images, HxWx3 uint8 arrays or ``[3, H, W]`` tensors (uint8, or float in [0, 1]);
     the ImageNet normalisation is done here. Same-size images run ``batch_size`` at a time. ``device`` moves the
@@ -411,26 +478,24 @@ def predict(
     if device is not None:
         model.to(resolve_device(device))
     device = _model_device(model)
-    if mode in ("slide", "official") and crop_size is None:
-        cfg = getattr(model, "config", None)
-        crop_size = cfg.eval.crop_size if cfg is not None else None
-    options = dict(mode=mode, crop_size=crop_size, stride=stride, scales=scales, flip=flip, output=output,
-                   precision=precision)
+    settings = InferenceSettings.for_model(model, native_size, mode=mode, scales=scales, flip=flip,
+                                      crop_size=crop_size, stride=stride)
 
     was_training = model.training
     model.eval()
     results: list[Prediction] = []
     try:
         with torch.inference_mode():
-            images = [to_float_image(item) for item in items]
+            images = [to_pixels(item) for item in items]
             start = 0
             while start < len(images):
                 # Group consecutive same-size images into one batch.
                 end = start + 1
-                while end < len(images) and end - start < batch_size and images[end].shape == images[start].shape:
+                while end < len(images) and end - start < batch_size and images[end].shape == images[start].shape \
+                        and images[end].dtype == images[start].dtype:
                     end += 1
-                out = segment(model, torch.stack(images[start:end]).to(device), return_probs, return_logits,
-                              **options)
+                out = segment(model, torch.stack(images[start:end]).to(device), settings, return_probs,
+                              return_logits, output=output, precision=precision)
                 results += _predictions(out, end - start, as_tensors)
                 start = end
     finally:
@@ -438,16 +503,79 @@ def predict(
     return results if batched else results[0]
 
 
-def segment(model: nn.Module, images: Tensor, return_probs: bool = False, return_logits: bool = False,
-            **options: Any) -> dict[str, Tensor | None]:
-    """The device side of :func:`predict` for a ``[B, 3, H, W]`` batch in [0, 1] on the model's device: labels,
-    and when asked probabilities/logits, plus offsets and confidence, all still on the device (no host sync)."""
-    out = infer_logits(model, normalize_image(images), **options)
+def to_pixels(image: ImageInput) -> Tensor:
+    """Any supported single image -> ``[3, H, W]`` RGB pixel values 0-255: uint8 for 8-bit sources (files, PIL,
+    uint8 arrays and tensors), float32 for float images in [0, 1]."""
+    if isinstance(image, Tensor) and image.dtype == torch.uint8 and image.dim() == 3 and image.shape[0] == 3:
+        return image.detach()
+    if isinstance(image, (str, Path, Image.Image)) or (isinstance(image, np.ndarray) and image.dtype == np.uint8):
+        if isinstance(image, (str, Path)):
+            from ovenet.data.base import read_image  # DataError naming the file when missing or corrupt
+
+            image = read_image(image)
+        if isinstance(image, Image.Image):
+            image = np.asarray(image.convert("RGB"))
+        if image.ndim == 2:
+            image = np.repeat(image[..., None], 3, axis=2)
+        if image.ndim == 3 and image.shape[2] in (3, 4):
+            array = np.ascontiguousarray(image[..., :3])
+            if not array.flags.writeable:  # PIL-backed arrays are read-only; torch.from_numpy wants writable memory
+                array = array.copy()
+            return torch.from_numpy(array).permute(2, 0, 1)
+    return to_float_image(image).mul_(255.0)
+
+
+def preprocess(pixels: Tensor, settings: InferenceSettings) -> Tensor:
+    """A ``[B, 3, H, W]`` batch of 0-255 pixels -> the network's input, exactly as the evaluation's transform
+    makes it (:class:`ovenet.data.transforms.EvalTransform`, and the official ADE20K padding)."""
+    size = _resized_size(pixels, settings)
+    if size != tuple(pixels.shape[-2:]):
+        pixels = resize_image(pixels, size)  # uint8 in, values rounded as the evaluation's resize does
+    image = normalize_pixels(pixels)
+    if settings.pad_multiple:
+        pad_h, pad_w = -size[0] % settings.pad_multiple, -size[1] % settings.pad_multiple
+        image = F.pad(image, (0, pad_w, 0, pad_h))  # 0 = the mean colour once normalised
+    return image
+
+
+def segment(model: nn.Module, pixels: Tensor, settings: InferenceSettings | None = None, return_probs: bool = False,
+            return_logits: bool = False, output: str = "final", precision: str = "fp32") -> dict[str, Tensor | None]:
+    """The device side of :func:`predict` for a ``[B, 3, H, W]`` batch of 0-255 pixels on the model's device:
+    labels at the batch's size, and when asked probabilities/logits, plus offsets and confidence, all still on
+    the device (no host sync). ``settings`` default: :meth:`InferenceSettings.for_model`."""
+    settings = settings or InferenceSettings.for_model(model)
+    height, width = pixels.shape[-2:]
+    image = preprocess(pixels, settings)
+    options = settings.infer_options()
+    if not settings.pad_multiple:
+        # One resize from the network's output to the image's size, as eval does to the label's size.
+        out = infer_logits(model, image, output=output, precision=precision, size=(height, width), **options)
+    else:
+        # The official ADE20K padding: drop the padded part, then resize to the image's size.
+        out = _unpad(infer_logits(model, image, output=output, precision=precision, **options),
+                     _resized_size(pixels, settings), (height, width), bool(getattr(model, "align_corners", True)))
     logits = out["logits"]
     labels = logits.argmax(dim=1).to(torch.uint8 if logits.shape[1] <= 256 else torch.int64)
     return {"labels": labels, "probs": torch.softmax(logits, dim=1) if return_probs else None,
             "logits": logits if return_logits else None, "offsets": out["offsets"],
             "confidence": None if out["confidence"] is None else out["confidence"][:, 0]}
+
+
+def _resized_size(pixels: Tensor, settings: InferenceSettings) -> tuple[int, int]:
+    """The image's size after the test-time resize (before any padding)."""
+    return EvalTransform(settings.resize_short).output_size(*pixels.shape[-2:])
+
+
+def _unpad(out: dict[str, Tensor | None], real: tuple[int, int], size: tuple[int, int], align: bool
+           ) -> dict[str, Tensor | None]:
+    """Outputs on a padded image -> the real image's part, resized to ``size``; offsets renormalised to it."""
+    full_h, full_w = out["logits"].shape[-2:]
+    region = (slice(None), slice(None), slice(0, real[0]), slice(0, real[1]))
+    result = {k: None if v is None else _upsample(v[region], size, align) for k, v in out.items()}
+    if result["offsets"] is not None:
+        ratio = result["offsets"].new_tensor([(full_w - 1) / max(real[1] - 1, 1), (full_h - 1) / max(real[0] - 1, 1)])
+        result["offsets"] = result["offsets"] * ratio.view(1, 2, 1, 1)
+    return result
 
 
 def _predictions(out: dict[str, Tensor | None], count: int, as_tensors: bool) -> list[Prediction]:

@@ -15,9 +15,18 @@ from typing import Any
 
 import yaml
 
+from ovenet.cli.options import (
+    AddCommand,
+    add_data_root,
+    add_device,
+    add_inference_options,
+    add_precision,
+    save_kinds,
+)
 from ovenet.config import CONFIG_DIR, Config, apply_overrides, from_dict, is_override, load_config
 from ovenet.device import resolve_device
 from ovenet.engine.evaluate import percent
+from ovenet.engine.predict import SAVE_KINDS
 from ovenet.errors import CheckpointError, DataError, OvenetError
 from ovenet.inference import PAPER_SCALES
 from ovenet.threads import configure_threads
@@ -80,7 +89,11 @@ def inference_overrides(args: argparse.Namespace) -> list[str]:
 
 def print_metrics(result: dict) -> None:
     """The headline figures of an evaluation result, in percent."""
-    rows = [("mIoU", result.get("miou")), ("pixel accuracy", result.get("pixel_acc")),
+    # Two means: they agree when every class occurs (a full Cityscapes/ADE20K val set), not on a subset.
+    n = len(result.get("iou") or []) or "all"
+    rows = [("mIoU, classes present", result.get("miou")),
+            (f"mIoU, all {n} classes (official code, paper tables)", result.get("miou_all")),
+            ("pixel accuracy", result.get("pixel_acc")),
             ("mean class accuracy", result.get("mean_acc")),
             (f"boundary mIoU ({result.get('boundary_width', '?')} px)", result.get("boundary_miou"))]
     city = result.get("cityscapes") or {}
@@ -93,6 +106,38 @@ def print_metrics(result: dict) -> None:
 
 
 # --- commands -------------------------------------------------------------------------------------------------
+
+def add_train_parser(command: AddCommand) -> None:
+    p = command(
+        "train", "train a model from a config",
+        "Train from a YAML config (a path or a shipped config name, see `ovenet configs`), with optional\n"
+        "dotted overrides. Writes checkpoints (last, best), the resolved config and logs to the run folder.\n"
+        "Under torchrun every process runs this same command; the engine reads the distributed environment.",
+        "  ovenet train camvid_hrnetv2_w18s_ovenet data.root=data/CamVid\n"
+        "  ovenet train cityscapes_hrnetv2_w48_ocr_ovenet train.batch_size=2 model.offset.tau=0.2\n"
+        "  ovenet train my_config.yaml --resume auto            # continue the run's last checkpoint\n"
+        "  ovenet train my_config.yaml --resume auto train.iters=120000   # train a finished run longer\n"
+        "  torchrun --nproc_per_node 4 -m ovenet.cli train cityscapes_hrnetv2_w48_ovenet\n"
+        "\n"
+        "train refuses a run folder that holds checkpoints (last.pth, best.pth): continue that run with --resume\n"
+        "auto, start it again with --overwrite (its checkpoints are removed), or pick another --run-dir. A resume\n"
+        "may change only train.iters/epochs, logging, checkpoint and validation intervals, device, data.num_workers\n"
+        "and eval settings (logged, and recorded in config.yaml); a change to the model, data, loss or optimiser is\n"
+        "refused. A resume with no iterations left says so and trains nothing (exit 0).",
+    )
+    p.add_argument("config", metavar="CONFIG", help="YAML config path or shipped config name")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    add_data_root(p)
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--resume", metavar="PATH|auto",
+                       help="checkpoint to resume from, or 'auto' for the run folder's last checkpoint")
+    start.add_argument("--overwrite", action="store_true",
+                       help="start again in a run folder that holds checkpoints, removing them")
+    add_device(p, default=None)
+    p.add_argument("--run-dir", metavar="DIR", help="run folder (default: OUTPUT_DIR/NAME from the config)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="deterministic algorithms where PyTorch has them (same as train.deterministic=true)")
+
 
 def cmd_train(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + ([f"device={args.device}"] if args.device else [])
@@ -123,6 +168,32 @@ def _split_eval_paths(paths: list[str]) -> tuple[str | None, str, list[str]]:
     raise OvenetError(f"eval takes [CONFIG] CHECKPOINT [key=value ...], got {len(files)} paths: {' '.join(files)}")
 
 
+def add_eval_parser(command: AddCommand) -> None:
+    p = command(
+        "eval", "evaluate a checkpoint (mIoU, boundary mIoU, per class)",
+        "Evaluate CHECKPOINT on the validation split: mIoU, pixel and class accuracy, boundary mIoU, per-class\n"
+        "tables (and the Cityscapes benchmark figures on Cityscapes). CONFIG is optional: without it the\n"
+        "checkpoint's own config is used (point it at your data with --data-root). CONFIG and overrides give\n"
+        "the data and eval settings; the network always comes from the checkpoint. Flags win over overrides,\n"
+        "which win over the config.",
+        "  ovenet eval cityscapes_hrnetv2_w48_ocr_ovenet runs/cs/best.pth\n"
+        "  ovenet eval runs/cs/best.pth --data-root data/cityscapes --paper-scales\n"
+        "  ovenet eval converted.pth --data-root data/cityscapes eval.mode=slide eval.crop_size=[512,1024]\n"
+        "  ovenet eval camvid_hrnetv2_w18s_ovenet runs/camvid/best.pth --split val --out results/ --overwrite",
+        usage="ovenet eval [CONFIG] CHECKPOINT [key.sub=value ...] [options]",
+    )
+    p.add_argument("paths", nargs="+", metavar="[CONFIG] CHECKPOINT [key.sub=value ...]",
+                   help="optional config, the checkpoint, then optional overrides")
+    p.add_argument("--split", help="dataset split (default: the config's data.val_split)")
+    add_inference_options(p)
+    add_data_root(p)
+    p.add_argument("--out", metavar="DIR",
+                   help="where to write eval_SPLIT.json and eval_SPLIT.md (default: the checkpoint's folder)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing results in --out")
+    add_precision(p, default="fp32")
+    add_device(p, default=None)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     config_path, checkpoint, overrides = _split_eval_paths(args.paths)
     require_file(checkpoint)
@@ -151,21 +222,79 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _predict_runtime(requested: str, device: Any, precision: str | None) -> str:
-    """``auto``: ONNX Runtime for fp32 on the CPU when it is installed (1.75x eager PyTorch there, same labels:
-    benchmarks/RESULTS.md), else PyTorch."""
+# With fewer images than this, exporting the checkpoint for ONNX Runtime costs more than ONNX Runtime saves
+# (W18 OVeNet, 360x480, 1 thread: 10 images 1.20x slower than PyTorch, 40 images 1.26x faster; break-even
+# measured in benchmarks/predict_runtime.py); a cached export always pays.
+ORT_PAYOFF_IMAGES = 20
+
+
+def _predict_runtime(requested: str, device: Any, precision: str | None, model: Any, images: int
+                     ) -> tuple[str, str]:
+    """The runtime for ``--runtime requested`` and why. ``auto``: ONNX Runtime for fp32 on the CPU when it is
+    installed and either the export of this checkpoint is cached or ``images`` (frames of a video count as
+    many) are enough for the export to pay; else PyTorch."""
     if requested != "auto":
         if requested == "onnxruntime" and (str(device) != "cpu" or (precision or "fp32") != "fp32"):
             raise OvenetError("--runtime onnxruntime runs fp32 on the CPU; use --device cpu without --precision, "
                               "or --runtime torch")
-        return requested
+        return requested, f"--runtime {requested}"
     if str(device) != "cpu" or (precision or "fp32") != "fp32":
-        return "torch"
+        return "torch", f"ONNX Runtime is used for fp32 on the CPU only (device {device})"
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
-        return "torch"
-    return "onnxruntime"
+        return "torch", "onnxruntime is not installed (pip install onnxruntime: 1.75x faster on the CPU)"
+    from ovenet.export import cached_onnx_path
+
+    if cached_onnx_path(model).is_file():
+        return "onnxruntime", "this checkpoint's ONNX export is cached; --runtime torch to use PyTorch"
+    if images >= ORT_PAYOFF_IMAGES:
+        return "onnxruntime", (f"{images} images pay for the one-time export (kept in the cache); --runtime torch "
+                               "to use PyTorch")
+    return "torch", (f"{images} image(s): exporting for ONNX Runtime would cost more than it saves below "
+                     f"{ORT_PAYOFF_IMAGES}; --runtime onnxruntime to export anyway")
+
+
+def add_predict_parser(command: AddCommand) -> None:
+    p = command(
+        "predict", "segment images (label PNGs, colour, offsets, confidence)",
+        "Run CHECKPOINT on images, folders of images or videos and write, per image, a colour rendering, an\n"
+        "overlay, the label-index PNG (raw), Cityscapes label ids (labelids) and, for OVeNet models, the offset\n"
+        "field (optical-flow colour wheel) and the confidence map. Extra key=value words are model.* overrides.\n"
+        "Images are run as `ovenet eval` runs this checkpoint (its eval mode, scales, flip and test-time resize),\n"
+        "so the labels written are the ones eval scores; flags change that, --native-size skips the resize.",
+        "  ovenet predict runs/cs/best.pth street.jpg --out preds/\n"
+        "  ovenet predict runs/cs/best.pth frames/ --out preds/ --flip --scales 0.75 1.0 1.25 --device cuda\n"
+        "  ovenet predict converted.pth img.png --out preds/ model.offset.sampling=exact\n"
+        "  ovenet predict runs/cs/best.pth frames/ --out preds/ --skip-bad\n"
+        "  ovenet predict runs/ade/best.pth photo.jpg --out preds/ --native-size   # no resize to short side 520\n"
+        "\n"
+        "Rerunning into the same --out continues where the last run stopped: inputs whose outputs are already done\n"
+        "are kept and skipped (outputs are written whole or not at all); --overwrite redoes them. Outputs made\n"
+        "with another checkpoint or other settings are never mixed in: that rerun is refused without --overwrite.",
+    )
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="ovenet checkpoint (.pth)")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders (overrides key=value too)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    add_inference_options(p)
+    p.add_argument("--native-size", action="store_true",
+                   help="run each image at its own size (default: resize it as `ovenet eval` does for this "
+                        "checkpoint, data.eval_resize_short and, in the official mode, scales of data.base_size, "
+                        "so the labels are the ones eval scores); outputs are at the input's size either way")
+    p.add_argument("--save", type=save_kinds, metavar="KIND[,KIND...]",
+                   help=f"what to write, comma-separated: {', '.join(SAVE_KINDS)} (default: all that apply to the "
+                        "model: labelids for Cityscapes/ACDC, offsets and confidence for OVeNet)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="redo every input (default: keep the outputs already done and predict the rest)")
+    p.add_argument("--runtime", choices=("auto", "torch", "onnxruntime"), default="auto",
+                   help="what runs the network: auto = ONNX Runtime for fp32 on the CPU when onnxruntime is "
+                        f"installed and the checkpoint's export is cached or there are >= {ORT_PAYOFF_IMAGES} "
+                        "images (1.75x faster per image, same labels; the first export costs seconds and is "
+                        "cached), else PyTorch")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip unreadable images or videos and list them at the end (exit code 2 if any)")
+    add_precision(p)
+    add_device(p)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -187,26 +316,31 @@ def _predict(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
     configure_threads(device, args.threads)
     from ovenet import checkpoint
     from ovenet.data import dataset_info
-    from ovenet.engine.predict import predict_files
+    from ovenet.engine.predict import plan_inputs, predict_files
 
     model = checkpoint.load(args.checkpoint, device, overrides=overrides or None)
     cfg: Config = model.config
-    runtime = _predict_runtime(args.runtime, device, args.precision)
+    images = sum(ORT_PAYOFF_IMAGES if is_video else 1 for _, _, is_video in plan_inputs(inputs, Path(args.out)))
+    runtime, why = _predict_runtime(args.runtime, device, args.precision, model, images)
     if runtime == "onnxruntime":
-        from ovenet.export import OnnxRuntimeModel
+        from ovenet.export import OnnxRuntimeModel, cache_dir
 
-        onnx_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="ovenet_onnx_"))
-        model = OnnxRuntimeModel(model, onnx_dir)
-    print(f"runtime: {runtime} on {device}" + ("; --runtime torch to use PyTorch" if runtime == "onnxruntime" else ""))
+        try:
+            model = OnnxRuntimeModel(model)
+        except OSError:  # an unwritable cache: export into a temporary folder for this run only
+            onnx_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="ovenet_onnx_"))
+            model = OnnxRuntimeModel(model, onnx_dir)
+            why += f" (the cache {cache_dir()} is not writable: exported for this run only)"
+    print(f"runtime: {runtime} on {device} ({why})")
     _, _, palette = dataset_info(cfg.data.name, cfg.data.num_classes or cfg.model.num_classes)
-    scales = PAPER_SCALES if args.paper_scales else (args.scales or cfg.eval.scales)
+    # Unset options (None) are the checkpoint's eval settings: predict writes the labels eval scores.
     options: dict[str, Any] = {
         "overwrite": args.overwrite,
         "skip_bad": args.skip_bad,
-        "scales": list(scales),
-        "flip": bool(args.flip or args.paper_scales or cfg.eval.flip),
-        "mode": args.mode or cfg.eval.mode,
-        "crop_size": list(cfg.eval.crop_size),  # sliding-window size when mode is slide
+        "scales": list(PAPER_SCALES) if args.paper_scales else args.scales,
+        "flip": True if (args.flip or args.paper_scales) else None,
+        "mode": args.mode,
+        "native_size": args.native_size,
         "device": device,
         "progress": True,  # a bar on a terminal, a line every few seconds otherwise
     }
@@ -225,6 +359,29 @@ def _predict(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
         raise DataError(f"{len(written.skipped)} input(s) could not be read and were skipped (listed above); fix or "
                         "remove them and rerun the same command to finish")
     return 0
+
+
+def add_export_parser(command: AddCommand) -> None:
+    p = command(
+        "export", "export a checkpoint to ONNX",
+        "Export CHECKPOINT's network to ONNX (needs the optional `onnx` package). The graph takes an\n"
+        "ImageNet-normalised float32 Bx3xHxW RGB image (B, H, W dynamic) and returns the final logits and, for\n"
+        "OVeNet, the offsets and the confidence, at 1/4 of the input size unless --full-resolution.",
+        "  ovenet export runs/cs/best.pth --format onnx\n"
+        "  ovenet export runs/cs/best.pth --out model.onnx --opset 17 --height 1024 --width 2048",
+    )
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="ovenet checkpoint (.pth)")
+    p.add_argument("--format", choices=("onnx", "torch-export"), default="onnx",
+                   help="onnx, or torch-export (a torch.export .pt2 program for PyTorch runtimes)")
+    p.add_argument("--out", metavar="PATH", help="output file (default: CHECKPOINT with .onnx or .pt2 suffix)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset version")
+    p.add_argument("--height", type=int, help="example input height; H and W stay dynamic (default: training crop)")
+    p.add_argument("--width", type=int, help="example input width (default: the training crop)")
+    p.add_argument("--outputs", nargs="+", choices=("logits", "offsets", "confidence"),
+                   help="graph outputs (default: logits, plus offsets and confidence for OVeNet)")
+    p.add_argument("--full-resolution", action="store_true",
+                   help="upsample the outputs to the input size inside the graph (default: 1/4 resolution)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -249,6 +406,30 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_convert_official_parser(command: AddCommand) -> None:
+    p = command(
+        "convert-official", "convert an official OVeNet checkpoint",
+        "Convert a checkpoint of the official OVeNet code (final_state.pth / best.pth / checkpoint.pth.tar)\n"
+        "and its experiment YAML into one ovenet checkpoint, usable by eval, predict, export and info.\n"
+        "\n"
+        "--sampling chooses how the seed logits are resampled at zero offset:\n"
+        "  official  what the official code computes on PyTorch >= 1.3 (grid built for align_corners=True,\n"
+        "            sampled with align_corners=False: zero offset reads up to half a pixel outwards). The\n"
+        "            shared reference fixture was recorded this way.\n"
+        "  exact     zero offset samples the pixel itself, as the authors' PyTorch 1.1 did at training time.\n"
+        "            Pick exact for checkpoints trained under PyTorch 1.1 (the released ones probably were).\n"
+        "If unsure, convert both ways and compare the val mIoU of the two checkpoints.",
+        "  ovenet convert-official seg_offset_hrnet_ocr_w48_cityscapes.yaml final_state.pth ovenet_cs.pth\n"
+        "  ovenet convert-official cfg.yaml final_state.pth ovenet_cs_exact.pth --sampling exact\n"
+        "  ovenet eval ovenet_cs.pth --data-root data/cityscapes; ovenet eval ovenet_cs_exact.pth --data-root ...",
+    )
+    p.add_argument("official_yaml", metavar="OFFICIAL.yaml", help="the official experiment YAML")
+    p.add_argument("state", metavar="final_state.pth", help="the official checkpoint")
+    p.add_argument("out", metavar="OUT", help="ovenet checkpoint to write")
+    p.add_argument("--sampling", choices=("official", "exact"), default="official",
+                   help="seed resampling convention (see above)")
+
+
 def cmd_convert_official(args: argparse.Namespace) -> int:
     from ovenet.official import convert_official
 
@@ -256,6 +437,20 @@ def cmd_convert_official(args: argparse.Namespace) -> int:
     other = "exact" if args.sampling == "official" else "official"
     print(f"wrote {out} (sampling={args.sampling}); to compare, evaluate it with model.offset.sampling={other} too")
     return 0
+
+
+def add_check_data_parser(command: AddCommand) -> None:
+    p = command(
+        "check-data", "check every sample of a dataset",
+        "Read every image and label of the config's dataset and list all problems at once (missing or\n"
+        "unreadable files, size mismatches, label values outside the class range). Exit code 2 if any.",
+        "  ovenet check-data cityscapes_hrnetv2_w48_ovenet data.root=data/cityscapes\n"
+        "  ovenet check-data my_config.yaml --split val",
+    )
+    p.add_argument("config", metavar="CONFIG", help="YAML config path or shipped config name")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    add_data_root(p)
+    p.add_argument("--split", choices=("train", "val", "both"), default="both", help="which split to check")
 
 
 def cmd_check_data(args: argparse.Namespace) -> int:
@@ -295,6 +490,19 @@ def _first_comment(path: Path) -> str:
     return ""
 
 
+def add_configs_parser(command: AddCommand) -> None:
+    p = command(
+        "configs", "list the shipped configs, or print one fully resolved",
+        "Without NAME: list the shipped configs by dataset. With NAME (a shipped name or a path): print the\n"
+        "config with its _base_ chain and overrides applied, as the trainer will see it.",
+        "  ovenet configs\n"
+        "  ovenet configs cityscapes_hrnetv2_w48_ocr_ovenet\n"
+        "  ovenet configs camvid_hrnetv2_w18s_ovenet model.offset.tau=0.2",
+    )
+    p.add_argument("name", nargs="?", metavar="NAME", help="config to print")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+
+
 def cmd_configs(args: argparse.Namespace) -> int:
     if args.name:
         cfg = load_config(args.name, args.overrides)
@@ -313,6 +521,15 @@ def cmd_configs(args: argparse.Namespace) -> int:
             print(f"  {p.stem:<{width}}  {_first_comment(p)}")
     print(f"\nfiles under {CONFIG_DIR}; `ovenet configs NAME` prints one fully resolved")
     return 0
+
+
+def add_info_parser(command: AddCommand) -> None:
+    p = command(
+        "info", "describe a checkpoint",
+        "Print a checkpoint's architecture, offset head settings, classes, parameter count and training state.",
+        "  ovenet info runs/cs/best.pth",
+    )
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="ovenet checkpoint (.pth)")
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -366,6 +583,26 @@ def _format_state(key: str, value: Any) -> str:
     if key.endswith(("miou", "acc")) and isinstance(value, float):
         return f"{key} {percent(value)} %"
     return f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
+
+
+def add_quickstart_parser(command: AddCommand) -> None:
+    p = command(
+        "quickstart", "train, evaluate and run a tiny OVeNet on synthetic scenes",
+        "No dataset needed: trains a small OVeNet on procedural SyntheticScenes (about 3 minutes on 2 CPU\n"
+        "cores), evaluates it (mIoU, boundary mIoU) and writes predictions with offset and confidence images\n"
+        "for a few validation scenes, using the same code as train/eval/predict.",
+        "  ovenet quickstart\n"
+        "  ovenet quickstart --out /tmp/qs --minutes 1\n"
+        "  ovenet quickstart --iters 50 data.num_samples=64     # a smoke test",
+    )
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                   help="changes to the quickstart config, e.g. data.num_samples=128")
+    p.add_argument("--out", default="runs/quickstart", metavar="DIR", help="output folder")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--minutes", type=float, default=3.0, help="approximate total time budget")
+    budget.add_argument("--iters", type=int, help="training iterations (instead of --minutes)")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous quickstart in --out")
+    add_device(p, default="cpu")
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:

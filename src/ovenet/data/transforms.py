@@ -45,6 +45,14 @@ def normalize(image: np.ndarray, out: torch.Tensor | None = None) -> torch.Tenso
     return out.copy_(pixels).sub_(_MEAN_255).mul_(_INV_STD_255)
 
 
+def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:
+    """0-255 values ``[..., 3, H, W]`` (uint8 or float, any device) -> float32, ImageNet mean/std, by the same
+    arithmetic as :func:`normalize` (and so bit for bit what the evaluation's transform feeds the network)."""
+    mean = torch.tensor(IMAGENET_MEAN, device=pixels.device).view(3, 1, 1) * 255.0
+    inv_std = 1.0 / (torch.tensor(IMAGENET_STD, device=pixels.device).view(3, 1, 1) * 255.0)
+    return pixels.to(torch.float32).sub(mean).mul_(inv_std)
+
+
 def normalize_image(image: torch.Tensor) -> torch.Tensor:
     """ImageNet mean/std normalisation of float ``[..., 3, H, W]`` values in [0, 1], on the image's device."""
     mean = image.new_tensor(IMAGENET_MEAN).view(3, 1, 1)

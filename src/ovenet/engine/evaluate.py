@@ -43,6 +43,47 @@ def _class_names(dataset: Any, num_classes: int) -> list[str]:
     return names if len(names) == num_classes else [f"class_{i}" for i in range(num_classes)]
 
 
+class _Metrics:
+    """Every metric state of one evaluation: the confusion matrix, the boundary band, one matrix per condition
+    (ACDC) and the Cityscapes instance figures; summed over ranks by :meth:`all_reduce`."""
+
+    def __init__(self, num_classes: int, ignore_index: int, boundary_width: int, cityscapes: bool,
+                 device: torch.device):
+        self.num_classes, self.ignore_index, self.device = num_classes, ignore_index, device
+        self.confusion = ConfusionMatrix(num_classes, ignore_index, device=device)
+        self.boundary = BoundaryConfusion(num_classes, boundary_width, ignore_index, device=device)
+        self.per_condition: dict[str, ConfusionMatrix] = {}
+        self.city = CityscapesMetric() if cityscapes else None
+
+    def _condition(self, name: str) -> ConfusionMatrix:
+        if name not in self.per_condition:
+            self.per_condition[name] = ConfusionMatrix(self.num_classes, self.ignore_index, device=self.device)
+        return self.per_condition[name]
+
+    def update(self, pred: torch.Tensor, label: torch.Tensor, sample: dict, index: int) -> None:
+        self.confusion.update(pred, label)
+        self.boundary.update(pred, label)
+        if sample.get("condition") is not None:
+            self._condition(sample["condition"]).update(pred, label)
+        if self.city is not None:
+            if "label_ids" not in sample or "instance" not in sample:
+                raise DataError(f"sample '{sample.get('name', index)}' lacks label_ids/instance maps; build the "
+                                "Cityscapes dataset with with_instances=True for the iIoU figures")
+            self.city.update(pred, sample["label_ids"], sample["instance"])
+
+    def all_reduce(self, world: int) -> list[str]:
+        """Sum the states over ranks (world > 1); returns the condition names, the same on every rank."""
+        conditions = _all_conditions(set(self.per_condition), world)
+        if world > 1:
+            self.confusion.all_reduce()
+            self.boundary.all_reduce()
+            for name in conditions:
+                self._condition(name).all_reduce()
+            if self.city is not None:
+                self.city.all_reduce()
+        return conditions
+
+
 @torch.no_grad()
 def evaluate_model(
     model: nn.Module,
@@ -65,19 +106,18 @@ def evaluate_model(
 
     ``progress`` (rank 0): a bar on a terminal, otherwise a line every few seconds with images/s and the ETA.
 
-    Returns ``miou``, ``miou_all``, ``iou`` (per class), ``pixel_acc``, ``mean_acc``, ``per_class_acc``, the
-    boundary band figures ``boundary_miou``/``boundary_iou``, ``per_condition`` (when samples carry a
-    ``condition``) and ``cityscapes`` (iIoU/category figures; needs samples with ``label_ids`` and ``instance``).
+    Returns ``miou`` (over the classes present in the labels or predictions, as cityscapesScripts), ``miou_all``
+    (over all classes, absent ones counting 0, as the official code and so the paper's tables), ``iou`` (per
+    class), ``pixel_acc``, ``mean_acc``, ``per_class_acc``, the boundary band figures
+    ``boundary_miou``/``boundary_iou``, ``per_condition`` (when samples carry a ``condition``) and
+    ``cityscapes`` (iIoU/category figures; needs samples with ``label_ids`` and ``instance``).
     """
     device = torch.device(device)
     if getattr(model, "num_classes", num_classes) != num_classes:
         raise ConfigError(f"the model predicts {model.num_classes} classes but the dataset has {num_classes}; "
                           "evaluate with a checkpoint trained for this dataset")
     rank, world = rank_and_world() if distributed else (0, 1)
-    confusion = ConfusionMatrix(num_classes, ignore_index, device=device)
-    boundary = BoundaryConfusion(num_classes, eval_cfg.boundary_width, ignore_index, device=device)
-    per_condition: dict[str, ConfusionMatrix] = {}
-    city = CityscapesMetric() if cityscapes else None
+    metrics = _Metrics(num_classes, ignore_index, eval_cfg.boundary_width, cityscapes, device)
 
     was_training = model.training
     model.eval()
@@ -96,44 +136,25 @@ def evaluate_model(
                                stride=eval_cfg.stride, scales=eval_cfg.scales, flip=eval_cfg.flip, output=output,
                                size=label.shape[-2:], precision=precision,
                                base_size=base_size if eval_cfg.mode == "official" else None)
-            pred = out["logits"].argmax(dim=1)[0]
-            confusion.update(pred, label)
-            boundary.update(pred, label)
-            condition = sample.get("condition")
-            if condition is not None:
-                if condition not in per_condition:
-                    per_condition[condition] = ConfusionMatrix(num_classes, ignore_index, device=device)
-                per_condition[condition].update(pred, label)
-            if city is not None:
-                if "label_ids" not in sample or "instance" not in sample:
-                    raise DataError(f"sample '{sample.get('name', index)}' lacks label_ids/instance maps; build the "
-                                    "Cityscapes dataset with with_instances=True for the iIoU figures")
-                city.update(pred, sample["label_ids"], sample["instance"])
+            metrics.update(out["logits"].argmax(dim=1)[0], label, sample, index)
             meter.update()
     finally:
         meter.close()
         model.train(was_training)
     seconds = time.perf_counter() - start
 
-    num_images = torch.tensor([len(range(rank, len(dataset), world))], dtype=torch.int64)
-    conditions = _all_conditions(set(per_condition), world)
+    num_images = torch.tensor([len(indices)], dtype=torch.int64)
+    conditions = metrics.all_reduce(world)
     if world > 1:
-        confusion.all_reduce()
-        boundary.all_reduce()
-        for name in conditions:
-            per_condition.setdefault(name, ConfusionMatrix(num_classes, ignore_index, device=device)).all_reduce()
-        if city is not None:
-            city.all_reduce()
-        counts = num_images.to(confusion.device)
+        counts = num_images.to(metrics.confusion.device)
         dist.all_reduce(counts)
         num_images = counts.cpu()
 
-    result = confusion.compute()
-    band = boundary.compute()
+    band = metrics.boundary.compute()
     out: dict[str, Any] = {
         "num_images": int(num_images.item()),
         "class_names": _class_names(dataset, num_classes),
-        **result,
+        **metrics.confusion.compute(),
         "boundary_width": eval_cfg.boundary_width,
         "boundary_miou": band["miou"],
         "boundary_iou": band["iou"],
@@ -145,10 +166,11 @@ def evaluate_model(
     if conditions:
         out["per_condition"] = {}
         for name in conditions:
-            figures = per_condition[name].compute()
-            out["per_condition"][name] = {k: figures[k] for k in ("miou", "pixel_acc", "mean_acc", "iou")}
-    if city is not None:
-        out["cityscapes"] = city.compute()
+            figures = metrics.per_condition[name].compute()
+            out["per_condition"][name] = {k: figures[k] for k in ("miou", "miou_all", "pixel_acc", "mean_acc",
+                                                                   "iou")}
+    if metrics.city is not None:
+        out["cityscapes"] = metrics.city.compute()
     return out
 
 
@@ -183,7 +205,9 @@ def results_markdown(result: dict[str, Any], title: str = "Evaluation") -> str:
                  f"flip {setting.get('flip')}"
                  + (f", labels {setting['label_resolution']}" if "label_resolution" in setting else ""))
     lines += ["", "| metric | value (%) |", "|---|---:|"]
-    summary = [("mIoU", "miou"), ("mIoU over all classes", "miou_all"), ("pixel accuracy", "pixel_acc"),
+    summary = [("mIoU over the classes present in labels or predictions (cityscapesScripts)", "miou"),
+               ("mIoU over all classes, absent ones 0 (the official code's, as in the paper's tables)", "miou_all"),
+               ("pixel accuracy", "pixel_acc"),
                ("mean class accuracy", "mean_acc"), (f"boundary mIoU ({result['boundary_width']} px)", "boundary_miou")]
     lines += [f"| {label} | {percent(result.get(key))} |" for label, key in summary]
     city = result.get("cityscapes")

@@ -38,7 +38,7 @@ from ovenet import vis
 from ovenet.data.base import IMAGE_EXTENSIONS, read_image
 from ovenet.engine.logging import Progress
 from ovenet.errors import DataError, OvenetError
-from ovenet.inference import predict
+from ovenet.inference import InferenceSettings, predict
 from ovenet.threads import take_note
 
 SAVE_KINDS = ("color", "overlay", "labels", "labelids", "offsets", "confidence")  # the file suffixes too
@@ -145,23 +145,26 @@ def predict_files(
     dataset_name: str = "cityscapes",
     save: Iterable[str] | None = None,
     overwrite: bool = False,
-    scales: Sequence[float] = (1.0,),
-    flip: bool = False,
-    mode: str = "whole",
+    scales: Sequence[float] | None = None,
+    flip: bool | None = None,
+    mode: str | None = None,
     precision: str = "fp32",
     device: str | None = None,
     crop_size: Sequence[int] | None = None,
     alpha: float = 0.5,
     progress: bool = False,
     skip_bad: bool = False,
+    native_size: bool = False,
 ) -> PredictionResult:
     """Predict every input (image files, folders of images, videos) and write the chosen PNGs.
 
     Returns the files written, with ``already_done`` (kept from an earlier run; ``overwrite`` redoes them) and
     ``skipped`` (unreadable inputs, with ``skip_bad``; without it the first one raises :class:`DataError`).
     ``palette`` defaults to the palette of ``dataset_name`` (Cityscapes by default). ``save``: the kinds to write
-    (default: every kind that applies to the model); asking for one that does not apply is an error. ``progress``: a bar on a terminal, otherwise a
-    line every few seconds with images/s and the ETA.
+    (default: every kind that applies to the model); asking for one that does not apply is an error. ``progress``:
+    a bar on a terminal, otherwise a line every few seconds with images/s and the ETA. ``scales``, ``flip``,
+    ``mode``, ``crop_size`` default to the checkpoint's eval settings, and images are resized as eval resizes
+    them unless ``native_size`` (see :func:`ovenet.inference.predict`).
     """
     from ovenet.data import dataset_info
     from ovenet.data.base import generic_palette
@@ -185,7 +188,8 @@ def predict_files(
 
     plan = plan_inputs(inputs, out_dir)
     _check_outputs(plan, kinds)
-    settings = _settings(model, palette[:num_classes], dataset_name, scales, flip, mode, precision, crop_size, alpha)
+    test = InferenceSettings.for_model(model, native_size, mode=mode, scales=scales, flip=flip, crop_size=crop_size)
+    settings = _settings(model, palette[:num_classes], dataset_name, test, precision, alpha)
     if not overwrite:
         _check_same_settings(out_dir, plan, kinds, settings)
     tag = json.dumps(settings)
@@ -207,8 +211,9 @@ def predict_files(
                     continue
                 if image is None:
                     image = read_image(source)
-                prediction = predict(model, image, device=device, precision=precision, scales=scales, flip=flip,
-                                     mode=mode, crop_size=crop_size)
+                prediction = predict(model, image, device=device, precision=precision, scales=test.scales,
+                                     flip=test.flip, mode=test.mode, crop_size=test.crop_size,
+                                     native_size=native_size)
                 color = vis.colorize(prediction.labels, palette) if {"color", "overlay"} & set(todo) else None
                 for kind in todo:
                     if kind == "color":
@@ -255,8 +260,8 @@ def _short_hash(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _settings(model: nn.Module, palette: Sequence[Sequence[int]], dataset_name: str, scales: Sequence[float],
-              flip: bool, mode: str, precision: str, crop_size: Sequence[int] | None, alpha: float) -> dict:
+def _settings(model: nn.Module, palette: Sequence[Sequence[int]], dataset_name: str, test: InferenceSettings,
+              precision: str, alpha: float) -> dict:
     """Everything that decides the pixels of the outputs, as JSON values (long ones as short hashes)."""
     digest = hashlib.sha256()
     # A strided sample of every tensor identifies the weights (any two trained checkpoints differ nearly
@@ -270,10 +275,7 @@ def _settings(model: nn.Module, palette: Sequence[Sequence[int]], dataset_name: 
     settings = {
         "weights": digest.hexdigest()[:16],
         "model": _short_hash(asdict(config.model)) if config is not None else None,  # e.g. sampling overrides
-        "scales": [float(s) for s in scales],
-        "flip": bool(flip),
-        "mode": mode,
-        "crop_size": [int(c) for c in crop_size] if crop_size is not None and mode != "whole" else None,
+        **test.record(),
         "precision": precision,
         "alpha": float(alpha),
         "palette": _short_hash([[int(c) for c in colour] for colour in palette]),

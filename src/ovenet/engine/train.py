@@ -338,11 +338,8 @@ def setup(cfg: Config, resume: str | Path | None, run_dir: Path, info: D.DistInf
         log.info(f"resume changes {key}: {old} -> {new}")
     tb = TensorBoard(run_dir / "tb", t.tensorboard and info.is_main, log)
 
-    # Reproducibility: each rank its own stream (DDP broadcasts rank 0's initial weights anyway).
     configure_determinism(t.deterministic)
-    torch.manual_seed(t.seed + info.rank)
-    random.seed(t.seed + info.rank)
-    np.random.seed(t.seed + info.rank)
+    _seed_everything(t.seed + info.rank)  # each rank its own stream (DDP broadcasts rank 0's initial weights)
 
     # Data.
     dataset = build_dataset(cfg.data, train=True)
@@ -363,15 +360,7 @@ def setup(cfg: Config, resume: str | Path | None, run_dir: Path, info: D.DistInf
         )
         tb.close()
         return None
-    val_loader = None
-    try:
-        val_set = build_dataset(cfg.data, train=False, label_resolution=cfg.eval.label_resolution)
-        if not getattr(val_set, "has_labels", True):
-            raise DataError(f"the {cfg.data.val_split} split has no labels")
-        val_loader = build_loader(val_set, 1, train=False, num_workers=min(cfg.data.num_workers, 2),
-                                  distributed=info.distributed, seed=t.seed)
-    except DataError as exc:
-        log.warning(f"validation is off, the validation split cannot be loaded: {exc}")
+    val_loader = _val_loader(cfg, info, log)
 
     # Model, loss, optimiser.
     model = build_model(cfg.model).set_activation_checkpointing(t.activation_checkpointing)
@@ -421,6 +410,25 @@ def setup(cfg: Config, resume: str | Path | None, run_dir: Path, info: D.DistInf
         log.info(threads_note)
     on_main_rank(info, lambda: _start_writing(run, ckpt, overwrite))
     return run
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def _val_loader(cfg: Config, info: D.DistInfo, log: Any) -> Any:
+    """The validation loader, or None (said in the log) when the split cannot be loaded: training goes on."""
+    try:
+        val_set = build_dataset(cfg.data, train=False, label_resolution=cfg.eval.label_resolution)
+        if not getattr(val_set, "has_labels", True):
+            raise DataError(f"the {cfg.data.val_split} split has no labels")
+        return build_loader(val_set, 1, train=False, num_workers=min(cfg.data.num_workers, 2),
+                            distributed=info.distributed, seed=cfg.train.seed)
+    except DataError as exc:
+        log.warning(f"validation is off, the validation split cannot be loaded: {exc}")
+        return None
 
 
 def _restore(run: Run, ckpt: dict) -> None:
