@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import numpy as np
@@ -127,26 +128,49 @@ def test_label_resize_matches_opencv_inter_nearest(scale):
 
 
 def test_train_transform_reproduces_the_official_opencv_augmentation():
-    """resize (cv2 INTER_LINEAR / INTER_NEAREST) -> crop -> flip, as the official multi_scale_aug/gen_sample."""
+    """The official gen_sample order: resize (cv2 INTER_LINEAR / INTER_NEAREST) -> pad bottom/right to the crop
+    (black, ignore) -> random crop -> flip the crop, so a flipped sample that needed padding has it on the left."""
     cv2 = _cv2()
     rng = np.random.default_rng(4)
     image = rng.integers(0, 256, (45, 67, 3), dtype=np.uint8)
     label = rng.integers(0, 19, (45, 67), dtype=np.uint8)
-    transform = TrainTransform((24, 32), base_size=67, scale_range=(0.5, 1.75))
+    crop_h, crop_w = 24, 48
+    transform = TrainTransform((crop_h, crop_w), base_size=67, scale_range=(0.4, 1.75))
     draws = random.Random(5)
-    for _ in range(8):
+    flipped_and_padded = 0
+    for _ in range(24):
         params = transform.sample_params(45, 67, draws)
         out = transform.apply({"image": image, "label": label}, params)
         dsize = (params.scaled_w, params.scaled_h)
-        rows = slice(params.top, params.top + params.height)
-        cols = slice(params.left, params.left + params.width)
-        ref_image = cv2.resize(image, dsize, interpolation=cv2.INTER_LINEAR)[rows, cols]
-        ref_label = cv2.resize(label, dsize, interpolation=cv2.INTER_NEAREST)[rows, cols]
+        pad_h, pad_w = max(crop_h - params.scaled_h, 0), max(crop_w - params.scaled_w, 0)
+        ref_image = cv2.copyMakeBorder(cv2.resize(image, dsize, interpolation=cv2.INTER_LINEAR), 0, pad_h, 0, pad_w,
+                                       cv2.BORDER_CONSTANT, value=(0, 0, 0))
+        ref_label = cv2.copyMakeBorder(cv2.resize(label, dsize, interpolation=cv2.INTER_NEAREST), 0, pad_h, 0, pad_w,
+                                       cv2.BORDER_CONSTANT, value=(255,))
+        rows, cols = slice(params.top, params.top + crop_h), slice(params.left, params.left + crop_w)
+        ref_image, ref_label = ref_image[rows, cols], ref_label[rows, cols]
         if params.flip:
             ref_image, ref_label = ref_image[:, ::-1], ref_label[:, ::-1]
-        got_image = denormalize(out["image"])[: params.height, : params.width].astype(np.int64)
-        assert np.abs(got_image - ref_image).max() <= 1
-        np.testing.assert_array_equal(out["label"][: params.height, : params.width].numpy(), ref_label)
+            flipped_and_padded += pad_w > 0
+        assert np.abs(denormalize(out["image"]).astype(np.int64) - ref_image).max() <= 1
+        np.testing.assert_array_equal(out["label"].numpy(), ref_label)
+    assert flipped_and_padded >= 2  # the case the order decides was drawn
+
+
+def test_a_flipped_padded_crop_has_its_padding_on_the_left():
+    """The audit's case: a 36-wide scaled label in a 64-wide crop, flipped: valid columns 28-63, as the official
+    code (ovenet had 0-35 before)."""
+    sample = block_sample(20, 36)
+    transform = TrainTransform((20, 64), scale_range=(1.0, 1.0))
+    params = transform.sample_params(20, 36)
+    out = transform.apply(sample, dataclasses.replace(params, flip=True))
+    valid = (out["label"] != 255).any(dim=0).nonzero().flatten()
+    assert (int(valid.min()), int(valid.max())) == (28, 63)
+    np.testing.assert_array_equal(out["label"][:, 28:].numpy(), sample["label"][:, ::-1])
+    black = normalize(np.zeros((1, 1, 3), dtype=np.uint8))
+    assert torch.equal(out["image"][:, :, :28], black.expand(3, 20, 28))
+    unflipped = transform.apply(sample, dataclasses.replace(params, flip=False))
+    np.testing.assert_array_equal(unflipped["label"][:, :36].numpy(), sample["label"])
 
 
 def test_resize_window_must_lie_inside_the_output():

@@ -208,9 +208,10 @@ class TrainTransform:
 
     The scale ``s`` is uniform in ``scale_range``; the long side becomes ``base_size * s`` (or the image's own long
     side times ``s`` when ``base_size`` is None). Images are resampled with :func:`resize_image`, label maps with
-    :func:`resize_label` (OpenCV's bilinear and nearest, as the official code). When the scaled image is smaller
-    than the crop, it sits top-left and the rest is padded as the official code does: black (raw 0, i.e.
-    ``-mean/std`` once normalised) in the image, ``ignore_index`` in the label, 0 in other maps. Randomness comes
+    :func:`resize_label` (OpenCV's bilinear and nearest, as the official code). In the official order: when the
+    scaled image is smaller than the crop it is padded at the bottom/right (black, raw 0, i.e. ``-mean/std`` once
+    normalised, in the image, ``ignore_index`` in the label, 0 in other maps), then cropped, then the crop is
+    flipped, so a flipped crop has its padding on the left. Randomness comes
     from Python's ``random`` module, which DataLoader seeds per worker.
     """
 
@@ -262,7 +263,10 @@ class TrainTransform:
             out_image = _PAD_NORMALISED.expand(3, crop_h, crop_w).clone()
         else:
             out_image = torch.empty(3, crop_h, crop_w)
-        out_image[:, : params.height, : params.width].copy_(image).sub_(_MEAN_255).mul_(_INV_STD_255)
+        # The official order pads bottom/right, crops, then flips the crop: a flipped crop has its padding on the
+        # left, so the content sits in the right-most columns.
+        cols = slice(crop_w - params.width, crop_w) if params.flip else slice(0, params.width)
+        out_image[:, : params.height, cols].copy_(image).sub_(_MEAN_255).mul_(_INV_STD_255)
         out = dict(sample)
         out["image"] = out_image
 
@@ -272,7 +276,7 @@ class TrainTransform:
             if padded:
                 pad_value = self.ignore_index if key == "label" else 0
                 out[key] = torch.full((crop_h, crop_w), pad_value, dtype=dtype)
-                out[key][: params.height, : params.width] = cropped
+                out[key][: params.height, cols] = cropped
             else:
                 out[key] = cropped.to(dtype)
         return out
