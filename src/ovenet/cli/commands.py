@@ -542,7 +542,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     cfg: Config = model.config
     m, off = cfg.model, cfg.model.offset
     arch = "custom stages" if m.stages else m.arch
-    head = "OCR" if m.head == "ocr" else "FCN"
+    head = {"ocr": "OCR", "fcn": "FCN", "coarse": "coarse (stride-32)"}[m.head]
     if off.enabled:
         kind = (f"OVeNet (offset branch at stage {off.branch_stage}, tau {off.tau}, fusion {off.fusion}, "
                 f"sampling {off.sampling})")
@@ -558,7 +558,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     rows = [
         ("checkpoint", f"{checkpoint} ({checkpoint.stat().st_size / 2**20:.1f} MiB)"),
         ("name", cfg.name),
-        ("model", f"HRNetV2 {arch} + {head} head, {kind}"),
+        ("model", f"{'HRNetV2 ' + arch if m.backbone == 'hrnetv2' else m.backbone} + {head} head, {kind}"),
         ("classes", f"{m.num_classes} ({cfg.data.name})" + _class_list(names, m.num_classes)),
         ("parameters", f"{total / 1e6:.2f} M" + (f" (offset branch + head {branch / 1e6:.2f} M)" if branch else "")),
     ]

@@ -401,7 +401,7 @@ def setup(cfg: Config, resume: str | Path | None, run_dir: Path, info: D.DistInf
 
     n_params = sum(p.numel() for p in model.parameters())
     log.info(
-        f"run folder {run_dir} | {cfg.model.arch} {cfg.model.head} offset={cfg.model.offset.enabled} "
+        f"run folder {run_dir} | {cfg.model.network} {cfg.model.head} offset={cfg.model.offset.enabled} "
         f"{n_params / 1e6:.2f}M params | {len(dataset)} train samples, {iters_per_epoch} it/epoch, "
         f"{total_iters} iterations | device {device}, {info.world_size} process(es), precision {precision}"
     )

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import method
-from ..config import Config, ModelConfig
+from ..config import Config, ModelConfig, OffsetConfig
 from ..errors import ConfigError
 from .heads import FCNHead, OCRHead, fcn_head
 from .hrnet import HRNetStages, HRNetV2, arch_spec, concat_resolutions
@@ -62,6 +62,37 @@ def model_spec(cfg: ModelConfig) -> dict[str, dict]:
             copied["NUM_MODULES"] = min(copied["NUM_MODULES"], OFFICIAL_BRANCH_MODULES[k])
         spec[f"STAGE{k}_2"] = copied
     return spec
+
+
+def offset_outputs(raw: Tensor, logits: Tensor, aux: Tensor | None, offset: OffsetConfig,
+                   sampling_align_corners: bool) -> SegOutput:
+    """The offset head's raw 3 channels -> offsets (tanh x tau) and confidence (sigmoid), the seed-based and fused
+    logits (Eq. 2-4, :mod:`ovenet.method`) for the main and, with OCR, the auxiliary logits. ``logits`` must be
+    at the offsets' resolution."""
+    offsets = torch.tanh(raw[:, 0:2]) * offset.tau
+    if offset.zero_offsets:  # the study control: same graph and compute, seeds read p itself
+        offsets = offsets * 0.0
+    confidence = torch.sigmoid(raw[:, 2:3])
+    for _ in range(offset.iterative_refinement):
+        offsets = method.refine_offsets(offsets, sampling_align_corners)
+
+    out = SegOutput(logits_initial=logits, logits_final=logits, offsets=offsets, confidence=confidence)
+    for name, initial in (("logits", logits), ("aux_logits", aux)):
+        if initial is None:
+            continue
+        if offset.fusion == "probs":
+            # Eq. 3 with h = softmax; log-probabilities are returned so that downstream CE/argmax still apply.
+            probs = torch.softmax(initial.float(), dim=1)
+            seed = method.resample(probs, offsets, sampling_align_corners)
+            final = method.fuse(probs, seed, confidence)
+            initial, seed, final = (torch.log(p.clamp_min(1e-8)) for p in (probs, seed, final))
+        else:
+            seed = method.resample(initial, offsets, sampling_align_corners)
+            final = method.fuse(initial, seed, confidence)
+        setattr(out, f"{name}_initial", initial)
+        setattr(out, f"{name}_seed", seed)
+        setattr(out, f"{name}_final", final)
+    return out
 
 
 class OVeNet(nn.Module):
@@ -163,41 +194,10 @@ class OVeNet(nn.Module):
 
         branch_feats, _ = self.offset_branch(branch_input)
         raw = self.offset_head(concat_resolutions(branch_feats, self.align_corners)).float()
-        offsets = torch.tanh(raw[:, 0:2]) * self.tau
-        if self.cfg.offset.zero_offsets:  # the study control: same graph and compute, seeds read p itself
-            offsets = offsets * 0.0
-        confidence = torch.sigmoid(raw[:, 2:3])
-        for _ in range(self.cfg.offset.iterative_refinement):
-            offsets = method.refine_offsets(offsets, self.sampling_align_corners)
-
-        out = SegOutput(logits_initial=logits, logits_final=logits, offsets=offsets, confidence=confidence)
-        for name, initial in (("logits", logits), ("aux_logits", aux)):
-            if initial is None:
-                continue
-            if self.cfg.offset.fusion == "probs":
-                # Eq. 3 with h = softmax; log-probabilities are returned so that downstream CE/argmax still apply.
-                probs = torch.softmax(initial.float(), dim=1)
-                seed = method.resample(probs, offsets, self.sampling_align_corners)
-                final = method.fuse(probs, seed, confidence)
-                initial, seed, final = (torch.log(p.clamp_min(1e-8)) for p in (probs, seed, final))
-            else:
-                seed = method.resample(initial, offsets, self.sampling_align_corners)
-                final = method.fuse(initial, seed, confidence)
-            setattr(out, f"{name}_initial", initial)
-            setattr(out, f"{name}_seed", seed)
-            setattr(out, f"{name}_final", final)
-        return out
-
+        return offset_outputs(raw, logits, aux, self.cfg.offset, self.sampling_align_corners)
 
     def predict(self, image, **kwargs):
         """Label map (and offsets/confidence) for one image or a batch; see :func:`ovenet.inference.predict`."""
         from ..inference import predict
 
         return predict(self, image, **kwargs)
-
-
-def build_model(cfg: ModelConfig) -> OVeNet:
-    """Build OVeNet (or the baseline when ``cfg.offset.enabled`` is False) from a model config, freshly
-    initialised: no file is read. Training then applies ``cfg.pretrained`` and ``cfg.init_from`` with
-    :func:`ovenet.weights.load_initial_weights`."""
-    return OVeNet(cfg)

@@ -1,0 +1,199 @@
+"""The offset head on any segmentation network: an encoder that returns multi-scale feature maps, a decode head
+that returns logits, and OVeNet's offset branch and head (Sec. 3.2; the equations in :mod:`ovenet.method`).
+
+    encoder(x) -> [f_1, ..., f_n]        strides ascending (e.g. 4, 8, 16, 32)
+    decode_head(feats) -> logits         any stride; upsampled to the offsets' resolution if coarser
+    offset_branch -> [g_1, ...]          a copy of the later encoder stages (the paper's design), a second encoder,
+                                         or the encoder's own features (None: the cheap shared-encoder variant)
+    offset_head(concat(g)) -> 3 maps     offsets tanh(.) * tau and confidence sigmoid(.) at g_1's resolution
+
+The outputs are the same :class:`~ovenet.models.SegOutput` as the HRNet OVeNet's, so losses, training, eval,
+predict, ONNX export and the studies run unchanged. Bring your own network with :class:`OffsetSegmenter`; the
+configs build one with ``model.backbone`` (``efficientnet_lite0``, ``timm:NAME``) through :func:`build_encoder_model`.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import Config, ModelConfig, OffsetConfig
+from ..errors import ConfigError
+from .efficientnet import EfficientNetLite0Encoder
+from .heads import fcn_head
+from .ovenet import SegOutput, offset_outputs
+
+
+def concat_features(feats: Sequence[Tensor], align_corners: bool = False) -> Tensor:
+    """Every feature map bilinearly upsampled to the first one's size, concatenated (HRNetV2's head input)."""
+    size = feats[0].shape[-2:]
+    return torch.cat([f if f.shape[-2:] == size else
+                      F.interpolate(f, size=size, mode="bilinear", align_corners=align_corners) for f in feats], 1)
+
+
+class ConcatHead(nn.Module):
+    """HRNetV2's FCN head for any encoder: all features at the finest one's resolution, concatenated,
+    conv1x1-BN-ReLU-conv1x1. ``levels`` picks which features it reads (e.g. ``[-1]``: the coarsest only, logits
+    at stride 32). Returns ``(logits, None)`` as the HRNet heads do."""
+
+    def __init__(self, channels: Sequence[int], num_classes: int, levels: Sequence[int] | None = None,
+                 align_corners: bool = False, bn_momentum: float = 0.1):
+        super().__init__()
+        self.levels = list(range(len(channels))) if levels is None else [int(i) for i in levels]
+        self.align_corners = align_corners
+        self.head = fcn_head(sum(channels[i] for i in self.levels), num_classes, bn_momentum)
+
+    def forward(self, feats: Sequence[Tensor]) -> tuple[Tensor, None]:
+        return self.head(concat_features([feats[i] for i in self.levels], self.align_corners)), None
+
+
+class StageCopy(nn.Module):
+    """The paper's offset branch for a staged encoder: the stages from ``first_stage`` on, copied (own weights),
+    run on the shared features of the stage before; earlier features are shared."""
+
+    def __init__(self, stages: nn.Module, first_stage: int):
+        super().__init__()
+        self.stages, self.first_stage = stages, first_stage
+
+    def forward(self, feats: Sequence[Tensor]) -> list[Tensor]:
+        return [*feats[:self.first_stage], *self.stages(feats[self.first_stage - 1])]
+
+
+class OffsetSegmenter(nn.Module):
+    """Encoder + decode head, with OVeNet's offset head unless ``offset.enabled`` is false (the baseline).
+
+    ``encoder``: image -> list of feature maps (finest first) with ``channels``; ``decode_head``: that list ->
+    logits, or ``(logits, aux)``. ``offset_branch``, what the offset head reads (channels ``branch_channels``,
+    default ``channels``): None for the encoder's own features (shared encoder), a :class:`StageCopy` of the later
+    stages (run on the shared earlier features), or any second encoder (image -> features, e.g.
+    ``copy.deepcopy(encoder)``).
+    The offset head is conv1x1-BN-ReLU-conv1x1 (3 outputs), its last layer drawn from N(0, 1e-3) so training
+    starts from o ~ 0 and F ~ 0.5, as the official FCN OVeNet.
+
+    Example, a network of your own::
+
+        model = OffsetSegmenter(my_encoder, my_head, channels=[64, 128, 320, 512], num_classes=19)
+        out = model(images)          # SegOutput: logits_initial/seed/final, offsets, confidence
+    """
+
+    def __init__(self, encoder: nn.Module, decode_head: nn.Module, channels: Sequence[int], num_classes: int,
+                 offset: OffsetConfig | None = None, offset_branch: nn.Module | None = None,
+                 branch_channels: Sequence[int] | None = None, align_corners: bool = False,
+                 bn_momentum: float = 0.1):
+        super().__init__()
+        self.offset_cfg = offset if offset is not None else OffsetConfig()
+        self.backbone, self.decode_head = encoder, decode_head
+        self.num_classes, self.align_corners = num_classes, align_corners
+        self.sampling_align_corners = self.offset_cfg.sampling == "exact"
+        self.config: Config | None = None  # the run config when loaded from a checkpoint (as OVeNet)
+        self.offset_branch: nn.Module | None = None
+        self.offset_head: nn.Sequential | None = None
+        if self.offset_cfg.enabled:
+            self.offset_branch = offset_branch
+            self.offset_head = fcn_head(sum(branch_channels or channels), 3, bn_momentum)
+            nn.init.normal_(self.offset_head[-1].weight, std=0.001)
+            nn.init.zeros_(self.offset_head[-1].bias)
+
+    @property
+    def is_ovenet(self) -> bool:
+        return self.offset_head is not None
+
+    @property
+    def activation_checkpointing(self) -> bool:
+        return False
+
+    def set_activation_checkpointing(self, enabled: bool = True) -> OffsetSegmenter:
+        if enabled:
+            raise ConfigError("train.activation_checkpointing is implemented for HRNetV2 backbones only; set it "
+                              "to false for this encoder")
+        return self
+
+    def forward(self, x: Tensor) -> SegOutput:
+        feats = self.backbone(x)
+        logits = self.decode_head(feats)
+        logits, aux = logits if isinstance(logits, tuple) else (logits, None)
+        if not self.is_ovenet:
+            return SegOutput(logits_initial=logits, logits_final=logits, aux_logits_initial=aux,
+                             aux_logits_final=aux)
+        if self.offset_branch is None:
+            branch_feats = feats
+        elif isinstance(self.offset_branch, StageCopy):
+            branch_feats = self.offset_branch(feats)
+        else:
+            branch_feats = self.offset_branch(x)
+        raw = self.offset_head(concat_features(branch_feats, self.align_corners)).float()
+        size = raw.shape[-2:]
+        if logits.shape[-2:] != size:  # coarse logits: resampled at the offsets' (finer) resolution
+            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=self.align_corners)
+            if aux is not None:
+                aux = F.interpolate(aux, size=size, mode="bilinear", align_corners=self.align_corners)
+        return offset_outputs(raw, logits, aux, self.offset_cfg, self.sampling_align_corners)
+
+    def predict(self, image, **kwargs):
+        """Label map (and offsets/confidence) for one image or a batch; see :func:`ovenet.inference.predict`."""
+        from ..inference import predict
+
+        return predict(self, image, **kwargs)
+
+
+class TimmEncoder(nn.Module):
+    """A timm model with ``features_only=True`` (optional dependency), returning its feature maps of strides
+    4, 8, 16, 32 when it has them."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        try:
+            import timm
+        except Exception as exc:  # ImportError, or a timm/torchvision built for another torch
+            raise ConfigError(f"model.backbone=timm:{name} needs timm (pip install timm): {exc}".splitlines()[0]) \
+                from None
+        try:
+            self.model = timm.create_model(name, features_only=True, pretrained=False)
+        except RuntimeError as exc:
+            raise ConfigError(f"timm cannot build '{name}' with features_only ({exc})") from None
+        info = self.model.feature_info
+        wanted = [i for i, r in enumerate(info.reduction()) if r >= 4]
+        self.indices = wanted[-4:]
+        self.out_channels = [info.channels()[i] for i in self.indices]
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        feats = self.model(x)
+        return [feats[i] for i in self.indices]
+
+
+def build_encoder(cfg: ModelConfig) -> tuple[nn.Module, list[int]]:
+    if cfg.backbone == "efficientnet_lite0":
+        encoder = EfficientNetLite0Encoder(cfg.bn_momentum)
+        return encoder, encoder.out_channels
+    if cfg.backbone.startswith("timm:"):
+        encoder = TimmEncoder(cfg.backbone.removeprefix("timm:"))
+        return encoder, encoder.out_channels
+    raise ConfigError(f"model.backbone '{cfg.backbone}' is unknown; use hrnetv2, efficientnet_lite0 or timm:NAME")
+
+
+def build_encoder_model(cfg: ModelConfig) -> OffsetSegmenter:
+    """``model.backbone`` other than hrnetv2: the encoder, a :class:`ConcatHead` (``model.head: fcn`` reads all
+    levels, ``coarse`` the stride-32 one only) and, for OVeNet, the offset branch: a copy of the encoder stages from
+    ``model.offset.branch_stage`` on (2, 3, 4 = strides 8, 16, 32; a timm encoder is copied whole), or the shared
+    encoder with ``model.offset.shared_encoder``. The main body is built before the branch draws random numbers,
+    so a baseline and an OVeNet from one seed share its initialisation."""
+    if cfg.head not in ("fcn", "coarse"):
+        raise ConfigError(f"model.head '{cfg.head}' needs an HRNetV2 backbone; use fcn or coarse with "
+                          f"model.backbone={cfg.backbone}")
+    encoder, channels = build_encoder(cfg)
+    levels = [len(channels) - 1] if cfg.head == "coarse" else None
+    head = ConcatHead(channels, cfg.num_classes, levels, cfg.align_corners, cfg.bn_momentum)
+    branch, branch_channels = None, None
+    if cfg.offset.enabled and not cfg.offset.shared_encoder:
+        first = cfg.offset.branch_stage - 1  # HRNet numbering: stage k of 1..4 is encoder stage k-1 of 0..3
+        if isinstance(encoder, EfficientNetLite0Encoder):
+            branch = StageCopy(EfficientNetLite0Encoder(cfg.bn_momentum, first_stage=first), first)
+        else:
+            branch = copy.deepcopy(encoder)  # a second encoder, reading the image
+        branch_channels = channels
+    return OffsetSegmenter(encoder, head, channels, cfg.num_classes, cfg.offset, branch, branch_channels,
+                           cfg.align_corners, cfg.bn_momentum)
