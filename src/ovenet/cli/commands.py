@@ -222,17 +222,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-# With fewer images than this, exporting the checkpoint for ONNX Runtime costs more than ONNX Runtime saves
-# (W18 OVeNet, 360x480, 1 thread: 10 images 1.20x slower than PyTorch, 40 images 1.26x faster; break-even
-# measured in benchmarks/predict_runtime.py); a cached export always pays.
-ORT_PAYOFF_IMAGES = 20
+# When ONNX Runtime pays, in pixels to segment (W18 OVeNet, 1 thread, whole `ovenet predict` processes, 360x480
+# images: benchmarks/predict_runtime.py): a first export costs ~5.5 s, which 20 images (3.5 Mpx) did not yet pay
+# (1.06x PyTorch's time) and 40 did (0.89x); with the export cached, starting the session (~0.4 s) outweighs the
+# saving on 1 image (1.1x) and is paid from a few (10 images: 0.77x). The saving grows with the pixels, so the
+# rule counts pixels, not images (the figures are 32 and 4 such images).
+ORT_EXPORT_PAYS_MPX = 5.5
+ORT_SESSION_PAYS_MPX = 0.7
 
 
-def _predict_runtime(requested: str, device: Any, precision: str | None, model: Any, images: int
+def _predict_runtime(requested: str, device: Any, precision: str | None, model: Any, megapixels: float
                      ) -> tuple[str, str]:
     """The runtime for ``--runtime requested`` and why. ``auto``: ONNX Runtime for fp32 on the CPU when it is
-    installed and either the export of this checkpoint is cached or ``images`` (frames of a video count as
-    many) are enough for the export to pay; else PyTorch."""
+    installed and the ``megapixels`` to segment pay for it: for the session when this checkpoint's export is
+    cached, for the export too otherwise; else PyTorch (never slower than ``--runtime torch``)."""
     if requested != "auto":
         if requested == "onnxruntime" and (str(device) != "cpu" or (precision or "fp32") != "fp32"):
             raise OvenetError("--runtime onnxruntime runs fp32 on the CPU; use --device cpu without --precision, "
@@ -243,16 +246,34 @@ def _predict_runtime(requested: str, device: Any, precision: str | None, model: 
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
-        return "torch", "onnxruntime is not installed (pip install onnxruntime: 1.75x faster on the CPU)"
+        return "torch", "onnxruntime is not installed (pip install onnxruntime: 1.5x faster per image on the CPU)"
     from ovenet.export import cached_onnx_path
 
-    if cached_onnx_path(model).is_file():
-        return "onnxruntime", "this checkpoint's ONNX export is cached; --runtime torch to use PyTorch"
-    if images >= ORT_PAYOFF_IMAGES:
-        return "onnxruntime", (f"{images} images pay for the one-time export (kept in the cache); --runtime torch "
-                               "to use PyTorch")
-    return "torch", (f"{images} image(s): exporting for ONNX Runtime would cost more than it saves below "
-                     f"{ORT_PAYOFF_IMAGES}; --runtime onnxruntime to export anyway")
+    cached = cached_onnx_path(model).is_file()
+    needed = ORT_SESSION_PAYS_MPX if cached else ORT_EXPORT_PAYS_MPX
+    if megapixels >= needed:
+        return "onnxruntime", (f"{megapixels:.1f} Mpx to segment pay for " + ("the cached ONNX export's session"
+                               if cached else "the one-time ONNX export (then cached)") + "; --runtime torch to "
+                               "use PyTorch")
+    return "torch", (f"{megapixels:.1f} Mpx to segment: ONNX Runtime pays from {needed} Mpx "
+                     + ("(export cached)" if cached else "with its one-time export") + "; --runtime onnxruntime "
+                     "to use it anyway")
+
+
+def _megapixels(plan: list[tuple[Path, Path, bool]]) -> float:
+    """Pixels to segment, from the image headers (nothing decoded); a video counts as enough for any runtime."""
+    from PIL import Image
+
+    total = 0.0
+    for source, _, is_video in plan:
+        if is_video:
+            return float("inf")
+        try:
+            with Image.open(source) as image:
+                total += image.width * image.height / 1e6
+        except OSError:
+            pass  # unreadable: predict names it (or skips it with --skip-bad)
+    return total
 
 
 def add_predict_parser(command: AddCommand) -> None:
@@ -288,9 +309,9 @@ def add_predict_parser(command: AddCommand) -> None:
                    help="redo every input (default: keep the outputs already done and predict the rest)")
     p.add_argument("--runtime", choices=("auto", "torch", "onnxruntime"), default="auto",
                    help="what runs the network: auto = ONNX Runtime for fp32 on the CPU when onnxruntime is "
-                        f"installed and the checkpoint's export is cached or there are >= {ORT_PAYOFF_IMAGES} "
-                        "images (1.75x faster per image, same labels; the first export costs seconds and is "
-                        "cached), else PyTorch")
+                        "installed and the images are enough to pay for it (their pixels: from "
+                        f"{ORT_SESSION_PAYS_MPX} Mpx when this checkpoint's export is cached, {ORT_EXPORT_PAYS_MPX} "
+                        "Mpx otherwise; faster per image, same labels; the export is cached), else PyTorch")
     p.add_argument("--skip-bad", action="store_true",
                    help="skip unreadable images or videos and list them at the end (exit code 2 if any)")
     add_precision(p)
@@ -320,8 +341,8 @@ def _predict(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
 
     model = checkpoint.load(args.checkpoint, device, overrides=overrides or None)
     cfg: Config = model.config
-    images = sum(ORT_PAYOFF_IMAGES if is_video else 1 for _, _, is_video in plan_inputs(inputs, Path(args.out)))
-    runtime, why = _predict_runtime(args.runtime, device, args.precision, model, images)
+    megapixels = _megapixels(plan_inputs(inputs, Path(args.out))) if args.runtime == "auto" else 0.0
+    runtime, why = _predict_runtime(args.runtime, device, args.precision, model, megapixels)
     if runtime == "onnxruntime":
         from ovenet.export import OnnxRuntimeModel, cache_dir
 
