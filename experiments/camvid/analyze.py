@@ -3,7 +3,8 @@
     python experiments/camvid/analyze.py RUN/best.pth --data-root ../shared/data/camvid --out RUN/analysis.json
 
 Reports, single-scale whole-image: mIoU and boundary mIoU of S_i (initial), S_s (seed) and S_f (final); offset
-length statistics in full-resolution pixels; the confidence histogram, inside and outside the boundary band; and
+length statistics in full-resolution pixels, also near and away from boundaries (``by_region``); the confidence
+histogram and mean, inside and outside the boundary band; and
 where S_s beats S_i (pixels S_s gets right and S_i wrong, and the reverse), near boundaries and in the interior.
 """
 
@@ -35,7 +36,8 @@ def analyze(checkpoint: Path, data_root: Path | None, device: str = "cpu", width
     conf = {h: ConfusionMatrix(c, device=device) for h in HEADS}
     band_conf = {h: BoundaryConfusion(c, width, device=device) for h in HEADS}
     hist_band, hist_inner = torch.zeros(10, device=device), torch.zeros(10, device=device)
-    lengths = []
+    lengths, region_lengths = [], {"band": [], "interior": []}
+    confidence_sum = {"band": 0.0, "interior": 0.0}
     wins = {"seed_right_initial_wrong": [0, 0], "initial_right_seed_wrong": [0, 0]}  # [band, interior]
     for i in range(len(dataset)):
         sample = dataset[i]
@@ -59,11 +61,22 @@ def analyze(checkpoint: Path, data_root: Path | None, device: str = "cpu", width
         h, w = out.offsets.shape[-2:]
         px = torch.stack([out.offsets[:, 0] * (w - 1) / 2, out.offsets[:, 1] * (h - 1) / 2]).norm(dim=0)
         lengths.append((px * size[1] / w).flatten().cpu())  # in full-resolution pixels
+        px_full = upsample_logits(px[:, None], size, model.align_corners)[:, 0] * size[1] / w
+        for region, mask in (("band", valid & band), ("interior", valid & ~band)):
+            region_lengths[region].append(px_full[mask].cpu())
+            confidence_sum[region] += float(f[mask].sum())
     lengths = torch.cat(lengths)
     result = {h: {"miou": conf[h].compute()["miou"], "boundary_miou": band_conf[h].compute()["miou"]} for h in HEADS}
     result["offset_px"] = {"mean": lengths.mean().item(), "median": lengths.median().item(),
                            "p90": lengths.quantile(0.9).item() if lengths.numel() < 2**24 else None,
                            "max": lengths.max().item(), "share_over_1px": (lengths > 1).float().mean().item()}
+    # Near (within `width` px of a label boundary) and away from boundaries: offset length and mean confidence.
+    result["by_region"] = {}
+    for region, hist in (("band", hist_band), ("interior", hist_inner)):
+        values = torch.cat(region_lengths[region])
+        result["by_region"][region] = {
+            "offset_px_mean": values.mean().item(), "offset_px_median": values.median().item(),
+            "confidence_mean": confidence_sum[region] / max(float(hist.sum()), 1.0), "pixels": values.numel()}
     result["confidence_hist_band"] = (hist_band / hist_band.sum().clamp(min=1)).tolist()
     result["confidence_hist_interior"] = (hist_inner / hist_inner.sum().clamp(min=1)).tolist()
     result["pixels"] = {k: {"band": v[0], "interior": v[1]} for k, v in wins.items()}
