@@ -332,8 +332,9 @@ def _describe(obj: Any) -> str:
     return f"{type(obj).__name__}" + (f" of shape {tuple(shape)} and dtype {obj.dtype}" if shape is not None else "")
 
 
-def to_float_image(image: ImageInput) -> Tensor:
-    """Any supported single image -> float32 ``[3, H, W]`` RGB in [0, 1] (not yet normalised)."""
+def to_pixels(image: ImageInput) -> Tensor:
+    """Any supported single image -> ``[3, H, W]`` RGB pixel values 0-255 (not yet normalised): uint8 for 8-bit
+    sources (files, PIL images, uint8 arrays and tensors), float32 for float images in [0, 1]."""
     if isinstance(image, (str, Path)):
         from ovenet.data.base import read_image  # DataError naming the file when missing or corrupt
 
@@ -350,18 +351,18 @@ def to_float_image(image: ImageInput) -> Tensor:
         if not array.flags.writeable:  # PIL-backed arrays are read-only; torch.from_numpy wants writable memory
             array = array.copy()
         if array.dtype == np.uint8:
-            return torch.from_numpy(array).permute(2, 0, 1).float().div_(255.0)
+            return torch.from_numpy(array).permute(2, 0, 1)
         if array.dtype.kind == "f":
-            return _checked_unit_range(torch.from_numpy(array).permute(2, 0, 1).float(), image)
+            return _checked_unit_range(torch.from_numpy(array).permute(2, 0, 1).float(), image).mul_(255.0)
         raise OvenetError(f"numpy images must be uint8 (0-255) or float (0-1), got {_describe(image)}")
     if isinstance(image, Tensor):
         tensor = image.detach()
         if tensor.dim() != 3 or tensor.shape[0] != 3:
             raise OvenetError(f"tensor images must be [3, H, W] RGB, got {_describe(image)}")
         if tensor.dtype == torch.uint8:
-            return tensor.float().div_(255.0)
+            return tensor
         if tensor.is_floating_point():
-            return _checked_unit_range(tensor.float(), image)
+            return _checked_unit_range(tensor.float(), image).mul(255.0)
         raise OvenetError(f"tensor images must be uint8 (0-255) or float (0-1), got {_describe(image)}")
     raise OvenetError(f"cannot read an image from {_describe(image)}; pass a path, PIL image, HxWx3 uint8 array "
                       "or a [3, H, W] tensor")
@@ -501,28 +502,6 @@ def predict(
     finally:
         model.train(was_training)
     return results if batched else results[0]
-
-
-def to_pixels(image: ImageInput) -> Tensor:
-    """Any supported single image -> ``[3, H, W]`` RGB pixel values 0-255: uint8 for 8-bit sources (files, PIL,
-    uint8 arrays and tensors), float32 for float images in [0, 1]."""
-    if isinstance(image, Tensor) and image.dtype == torch.uint8 and image.dim() == 3 and image.shape[0] == 3:
-        return image.detach()
-    if isinstance(image, (str, Path, Image.Image)) or (isinstance(image, np.ndarray) and image.dtype == np.uint8):
-        if isinstance(image, (str, Path)):
-            from ovenet.data.base import read_image  # DataError naming the file when missing or corrupt
-
-            image = read_image(image)
-        if isinstance(image, Image.Image):
-            image = np.asarray(image.convert("RGB"))
-        if image.ndim == 2:
-            image = np.repeat(image[..., None], 3, axis=2)
-        if image.ndim == 3 and image.shape[2] in (3, 4):
-            array = np.ascontiguousarray(image[..., :3])
-            if not array.flags.writeable:  # PIL-backed arrays are read-only; torch.from_numpy wants writable memory
-                array = array.copy()
-            return torch.from_numpy(array).permute(2, 0, 1)
-    return to_float_image(image).mul_(255.0)
 
 
 def preprocess(pixels: Tensor, settings: InferenceSettings) -> Tensor:
