@@ -84,6 +84,9 @@ def variants(time_ratio: float, long_factor: float) -> dict[str, Variant]:
                                          note="logits from the stride-32 features only"),
         "lite0_coarse_ovenet": Variant(LITE0_OVENET, (*CURVE, "model.head=coarse"),
                                        note="stride-32 logits, offsets read at stride 4"),
+        "lite0_coarse_zero_offset": Variant(LITE0_OVENET, (*CURVE, "model.head=coarse",
+                                                           "model.offset.zero_offsets=true"),
+                                            note="stride-32 logits, offset branch and losses, offsets fixed at 0"),
         "lite0_scratch_baseline": Variant(LITE0_BASELINE, (*CURVE, "model.pretrained=null"),
                                           note="same network, random initialisation"),
         "lite0_scratch_ovenet": Variant(LITE0_OVENET, (*CURVE, "model.pretrained=null"),
@@ -106,7 +109,7 @@ STUDIES = {
     "long_controls": ["baseline_time_long", "zero_offset_long"],
     "pretrained": ["lite0_baseline", "lite0_ovenet", "lite0_zero_offset"],
     "pretrained_scratch": ["lite0_scratch_baseline", "lite0_scratch_ovenet", "lite0_scratch_zero_offset"],
-    "pretrained_design": ["lite0_shared", "lite0_coarse_baseline", "lite0_coarse_ovenet"],
+    "pretrained_design": ["lite0_shared", "lite0_coarse_baseline", "lite0_coarse_ovenet", "lite0_coarse_zero_offset"],
     **PLAIN,
 }
 SMOKE = ["data.crop_size=[64,96]", "data.base_size=120", "train.batch_size=2", "eval.crop_size=[64,96]",
