@@ -13,7 +13,9 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import re
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -75,12 +77,29 @@ def read(path: str | Path) -> dict:
 
 
 def load_file(path: Path, what: str) -> Any:
-    """``torch.load`` (weights only, on the CPU) of an existing file; a :class:`CheckpointError` saying why
-    ``what`` (e.g. "model.init_from 'x.pth'") cannot be read otherwise."""
+    """``torch.load`` (weights only, on the CPU) of an existing file, its checksums verified; a
+    :class:`CheckpointError` saying why ``what`` (e.g. "model.init_from 'x.pth'") cannot be read otherwise."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for truncated/corrupt files
         raise CheckpointError(f"{what} {unreadable_reason(path, e)}") from None
+    damaged = damaged_record(path)
+    if damaged:
+        raise CheckpointError(f"{what} is damaged: its record {damaged} fails its CRC-32 checksum (a bit changed on "
+                              "disk or in a copy); copy it again or use another checkpoint")
+    return obj
+
+
+def damaged_record(path: Path) -> str | None:
+    """The first record of a ``torch.save`` zip archive whose bytes do not match their stored CRC-32, else None.
+
+    ``torch.load`` does not check these checksums: a flipped bit in a tensor loads silently as a wrong weight.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip()
+    except zipfile.BadZipFile:
+        return None  # a legacy (non-zip) torch file: it has no checksums to test
 
 
 def unreadable_reason(path: Path, error: Exception) -> str:
@@ -166,14 +185,61 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     )
 
 
+HISTORY = re.compile(r"iter_(\d+)\.pth")
+
+
+def history(run_dir: Path) -> list[Path]:
+    """The run's earlier checkpoints (``iter_N.pth``, kept by ``train.keep_checkpoints``), newest first."""
+    found = [(int(m.group(1)), p) for p in run_dir.glob("iter_*.pth") if (m := HISTORY.fullmatch(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def keep_history(run_dir: Path, saved_iteration: int | None, iteration: int, keep: int) -> None:
+    """Before ``last.pth`` is replaced by the checkpoint of ``iteration``: keep the one it holds (of
+    ``saved_iteration``) as ``iter_N.pth`` (a hard link, no copy: the new ``last.pth`` is a new file) and delete
+    all but the newest ``keep - 1`` of them."""
+    last = run_dir / "last.pth"
+    if keep > 1 and saved_iteration is not None and saved_iteration != iteration and last.is_file():
+        target = run_dir / f"iter_{saved_iteration:08d}.pth"
+        if not target.exists():
+            try:
+                os.link(last, target)
+            except OSError:  # a file system without hard links: copy
+                import shutil
+
+                shutil.copyfile(last, target)
+    for old in history(run_dir)[max(keep - 1, 0):]:
+        old.unlink(missing_ok=True)
+
+
 def read_resume(resume: str | Path | None, run_dir: Path) -> dict | None:
-    """The checkpoint dict to resume from (with its ``path``), or None to start fresh."""
+    """The checkpoint dict to resume from (with its ``path``), or None to start fresh.
+
+    ``"auto"``: ``run_dir/last.pth``, or, if it is damaged, the newest intact ``iter_N.pth``; the dict's
+    ``fallback`` lists what was skipped and why. A run folder whose every checkpoint is damaged is an error,
+    never a silent fresh start.
+    """
     if resume is None:
         return None
-    path = run_dir / "last.pth" if str(resume) == "auto" else Path(resume)
-    if str(resume) == "auto" and not path.is_file():
-        return None
-    ckpt = read(path)
+    if str(resume) != "auto":
+        return _training_state(read(Path(resume)), Path(resume))
+    candidates = [p for p in [run_dir / "last.pth", *history(run_dir)] if p.is_file()]
+    skipped = []
+    for path in candidates:
+        try:
+            ckpt = _training_state(read(path), path)
+        except CheckpointError as exc:
+            skipped.append(str(exc))
+            continue
+        ckpt["fallback"] = skipped
+        return ckpt
+    if skipped:
+        raise CheckpointError(f"--resume auto: no intact checkpoint in {run_dir}: {'; '.join(skipped)}; start the "
+                              "run again with --overwrite")
+    return None
+
+
+def _training_state(ckpt: dict, path: Path) -> dict:
     missing = [k for k in ("optimizer", "scheduler", "iteration", "rng") if k not in ckpt]
     if missing:
         raise CheckpointError(

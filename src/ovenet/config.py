@@ -151,6 +151,8 @@ class TrainConfig:
     deterministic: bool = False
     grad_clip: float | None = None
     ckpt_every: int = 1000  # iterations between `last` checkpoints
+    keep_checkpoints: int = 2  # last.pth and the k-1 before it (iter_N.pth): a damaged last.pth falls back
+    dist_timeout: float = 600.0  # seconds a rank waits for the others in a collective before it gives up
     val_every: int = 0  # iterations between validations (0: once per epoch, or at the end for iters runs)
     log_every: int = 20
     bad_sample: Literal["stop", "skip"] = "stop"  # when a training sample cannot be read
@@ -203,6 +205,8 @@ def _check_ranges(cfg: Config) -> None:
          f"'{cfg.model.head}' does not go with model.backbone {backbone} (hrnetv2: fcn or ocr; others: fcn or coarse)")
     need(cfg.train.lr > 0, "train.lr", f"must be > 0, got {cfg.train.lr}")
     need(cfg.train.batch_size >= 1, "train.batch_size", "must be >= 1")
+    need(cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1 (last.pth counts)")
+    need(cfg.train.dist_timeout > 0, "train.dist_timeout", "must be > 0 seconds")
     for key in ("train.ckpt_every", "train.log_every"):
         need(flat[key] >= 1, key, f"must be >= 1 (iterations between them), got {flat[key]}")
     need(cfg.train.val_every >= 0, "train.val_every", "must be >= 0 (0: once per epoch, or at the end)")

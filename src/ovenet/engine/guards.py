@@ -33,12 +33,20 @@ from ..errors import CheckpointError, ConfigError, OvenetError
 from . import distributed as D
 
 RUN_CHECKPOINTS = ("last.pth", "best.pth")
+
+
+def run_checkpoints(run_dir: Path) -> list[Path]:
+    """The checkpoints a run wrote in ``run_dir``: last.pth, best.pth and the kept iter_N.pth."""
+    from ..checkpoint import history
+
+    return [p for p in (run_dir / name for name in RUN_CHECKPOINTS) if p.is_file()] + history(run_dir)
 # Config keys a resumed run may change: its length, logging, checkpoint/validation cadence, device, loader workers,
 # speed options and the evaluation defaults. Every other key (model, data, loss, optimiser, schedule shape, seed)
 # shaped the weights in the checkpoint, so changing it would make config.yaml describe weights it did not train.
 RESUMABLE_KEYS = frozenset({
     "name", "output_dir", "device", "data.num_workers",
     "train.iters", "train.epochs", "train.log_every", "train.ckpt_every", "train.val_every", "train.tensorboard",
+    "train.keep_checkpoints", "train.dist_timeout",
     "train.bad_sample", "train.compile", "train.channels_last", "train.deterministic",
     "train.activation_checkpointing", "loss.chunked",  # memory levers: same numbers, so a run can resume with them
     "eval.mode", "eval.crop_size", "eval.stride", "eval.scales", "eval.flip", "eval.boundary_width",
@@ -126,6 +134,39 @@ class StopSignals:
         self._previous.clear()
 
 
+class DeferredWorkerCheck:
+    """Holds back torch's SIGCHLD handler during a training step: on a DataLoader worker's death it raises at
+    whatever line runs (possibly inside ``optimizer.step()``, leaving half-updated weights). Inside ``with`` a
+    SIGCHLD is only noted; :meth:`raise_pending` runs torch's handler where the loop is between two steps, so
+    the failure is reported there and the checkpoint written is of a whole step."""
+
+    def __init__(self) -> None:
+        self.pending = False
+        self._torch_handler: Any = None
+
+    def __enter__(self) -> DeferredWorkerCheck:  # noqa: PYI034
+        handler = signal.getsignal(signal.SIGCHLD) if hasattr(signal, "SIGCHLD") else None
+        if callable(handler) and threading.current_thread() is threading.main_thread():
+            self._torch_handler = handler
+            signal.signal(signal.SIGCHLD, self._note)
+        return self
+
+    def _note(self, signum: int, frame: Any) -> None:
+        self.pending = True
+
+    def __exit__(self, *exc: object) -> None:
+        if self._torch_handler is not None:
+            signal.signal(signal.SIGCHLD, self._torch_handler)
+
+    def raise_pending(self) -> None:
+        """Run the held-back handler now (it raises RuntimeError if a DataLoader worker died)."""
+        if self.pending:
+            self.pending = False
+            handler = signal.getsignal(signal.SIGCHLD)
+            if callable(handler):
+                handler(signal.SIGCHLD, None)
+
+
 class StopRequest:
     """A stop asked from inside the program (a time budget, a test), not by a signal: the loop finishes its
     step, saves ``last.pth`` and :func:`train` returns normally, printing no signal message. :meth:`request` may
@@ -172,7 +213,7 @@ def check_run_folder(run_dir: Path, resume: str | Path | None, ckpt: dict | None
     would overwrite them (and a stale ``best.pth`` would outlive the new run); a folder without checkpoints
     (e.g. a start that failed early) is fine.
     """
-    held = [name for name in RUN_CHECKPOINTS if (run_dir / name).is_file()]
+    held = [p.name for p in run_checkpoints(run_dir)]
     if not held or overwrite or resumes_own_run(run_dir, ckpt):
         return
     if ckpt is not None:

@@ -16,8 +16,10 @@ iteration and per-rank RNG states, and the data order and augmentation are pure 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import random
+import re
 import shutil
 import signal
 import time
@@ -46,7 +48,7 @@ from ..threads import take_note
 from ..weights import load_initial_weights
 from . import distributed as D
 from .guards import (
-    RUN_CHECKPOINTS,
+    DeferredWorkerCheck,
     NonFiniteWatch,
     StopRequest,
     StopSignals,
@@ -57,8 +59,17 @@ from .guards import (
     prepare_run_dir,
     resume_changes,
     resumes_own_run,
+    run_checkpoints,
 )
-from .logging import TensorBoard, close_logger, format_seconds, progress_bar, setup_logger, visualise_sample
+from .logging import (
+    LOGGER_NAME,
+    TensorBoard,
+    close_logger,
+    format_seconds,
+    progress_bar,
+    setup_logger,
+    visualise_sample,
+)
 from .optim import build_optimizer, build_scheduler
 from .step import train_step, validate
 
@@ -81,15 +92,41 @@ def train(
     then saves ``last.pth`` and returns normally.
     """
     run_dir = Path(run_dir) if run_dir is not None else Path(cfg.output_dir) / cfg.name
-    info = D.init_distributed(cfg.device)
+    info = D.init_distributed(cfg.device, cfg.train.dist_timeout)
     deterministic_before = torch.are_deterministic_algorithms_enabled()
     try:
         return _train(cfg, resume, run_dir, info, overwrite, stop)
+    except RuntimeError as exc:  # a peer died or hung: say so in one line, keep the checkpoint
+        if not (info.distributed and lost_peers(exc)):
+            raise
+        message = lost_peers_message(exc, info, run_dir, cfg.train.dist_timeout)
+        logging.getLogger(LOGGER_NAME).error(message)  # into train.log too (rank 0), beside what came before
+        raise OvenetError(message) from None
     finally:
         close_logger()
         if torch.are_deterministic_algorithms_enabled() != deterministic_before:  # leave the process as found
             torch.use_deterministic_algorithms(deterministic_before)
         D.cleanup(info)
+
+
+# What a collective raises when a peer is gone: DistError from the process group, a plain RuntimeError from gloo
+# inside DDP's backward hooks.
+LOST_PEER_MARKS = ("Connection closed by peer", "Connection reset by peer", "gloo/transport", "Timed out waiting",
+                   "NCCL communicator was aborted", "NCCL error")
+
+
+def lost_peers(exc: RuntimeError) -> bool:
+    return isinstance(exc, torch.distributed.DistError) or any(mark in str(exc) for mark in LOST_PEER_MARKS)
+
+
+def lost_peers_message(exc: Exception, info: D.DistInfo, run_dir: Path, timeout_s: float) -> str:
+    reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    reason = re.sub(r"^\[[^\]]*\]\s*", "", reason).split(". This is typically")[0]  # gloo's source path, advice
+    last = run_dir / "last.pth"
+    kept = f"{last} is kept" if last.is_file() else "no checkpoint had been written yet"
+    return (f"rank {info.rank}: lost the other processes of the run (a rank died, was killed or waited over "
+            f"train.dist_timeout={timeout_s:g} s: {reason[:200]}); {kept}; torchrun --max-restarts N restarts the "
+            "group from it, or rerun the same command with --resume auto")
 
 
 @dataclass
@@ -121,12 +158,17 @@ class Run:
     iteration: int = 0
     best_miou: float | None = None
     skipped: list[str] = field(default_factory=list)
+    saved_iteration: int | None = None  # the iteration last.pth holds
 
     def save(self, name: str, **extra: Any) -> None:
+        if name == "last.pth" and self.info.is_main:
+            checkpoint.keep_history(self.run_dir, self.saved_iteration, self.iteration, self.cfg.train.keep_checkpoints)
         write_checkpoint(self.run_dir / name, self.raw_model, self.cfg, self.info, self.device,
                          optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
                          scaler=self.scaler.state_dict(), epoch=self.iteration // self.iters_per_epoch,
                          iteration=self.iteration, best_miou=self.best_miou, skipped=list(self.skipped), **extra)
+        if name == "last.pth":
+            self.saved_iteration = self.iteration
 
 
 class LogWindow:
@@ -213,12 +255,12 @@ def train_loop(run: Run, stop: StopRequest | None = None) -> LoopEnd:
     """Train ``run`` from ``run.iteration`` to ``run.total_iters``: step, log, validate, checkpoint."""
     t, info, last = run.cfg.train, run.info, run.run_dir / "last.pth"
     run.model.train()
-    watch, window, end = NonFiniteWatch(run.device), LogWindow(), LoopEnd()
+    watch, window, end, workers = NonFiniteWatch(run.device), LogWindow(), LoopEnd(), DeferredWorkerCheck()
     batches = epoch_batches(run.loader, run.sampler, run.iteration, run.iters_per_epoch)
     with contextlib.closing(run.tb), StopSignals() as signals, \
             progress_bar(run.total_iters, run.iteration, info.is_main) as bar:
         while run.iteration < run.total_iters:
-            batch, end.data_problem = _next_batch(batches)
+            batch, end.data_problem = _next_batch(batches, workers)
             # Ranks agree before each step, so that they all stop at the same one (else DDP would hang).
             end.signal_seen, end.data_failed, end.stop_seen = D.any_rank(
                 info, signals.signum is not None, end.data_problem is not None, stop is not None and stop.requested)
@@ -226,8 +268,9 @@ def train_loop(run: Run, stop: StopRequest | None = None) -> LoopEnd:
                 end.signum = signals.signum
                 break
 
-            loss, terms = train_step(run.model, run.criterion, run.optimizer, batch, run.scaler, run.precision,
-                                     t.grad_clip, run.channels_last)
+            with workers:  # a dying loader worker is reported at the next batch, not halfway through this step
+                loss, terms = train_step(run.model, run.criterion, run.optimizer, batch, run.scaler, run.precision,
+                                         t.grad_clip, run.channels_last)
             run.scheduler.step()
             run.iteration += 1
             watch.update(loss, run.iteration)
@@ -267,6 +310,9 @@ def _finish(run: Run, end: LoopEnd, stop: StopRequest | None) -> Path:
         if end.data_problem is None:
             raise DataError(f"another process hit an unreadable training sample (see its error); progress is "
                             f"saved in {last}")
+        if isinstance(end.data_problem, LoaderDied):
+            raise DataError(f"rank {run.info.rank}: a data-loader worker died ({end.data_problem}; out of memory? "
+                            f"lower data.num_workers); progress is saved in {last}; resume with --resume auto")
         raise DataError(f"{end.data_problem}; progress is saved in {last}; fix or remove the file and resume with "
                         "--resume auto, or set train.bad_sample=skip")
     if end.signal_seen:
@@ -332,10 +378,7 @@ def setup(cfg: Config, resume: str | Path | None, run_dir: Path, info: D.DistInf
     # Output folder next: an unwritable one must fail before anything slow happens.
     on_main_rank(info, lambda: prepare_run_dir(run_dir))
     log = setup_logger(run_dir, info.is_main)
-    if resume is not None and ckpt is None:
-        log.info(f"--resume auto: no {run_dir / 'last.pth'} yet, starting from scratch")
-    for key, old, new in resume_diff:
-        log.info(f"resume changes {key}: {old} -> {new}")
+    _log_start(log, info, resume, ckpt, run_dir, resume_diff)
     tb = TensorBoard(run_dir / "tb", t.tensorboard and info.is_main, log)
 
     configure_determinism(t.deterministic)
@@ -412,6 +455,19 @@ def setup(cfg: Config, resume: str | Path | None, run_dir: Path, info: D.DistInf
     return run
 
 
+def _log_start(log: Any, info: D.DistInfo, resume: str | Path | None, ckpt: dict | None, run_dir: Path,
+               resume_diff: list) -> None:
+    if info.restart and info.is_main:
+        log.warning(f"torchrun restarted the group (restart {info.restart} of at most {info.max_restarts}, the most "
+                    "any node has counted) after a rank failed: every rank resumes from the last checkpoint")
+        if resume is None:
+            log.warning("this restart has no --resume auto: it cannot continue the run (add --resume auto)")
+    if resume is not None and ckpt is None:
+        log.info(f"--resume auto: no {run_dir / 'last.pth'} yet, starting from scratch")
+    for key, old, new in resume_diff:
+        log.info(f"resume changes {key}: {old} -> {new}")
+
+
 def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     random.seed(seed)
@@ -444,6 +500,10 @@ def _restore(run: Run, ckpt: dict) -> None:
     else:
         run.log.warning(f"checkpoint was written by {len(rngs)} processes, this run has {run.info.world_size}: "
                         "weights and schedule resume exactly, random streams do not")
+    for problem in ckpt.get("fallback", []):
+        run.log.warning(f"--resume auto skipped a damaged checkpoint: {problem}")
+    if Path(ckpt["path"]).name == "last.pth":
+        run.saved_iteration = run.iteration
     run.log.info(f"resumed from {ckpt['path']} at iteration {run.iteration}/{run.total_iters}")
 
 
@@ -451,7 +511,7 @@ def _start_writing(run: Run, ckpt: dict | None, overwrite: bool) -> None:
     """From here on the run writes: its config, after removing an overwritten run's checkpoints (a stale best.pth
     would otherwise outlive the new run)."""
     if overwrite and not resumes_own_run(run.run_dir, ckpt):
-        removed = [name for name in RUN_CHECKPOINTS if (run.run_dir / name).is_file()]
+        removed = [p.name for p in run_checkpoints(run.run_dir)]
         for name in removed:
             (run.run_dir / name).unlink()
         if removed:
@@ -495,11 +555,19 @@ def write_checkpoint(
         ) from None
 
 
-def _next_batch(stream: Iterator[dict]) -> tuple[dict | None, OvenetError | None]:
+class LoaderDied(DataError):
+    """A DataLoader worker process died (killed, out of memory, crashed in native code)."""
+
+
+def _next_batch(stream: Iterator[dict], workers: DeferredWorkerCheck) -> tuple[dict | None, OvenetError | None]:
     try:
+        workers.raise_pending()
         return next(stream), None
     except Exception as exc:
         problem = loader_error(exc)
+        if problem is None and isinstance(exc, RuntimeError) and "DataLoader worker" in str(exc):
+            # torch's message, e.g. "DataLoader worker (pid(s) 123) exited unexpectedly"
+            problem = LoaderDied(str(exc).strip().splitlines()[0].rstrip("."))
         if problem is None:
             raise
         return None, problem
