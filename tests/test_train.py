@@ -62,6 +62,7 @@ def tiny_config(*overrides: str) -> Config:
             "train.log_every=2",
             "train.ckpt_every=100",
             "train.tensorboard=false",
+            "train.report=false",  # tests/test_report.py covers it; elsewhere it would only add seconds
             *overrides,
         ],
     )

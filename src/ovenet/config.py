@@ -157,6 +157,7 @@ class TrainConfig:
     log_every: int = 20
     bad_sample: Literal["stop", "skip"] = "stop"  # when a training sample cannot be read
     tensorboard: bool = False  # TensorBoard scalars/images; needs `pip install ovenet[tensorboard]`
+    report: bool = True  # at the end, RUN_DIR/report/index.html (`ovenet report`) when matplotlib is installed
     activation_checkpointing: bool = False  # recompute HRNet modules in backward instead of keeping their activations
 
 

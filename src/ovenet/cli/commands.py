@@ -219,6 +219,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print_metrics(result)
     json_path, md_path = result_paths(args.out or Path(checkpoint).parent, result.get("split", args.split))
     print(f"wrote {json_path} and {md_path}")
+    if cfg.train.report and result.get("split", args.split) == "val":
+        from ovenet.report import report_if_possible
+
+        run_dir = Path(checkpoint).parent  # the curves are the training run's; the figures this evaluation's
+        print(report_if_possible(run_dir, out_dir=json_path.parent / "report", metrics_path=json_path,
+                                 data_root=args.data_root, device=str(device)))
     return 0
 
 
@@ -632,4 +638,31 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     device = str(resolve_device(args.device))  # the quickstart records it in its JSON summary
     run_quickstart(args.out, minutes=args.minutes, iters=args.iters, device=device, overwrite=args.overwrite,
                    overrides=args.overrides, threads=args.threads)
+    return 0
+
+
+def add_report_parser(command: AddCommand) -> None:
+    p = command(
+        "report", "an HTML page of a run: curves, per-class IoU, confusion matrix, val gallery",
+        "Write RUN_DIR/report/index.html and its PNGs: every loss term, the learning rate and val mIoU over the\n"
+        "iterations of train.log; per-class IoU (beside --compare's run); the row-normalised confusion matrix\n"
+        "(eval_val.json when `ovenet eval` wrote one there, else the last validation of training); val images with\n"
+        "ground truth, prediction, offsets and confidence. data.json holds every number plotted. Needs matplotlib:\n"
+        "pip install 'ovenet[report]'. train and eval write it at their end when matplotlib is installed.",
+        "  ovenet report runs/camvid_ovenet\n  ovenet report runs/camvid_ovenet --compare runs/camvid_baseline",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", type=Path, help="a folder `ovenet train` wrote")
+    p.add_argument("--compare", type=Path, metavar="RUN_DIR", help="a second run for the per-class bars")
+    p.add_argument("--gallery", type=int, default=4, metavar="N", help="val images in the gallery (0: none)")
+    p.add_argument("--data-root", help="where the val data is, if not where the run's config says")
+    p.add_argument("--out", type=Path, help="output folder (default RUN_DIR/report)")
+    add_device(p)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from ovenet.report import build_report
+
+    page = build_report(args.run_dir, args.out, compare=args.compare, gallery=args.gallery,
+                        data_root=args.data_root, device=str(resolve_device(args.device)))
+    print(f"wrote {page}")
     return 0

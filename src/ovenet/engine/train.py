@@ -16,6 +16,7 @@ iteration and per-rank RNG states, and the data order and augmentation are pure 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import random
@@ -235,9 +236,25 @@ def validate_and_save_best(run: Run) -> float:
                                   run.palette, run.ignore_index)
         for name, image in images.items():
             run.tb.image(f"val/{name}", image, run.iteration)
+    if run.info.is_main:  # the figures behind `ovenet report`'s per-class bars and confusion matrix
+        names = list(getattr(run.val_loader.dataset, "class_names", None) or [])
+        record = {"iteration": run.iteration, "class_names": names,
+                  **{k: metrics[k] for k in ("miou", "pixel_acc", "mean_acc", "iou", "confusion")}}
+        (run.run_dir / "val_last.json").write_text(json.dumps(_finite(record)) + "\n")
     if improved:
         run.save("best.pth", val_metrics={k: metrics[k] for k in ("miou", "pixel_acc", "mean_acc")})
     return time.perf_counter() - start
+
+
+def _finite(value: Any) -> Any:
+    """NaN (an IoU of a class in neither label nor prediction) -> null: strict JSON."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
 
 
 @dataclass
@@ -329,6 +346,10 @@ def _finish(run: Run, end: LoopEnd, stop: StopRequest | None) -> Path:
         return run.run_dir
     best = f", best val mIoU {100 * run.best_miou:.2f}" if run.best_miou is not None else ""
     run.log.info(f"training finished: {run.total_iters} iterations{best}; checkpoints in {run.run_dir}")
+    if run.cfg.train.report and run.info.is_main:
+        from ..report import report_if_possible
+
+        run.log.info(report_if_possible(run.run_dir, device=str(run.device)))
     return run.run_dir
 
 

@@ -124,6 +124,7 @@ class ConfusionMatrix:
         - ``pixel_acc``: correct / valid pixels.
         - ``per_class_acc``: ``tp / gt`` per class, NaN where the class has no ground-truth pixel.
         - ``mean_acc``: mean of ``per_class_acc`` over classes with ground-truth pixels.
+        - ``confusion``: the ``C x C`` pixel counts, row = ground truth, column = prediction.
         """
         table = self._table.detach().to("cpu", torch.float64)
         matrix = table[:, : self.num_classes]
@@ -142,6 +143,8 @@ class ConfusionMatrix:
             "pixel_acc": float(tp.sum()) / total if total > 0 else math.nan,
             "mean_acc": _nan_mean(per_class_acc),
             "per_class_acc": per_class_acc.tolist(),
+            # counts: row = ground-truth class, column = predicted class (invalid predictions left out)
+            "confusion": matrix.to(torch.int64).tolist(),
         }
 
     def state_dict(self) -> dict[str, Any]:
