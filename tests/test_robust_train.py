@@ -260,3 +260,37 @@ def test_bad_sample_skip_logs_the_file_and_finishes(tmp_path):
         f"skipped unreadable training sample: cannot decode image {broken}"
         in (run_dir / "train.log").read_text()
     )
+
+
+def _bad_val_label(root: Path) -> Path:
+    """The folder dataset with a sound training split and a validation label of the wrong size."""
+    _folder_dataset(root)
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(root / "train" / "images" / "img_3.png")
+    bad = root / "val" / "labels" / "img_1.png"
+    Image.fromarray(np.zeros((20, 32), np.uint8)).save(bad)
+    return bad
+
+
+def test_a_bad_validation_sample_in_a_worker_is_one_line_after_saving_the_work(tmp_path, capsys):
+    from ovenet.cli.main import main
+    from ovenet.config import save_config
+
+    bad = _bad_val_label(tmp_path / "data")
+    cfg = _folder_config(tmp_path / "data", "data.num_workers=2", "train.val_every=4", "train.ckpt_every=100")
+    save_config(cfg, tmp_path / "cfg.yaml")
+    assert main(["train", str(tmp_path / "cfg.yaml"), "--run-dir", str(tmp_path / "run"), "--device", "cpu"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ovenet: error:")]
+    assert len(err) == 1 and err[0].startswith("ovenet: error: validation: ")
+    assert str(bad) in err[0] and "DataLoader worker" not in err[0]
+    assert "progress is saved in" in err[0] and "train.bad_sample=skip" in err[0]
+    assert checkpoint.read(tmp_path / "run" / "last.pth")["iteration"] == 4  # the 4 iterations before it are kept
+
+
+def test_bad_sample_skip_covers_validation_and_reports_it(tmp_path):
+    bad = _bad_val_label(tmp_path / "data")
+    run_dir = train(_folder_config(tmp_path / "data", "data.num_workers=2", "train.val_every=4",
+                                   "train.bad_sample=skip"), run_dir=tmp_path / "run")
+    last = checkpoint.read(run_dir / "last.pth")
+    assert last["iteration"] == 8 and len(last["skipped"]) == 2 and all(str(bad) in s for s in last["skipped"])
+    log = (run_dir / "train.log").read_text()
+    assert log.count(f"skipped unreadable validation sample: image ") == 2 and "val iter 8" in log

@@ -155,7 +155,7 @@ class TrainConfig:
     dist_timeout: float = 600.0  # seconds a rank waits for the others in a collective before it gives up
     val_every: int = 0  # iterations between validations (0: once per epoch, or at the end for iters runs)
     log_every: int = 20
-    bad_sample: Literal["stop", "skip"] = "stop"  # when a training sample cannot be read
+    bad_sample: Literal["stop", "skip"] = "stop"  # when a training or validation sample cannot be read
     tensorboard: bool = False  # TensorBoard scalars/images; needs `pip install ovenet[tensorboard]`
     report: bool = True  # at the end, RUN_DIR/report/index.html (`ovenet report`) when matplotlib is installed
     activation_checkpointing: bool = False  # recompute HRNet modules in backward instead of keeping their activations

@@ -109,3 +109,23 @@ def build_train_loader(dataset: Dataset, batch_size: int, seed: int, bad_sample:
         )
     loader = _data_loader(train_set, batch_size, sampler, num_workers, pin_memory, drop_last=True, seed=seed + rank)
     return loader, sampler
+
+
+class SkipBadSamples(Dataset):
+    """An evaluation set whose unreadable samples (:class:`DataError`) become ``{"skipped": message}``, so that
+    validation during training goes on past them (``train.bad_sample=skip``) and reports them."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getattr__(self, name: str):
+        return getattr(self.__dict__["dataset"], name)
+
+    def __getitem__(self, index: int) -> dict:
+        try:
+            return self.dataset[index]
+        except DataError as exc:
+            return {"skipped": str(exc)}

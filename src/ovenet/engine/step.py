@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from ..data.training import loader_error
 from ..device import autocast
 from ..metrics import ConfusionMatrix
 from .logging import Progress
@@ -78,6 +79,8 @@ def validate(
     """Single-scale whole-image mIoU of ``logits_final`` upsampled to the label size (summed over ranks).
 
     Returns the metrics and, for visualisation, the first sample's prediction, label, offsets and confidence.
+    The metrics also list the samples skipped as unreadable (``skipped``) and, when a sample could not be read and
+    nothing skips it, the error (``problem``: validation stopped there; the caller saves and reports).
     ``progress``: a bar on a terminal (under training's), otherwise a line every few seconds through ``write``.
     """
     was_training = model.training
@@ -85,8 +88,23 @@ def validate(
     matrix = ConfusionMatrix(num_classes, ignore_index, device=device)
     first = None
     images_total = len(loader.sampler) if isinstance(loader, DataLoader) else None  # this rank's images
+    skipped: list[str] = []
+    problem = None
+    batches = iter(loader)
     with Progress(images_total, "val", enabled=progress, write=write, leave=False) as meter:
-        for batch in loader:
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            except Exception as exc:  # a bad sample (in any worker): stop here, the caller saves and reports
+                problem = loader_error(exc)
+                if problem is None:
+                    raise
+                break
+            if "image" not in batch:  # data.loader.SkipBadSamples stood in for an unreadable sample
+                skipped += list(batch["skipped"])
+                continue
             images, labels = batch_to_device(batch, device, channels_last)
             with autocast(device, precision):
                 output = model(images)
@@ -105,4 +123,4 @@ def validate(
             meter.update(images.shape[0])
     matrix.all_reduce()
     model.train(was_training)
-    return matrix.compute(), first
+    return {**matrix.compute(), "skipped": skipped, "problem": problem}, first

@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 from .. import checkpoint
 from ..config import Config, save_config
 from ..data import build_dataset, build_loader
-from ..data.loader import build_train_loader
+from ..data.loader import SkipBadSamples, build_train_loader
 from ..data.training import ResumableSampler, epoch_batches, loader_error
 from ..device import resolve_device
 from ..errors import ConfigError, DataError, OvenetError
@@ -223,6 +223,18 @@ def validate_and_save_best(run: Run) -> float:
     metrics, first = validate(run.raw_model, run.val_loader, run.cfg.model.num_classes, run.device, "fp32",
                               run.cfg.model.align_corners, run.ignore_index, run.channels_last,
                               progress=run.info.is_main, write=run.log.info)
+    if D.any_rank(run.info, metrics["problem"] is not None)[0]:  # every rank saves together, then stops
+        run.save("last.pth")
+        last = run.run_dir / "last.pth"
+        if metrics["problem"] is None:
+            raise DataError(f"another process hit an unreadable validation sample (see its error); progress is "
+                            f"saved in {last}")
+        raise DataError(f"validation: {metrics['problem']}; progress is saved in {last}; fix or remove the file and "
+                        "resume with --resume auto, or set train.bad_sample=skip (it skips bad samples in validation "
+                        "too)")
+    for failure in metrics["skipped"]:
+        run.log.warning(f"skipped unreadable validation sample: {failure}")
+        run.skipped.append(failure)
     improved = run.best_miou is None or metrics["miou"] > run.best_miou
     if improved:
         run.best_miou = metrics["miou"]
@@ -501,6 +513,8 @@ def _val_loader(cfg: Config, info: D.DistInfo, log: Any) -> Any:
         val_set = build_dataset(cfg.data, train=False, label_resolution=cfg.eval.label_resolution)
         if not getattr(val_set, "has_labels", True):
             raise DataError(f"the {cfg.data.val_split} split has no labels")
+        if cfg.train.bad_sample == "skip":
+            val_set = SkipBadSamples(val_set)
         return build_loader(val_set, 1, train=False, num_workers=min(cfg.data.num_workers, 2),
                             distributed=info.distributed, seed=cfg.train.seed)
     except DataError as exc:
