@@ -490,3 +490,45 @@ def test_predict_default_runtime_exports_once_and_only_when_it_pays(capsys, tiny
     # Same labels from either runtime.
     assert np.array_equal(np.asarray(Image.open(tmp_path / "cached" / "f00_labels.png")),
                           np.asarray(Image.open(tmp_path / "few" / "f00_labels.png")))
+
+
+def test_check_data_lists_every_kind_of_problem_in_one_run(capsys, tmp_path):
+    """The issue's copy: a missing label, a truncated JPEG, a text file named .jpg, a label with value 50 and a
+    label of the wrong size, all reported by one run (before, only the missing label was)."""
+    import io
+
+    root = tmp_path / "data"
+    for split in ("train", "val"):
+        (root / split / "images").mkdir(parents=True)
+        (root / split / "labels").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    good = np.zeros((8, 10), np.uint8)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (8, 10, 3), dtype=np.uint8)).save(root / "val" / "images" / f"im{i}.png")
+        Image.fromarray(good).save(root / "val" / "labels" / f"im{i}.png")
+    (root / "val" / "labels" / "im1.png").unlink()  # missing label
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)).save(buffer, format="JPEG")
+    (root / "val" / "images" / "im2.png").unlink()
+    (root / "val" / "images" / "im2.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])  # truncated
+    (root / "val" / "images" / "im3.png").unlink()
+    (root / "val" / "images" / "im3.jpg").write_text("not an image at all")  # text named .jpg
+    Image.fromarray(good + 50).save(root / "val" / "labels" / "im4.png")  # value 50 of 3 classes
+    Image.fromarray(np.zeros((5, 5), np.uint8)).save(root / "val" / "labels" / "im5.png")  # wrong size
+    for i in range(2):
+        Image.fromarray(np.zeros((8, 10, 3), np.uint8)).save(root / "train" / "images" / f"t{i}.png")
+    (root / "train" / "labels" / "t0.png").write_bytes(b"")  # an empty label in the other split
+    Image.fromarray(good).save(root / "train" / "labels" / "t1.png")
+    config = tmp_path / "folder.yaml"
+    config.write_text(yaml.safe_dump({
+        "_base_": "quickstart", "model": {"num_classes": 3},
+        "data": {"name": "folder", "root": str(root), "image_dir": "{split}/images", "label_dir": "{split}/labels",
+                 "num_classes": 3}}))
+    code, out, err = run(capsys, "check-data", str(config))
+    assert code == 2
+    assert_one_line_error(err, "6 problem(s)")
+    val = [line for line in out.splitlines() if line.startswith("[val]")]
+    for name in ("im1", "im2", "im3", "im4", "im5"):
+        assert sum(name in line for line in val[:-1]) == 1, (name, val)
+    assert any("t0" in line for line in out.splitlines() if line.startswith("[train]"))
+    assert not any("im0" in line for line in val[:-1])

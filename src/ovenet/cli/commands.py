@@ -483,13 +483,15 @@ def add_check_data_parser(command: AddCommand) -> None:
 def cmd_check_data(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, list(args.overrides) + ([f"data.root={args.data_root}"] if args.data_root else []))
     from ovenet.data import build_dataset, check_dataset
+    from ovenet.data.base import listing_every_problem
 
     splits = {"train": [cfg.data.train_split], "val": [cfg.data.val_split],
               "both": [cfg.data.train_split, cfg.data.val_split]}[args.split]
     problems_total = 0
     for split in dict.fromkeys(splits):  # train_split == val_split checks once
         try:
-            dataset = build_dataset(cfg.data, split, train=False)
+            with listing_every_problem():  # a missing label is listed with the rest, when its sample is read
+                dataset = build_dataset(cfg.data, split, train=False)
         except DataError as e:
             print(f"[{split}] {e}")
             problems_total += 1

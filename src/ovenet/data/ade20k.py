@@ -16,7 +16,7 @@ from ovenet.data.base import (
     Transform,
     describe_directory,
     generic_palette,
-    missing_label_error,
+    raise_if_missing,
 )
 from ovenet.data.transforms import EvalTransform, resize_label
 from ovenet.errors import DataError
@@ -80,8 +80,7 @@ class ADE20KDataset(SegmentationDataset):
             if not label.is_file():
                 missing.append((image, label))
             samples.append(SampleFiles(image.stem, image, label))
-        if missing:
-            raise missing_label_error(missing)
+        raise_if_missing(missing)
         super().__init__(samples, _ADE20K_TABLE, transform)
 
 

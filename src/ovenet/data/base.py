@@ -6,7 +6,9 @@ datasets report broken files with the same one-line :class:`~ovenet.errors.DataE
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,6 +149,25 @@ def describe_directory(path: Path, limit: int = 6) -> str:
     return f"{path} contains " + ", ".join(entries[:limit]) + more
 
 
+# check-data lists every problem of a split: there a missing label is one problem among others (its sample fails
+# to load later, named), not the end of the listing.
+_LIST_EVERY_PROBLEM: contextvars.ContextVar[bool] = contextvars.ContextVar("ovenet_list_every_problem", default=False)
+
+
+@contextlib.contextmanager
+def listing_every_problem() -> Iterator[None]:
+    token = _LIST_EVERY_PROBLEM.set(True)
+    try:
+        yield
+    finally:
+        _LIST_EVERY_PROBLEM.reset(token)
+
+
+def raise_if_missing(missing: Sequence[tuple[Path, Path]]) -> None:
+    if missing and not _LIST_EVERY_PROBLEM.get():
+        raise missing_label_error(missing)
+
+
 def missing_label_error(missing: Sequence[tuple[Path, Path]]) -> DataError:
     """One-line error for images without a label: the first one in full, the rest counted."""
     image, label = missing[0]
@@ -253,8 +274,7 @@ def pairs_to_samples(pairs: list[tuple[Path, Path | None]], name_root: Path) -> 
         except ValueError:
             name = image.stem
         samples.append(SampleFiles(name, image, label))
-    if missing:
-        raise missing_label_error(missing)
+    raise_if_missing(missing)
     return samples
 
 

@@ -18,7 +18,7 @@ from ovenet.data.base import (
     Transform,
     check_same_size,
     describe_directory,
-    missing_label_error,
+    raise_if_missing,
     read_label_map,
     to_numpy,
 )
@@ -149,8 +149,7 @@ class CityscapesDataset(_CityscapesIds):
                         if not instance.is_file():
                             missing.append((image, instance))
                 samples.append(SampleFiles(f"{city}/{stem}", image, label, instance))
-        if missing:
-            raise missing_label_error(missing)
+        raise_if_missing(missing)
         super().__init__(samples, _CITYSCAPES_TABLE, transform)
 
     def _load_extras(self, files: SampleFiles, raw_label: np.ndarray, sample: dict) -> None:
@@ -209,6 +208,5 @@ class ACDCDataset(_CityscapesIds):
                     samples.append(
                         SampleFiles(f"{condition}/{sequence}/{stem}", image, label, condition=condition)
                     )
-        if missing:
-            raise missing_label_error(missing)
+        raise_if_missing(missing)
         super().__init__(samples, _CITYSCAPES_TABLE, transform)

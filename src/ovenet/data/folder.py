@@ -13,7 +13,7 @@ from ovenet.data.base import (
     Transform,
     describe_directory,
     generic_palette,
-    missing_label_error,
+    raise_if_missing,
     pairs_to_samples,
     read_pair_list,
 )
@@ -93,8 +93,7 @@ class FolderDataset(_UserDataset):
                 if not label.is_file():
                     missing.append((image, label))
             samples.append(SampleFiles(relative, image, label))
-        if missing:
-            raise missing_label_error(missing)
+        raise_if_missing(missing)
         super().__init__(samples, make_label_table(self.num_classes, label_map), transform)
 
 
