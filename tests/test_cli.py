@@ -22,7 +22,8 @@ from ovenet.models import build_model
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 FIXTURE = SHARED / "fixtures" / "official_ovenet_ocr_tiny.pt"
 # A tiny synthetic setup: 2 validation scenes of 48x64.
-TINY = ["data.num_samples=8", "data.image_size=[48,64]", "data.crop_size=[48,64]", "eval.crop_size=[48,64]"]
+TINY = ["data.num_samples=8", "data.image_size=[48,64]", "data.crop_size=[48,64]", "eval.crop_size=[48,64]",
+        "train.report=false"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

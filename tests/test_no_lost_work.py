@@ -25,7 +25,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 tiny_checkpoint = test_cli.tiny_checkpoint  # the module-scoped fixture, shared
 
 # The quickstart model on 8 synthetic 48x64 scenes: 4 iterations per epoch, about a second per short run.
-TRAIN = ["train", "quickstart", *TINY, "train.batch_size=2", "train.log_every=1", "--device", "cpu"]
+TRAIN = ["train", "quickstart", *TINY, "train.batch_size=2", "train.log_every=1", "train.report=false", "--device",
+         "cpu"]
 
 
 def assert_ends_with_error(err: str, *fragments: str) -> None:
@@ -61,14 +62,24 @@ def test_train_refuses_a_folder_that_holds_a_run_unless_resume_or_overwrite(caps
     assert code == 2 and "not allowed with argument" in err
     assert snapshot(run_dir) == before
 
-    # --overwrite starts again from iteration 0: new checkpoints, new config.
+    # --overwrite starts again from iteration 0: new checkpoints, new config, nothing of the old run beside them.
+    (run_dir / "eval_val.json").write_text('{"miou": 0.0933}')
+    (run_dir / "eval_val.md").write_text("mIoU 9.33")
+    (run_dir / "best.onnx").write_bytes(b"old export")
+    (run_dir / "report").mkdir()
+    (run_dir / "report" / "index.html").write_text("old page")
+    old_log = (run_dir / "train.log").read_text()
     code, _, err = run(capsys, *TRAIN, "train.iters=3", "--run-dir", str(run_dir), "--overwrite")
     assert code == 0, err
     last = checkpoint.read(run_dir / "last.pth")
     assert last["iteration"] == 3 and last["config"]["train"]["iters"] == 3
     assert checkpoint.read(run_dir / "best.pth")["config"]["train"]["iters"] == 3
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["iters"] == 3
-    assert "--overwrite: removed the previous run's last.pth, best.pth" in (run_dir / "train.log").read_text()
+    log = (run_dir / "train.log").read_text()
+    assert "--overwrite: removed the previous run's last.pth, best.pth" in log
+    assert "training finished: 2 iterations" in old_log and "training finished: 2 iterations" not in log
+    for stale in ("eval_val.json", "eval_val.md", "best.onnx", "report"):
+        assert not (run_dir / stale).exists(), stale
 
 
 def test_train_into_a_folder_without_checkpoints_starts(capsys, tmp_path):

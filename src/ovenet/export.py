@@ -141,6 +141,11 @@ def export_onnx(
     OVeNet. The model is exported on the CPU in eval mode; its own mode and device are left as they were.
     """
     out_path = Path(out_path)
+    try:
+        import onnx  # noqa: F401  (torch.onnx.export writes the file with it)
+    except ImportError:
+        raise OvenetError("ONNX export needs the onnx package, which is not installed: pip install 'ovenet[export]' "
+                          "(or --format torch-export, which needs nothing more)") from None
     if opset < MIN_OPSET:
         raise OvenetError(f"ONNX opset {opset} is too old: the model needs opset >= {MIN_OPSET} (integer Clip in "
                           f"the seed sampler); use --opset 17")
@@ -180,7 +185,7 @@ def onnx_max_abs_diff(onnx_path: str | Path, model: nn.Module, image: Tensor,
     try:
         import onnxruntime as ort
     except ImportError:
-        raise OvenetError("checking an ONNX export needs onnxruntime: pip install onnxruntime") from None
+        raise OvenetError("checking an ONNX export needs onnxruntime: pip install 'ovenet[export]'") from None
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     got = session.run(None, {"image": image.detach().cpu().float().numpy()})
@@ -248,7 +253,7 @@ class OnnxRuntimeModel(nn.Module):
         try:
             import onnxruntime as ort
         except ImportError:
-            raise OvenetError("--runtime onnxruntime needs onnxruntime: pip install onnxruntime") from None
+            raise OvenetError("--runtime onnxruntime needs onnxruntime: pip install 'ovenet[export]'") from None
         self.source = model.eval()  # kept for its weights' identity (predict records it) and its settings
         self.config = getattr(model, "config", None)
         self.num_classes = getattr(model, "num_classes", None)

@@ -115,8 +115,8 @@ def add_train_parser(command: AddCommand) -> None:
         "Under torchrun every process runs this same command; the engine reads the distributed environment.",
         "  ovenet train camvid_hrnetv2_w18s_ovenet data.root=data/CamVid\n"
         "  ovenet train cityscapes_hrnetv2_w48_ocr_ovenet train.batch_size=2 model.offset.tau=0.2\n"
-        "  ovenet train my_config.yaml --resume auto            # continue the run's last checkpoint\n"
-        "  ovenet train my_config.yaml --resume auto train.iters=120000   # train a finished run longer\n"
+        "  ovenet train runs/my_run --resume auto               # continue a run: its folder knows its config\n"
+        "  ovenet train runs/my_run --resume auto train.iters=120000   # train a finished run longer\n"
         "  torchrun --nproc_per_node 4 -m ovenet.cli train cityscapes_hrnetv2_w48_ovenet\n"
         "\n"
         "train refuses a run folder that holds checkpoints (last.pth, best.pth): continue that run with --resume\n"
@@ -145,6 +145,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides.append(f"data.root={args.data_root}")
     if args.deterministic:
         overrides.append("train.deterministic=true")
+    if Path(args.config).is_dir():  # a run folder: it knows its config (`ovenet train RUN_DIR --resume auto`)
+        folder = Path(args.config)
+        if not (folder / "config.yaml").is_file():
+            raise OvenetError(f"{folder} is a folder without config.yaml; give a config, or the folder of a run "
+                              "that `ovenet train` wrote")
+        args.config = str(folder / "config.yaml")
+        args.run_dir = args.run_dir or folder
     cfg = load_config(args.config, overrides)
     args.loaded_config = cfg  # for the out-of-memory message
     configure_threads(resolve_device(cfg.device), args.threads)
@@ -252,7 +259,7 @@ def _predict_runtime(requested: str, device: Any, precision: str | None, model: 
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
-        return "torch", "onnxruntime is not installed (pip install onnxruntime: 1.5x faster per image on the CPU)"
+        return "torch", "onnxruntime is not installed (pip install 'ovenet[export]': 1.5x faster per image on the CPU)"
     from ovenet.export import cached_onnx_path
 
     cached = cached_onnx_path(model).is_file()

@@ -46,7 +46,7 @@ def run_checkpoints(run_dir: Path) -> list[Path]:
 RESUMABLE_KEYS = frozenset({
     "name", "output_dir", "device", "data.num_workers",
     "train.iters", "train.epochs", "train.log_every", "train.ckpt_every", "train.val_every", "train.tensorboard",
-    "train.keep_checkpoints", "train.dist_timeout", "train.report",
+    "train.keep_checkpoints", "train.dist_timeout", "train.report", "train.amp",
     "train.bad_sample", "train.compile", "train.channels_last", "train.deterministic",
     "train.activation_checkpointing", "loss.chunked",  # memory levers: same numbers, so a run can resume with them
     "eval.mode", "eval.crop_size", "eval.stride", "eval.scales", "eval.flip", "eval.boundary_width",

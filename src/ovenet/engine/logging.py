@@ -79,6 +79,30 @@ def progress_bar(total: int | None, initial: int, enabled: bool, desc: str = "tr
 PROGRESS_EVERY = 10.0  # seconds between progress lines when stderr is not a terminal
 
 
+class TrainingProgressLines:
+    """Off a terminal (a log file, a CI job): a line every :data:`PROGRESS_EVERY` seconds of training between the
+    ``log_every`` lines, with the rate and the ETA, such as ``progress: iteration 12/4400, 0.41 it/s, eta 2:58:30``.
+    Counts and the clock only: no host sync."""
+
+    def __init__(self, write: Callable[[str], None], total: int, initial: int, enabled: bool):
+        self.write, self.total, self.initial = write, total, initial
+        self.enabled = enabled and not sys.stderr.isatty()
+        self.start = self.last = time.perf_counter()
+
+    def step(self, iteration: int) -> None:
+        now = time.perf_counter()
+        if not self.enabled or now - self.last < PROGRESS_EVERY:
+            return
+        self.last = now
+        rate = (iteration - self.initial) / max(now - self.start, 1e-9)
+        eta = format_seconds((self.total - iteration) / max(rate, 1e-9))
+        self.write(f"progress: iteration {iteration}/{self.total}, {rate:.2f} it/s, eta {eta}")
+
+    def exclude(self, seconds: float) -> None:
+        self.start += seconds  # validation time is not training speed
+        self.last = time.perf_counter()
+
+
 def _stderr_line(text: str) -> None:
     tqdm.write(text, file=sys.stderr)  # around any bar on the screen
 

@@ -16,8 +16,10 @@ iteration and per-rank RNG states, and the data order and augmentation are pure 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -65,6 +67,7 @@ from .guards import (
 from .logging import (
     LOGGER_NAME,
     TensorBoard,
+    TrainingProgressLines,
     close_logger,
     format_seconds,
     progress_bar,
@@ -260,7 +263,7 @@ def validate_and_save_best(run: Run) -> float:
 
 def _finite(value: Any) -> Any:
     """NaN (an IoU of a class in neither label nor prediction) -> null: strict JSON."""
-    if isinstance(value, float) and value != value:
+    if isinstance(value, float) and math.isnan(value):
         return None
     if isinstance(value, dict):
         return {k: _finite(v) for k, v in value.items()}
@@ -286,6 +289,7 @@ def train_loop(run: Run, stop: StopRequest | None = None) -> LoopEnd:
     run.model.train()
     watch, window, end, workers = NonFiniteWatch(run.device), LogWindow(), LoopEnd(), DeferredWorkerCheck()
     batches = epoch_batches(run.loader, run.sampler, run.iteration, run.iters_per_epoch)
+    lines = TrainingProgressLines(run.log.info, run.total_iters, run.iteration, info.is_main)
     with contextlib.closing(run.tb), StopSignals() as signals, \
             progress_bar(run.total_iters, run.iteration, info.is_main) as bar:
         while run.iteration < run.total_iters:
@@ -305,6 +309,7 @@ def train_loop(run: Run, stop: StopRequest | None = None) -> LoopEnd:
             watch.update(loss, run.iteration)
             window.add(terms)
             bar.update(1)
+            lines.step(run.iteration)
             _log_skipped(run, batch)
 
             finished = run.iteration == run.total_iters
@@ -313,7 +318,9 @@ def train_loop(run: Run, stop: StopRequest | None = None) -> LoopEnd:
                 window.report(run, bar)
             if validation_due(run):
                 watch.check(info, last)
-                window.exclude(validate_and_save_best(run))
+                seconds = validate_and_save_best(run)
+                window.exclude(seconds)
+                lines.exclude(seconds)
                 bar.unpause()
             if run.iteration % t.ckpt_every == 0 or finished:
                 watch.check(info, last)
@@ -397,7 +404,8 @@ def setup(cfg: Config, resume: str | Path | None, run_dir: Path, info: D.DistInf
     t = cfg.train
     device = resolve_device(cfg.device, info.local_rank)
     on_cuda = device.type == "cuda"
-    precision = t.amp if on_cuda else "fp32"  # the CPU trains in fp32
+    cfg, precision = _recorded_precision(cfg, on_cuda)
+    t = cfg.train
     # On the CPU too: the CamVid pilot's step ran 1.15x faster at one thread, and only float rounding changes
     # (benchmarks/RESULTS.md, "CPU speed"; tests/test_cpu_defaults.py).
     channels_last = t.channels_last
@@ -410,6 +418,7 @@ def setup(cfg: Config, resume: str | Path | None, run_dir: Path, info: D.DistInf
 
     # Output folder next: an unwritable one must fail before anything slow happens.
     on_main_rank(info, lambda: prepare_run_dir(run_dir))
+    log_start = (run_dir / "train.log").stat().st_size if (run_dir / "train.log").is_file() else 0
     log = setup_logger(run_dir, info.is_main)
     _log_start(log, info, resume, ckpt, run_dir, resume_diff)
     tb = TensorBoard(run_dir / "tb", t.tensorboard and info.is_main, log)
@@ -484,8 +493,18 @@ def setup(cfg: Config, resume: str | Path | None, run_dir: Path, info: D.DistInf
     threads_note = take_note()  # the CLI's CPU thread choice (ovenet.threads), here and in train.log
     if threads_note:
         log.info(threads_note)
-    on_main_rank(info, lambda: _start_writing(run, ckpt, overwrite))
+    on_main_rank(info, lambda: _start_writing(run, ckpt, overwrite, log_start))
     return run
+
+
+def _recorded_precision(cfg: Config, on_cuda: bool) -> tuple[Config, str]:
+    """The autocast precision of the step (the CPU trains in fp32), and the config that records it: config.yaml
+    and the checkpoints say what ran, not what a GPU would have run."""
+    precision = cfg.train.amp if on_cuda else "fp32"
+    if precision != cfg.train.amp:
+        cfg = copy.deepcopy(cfg)
+        cfg.train.amp = precision
+    return cfg, precision
 
 
 def _log_start(log: Any, info: D.DistInfo, resume: str | Path | None, ckpt: dict | None, run_dir: Path,
@@ -542,15 +561,24 @@ def _restore(run: Run, ckpt: dict) -> None:
     run.log.info(f"resumed from {ckpt['path']} at iteration {run.iteration}/{run.total_iters}")
 
 
-def _start_writing(run: Run, ckpt: dict | None, overwrite: bool) -> None:
-    """From here on the run writes: its config, after removing an overwritten run's checkpoints (a stale best.pth
-    would otherwise outlive the new run)."""
+# What else a run folder collects besides checkpoints: results of eval, exports, the report. --overwrite removes them
+# too, so that nothing of the old run sits beside the new one's weights.
+STALE_OUTPUTS = ("eval_*.json", "eval_*.md", "*.onnx", "*.pt2", "val_last.json", "report")
+
+
+def _start_writing(run: Run, ckpt: dict | None, overwrite: bool, log_start: int = 0) -> None:
+    """From here on the run writes: its config, after removing everything an overwritten run wrote (a stale
+    best.pth or eval_val.json would otherwise outlive the new run) and the old run's lines of train.log."""
     if overwrite and not resumes_own_run(run.run_dir, ckpt):
-        removed = [p.name for p in run_checkpoints(run.run_dir)]
-        for name in removed:
-            (run.run_dir / name).unlink()
-        if removed:
-            run.log.info(f"--overwrite: removed the previous run's {', '.join(removed)} from {run.run_dir}")
+        old = run_checkpoints(run.run_dir) + [p for pattern in STALE_OUTPUTS for p in run.run_dir.glob(pattern)]
+        for path in old:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        log = run.run_dir / "train.log"
+        if log_start and log.is_file():  # the handler appends: the file may shrink under it
+            log.write_bytes(log.read_bytes()[log_start:])
+        if old:
+            run.log.info(f"--overwrite: removed the previous run's {', '.join(p.name for p in old)} and its "
+                         f"log lines from {run.run_dir}")
     save_config(run.cfg, run.run_dir / "config.yaml")
 
 
