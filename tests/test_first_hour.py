@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 
+import pytest
 import yaml
 from test_cli import TINY, assert_one_line_error, run
 
@@ -57,3 +58,40 @@ def test_config_yaml_records_the_precision_that_ran(capsys, tmp_path):
     assert code == 0, err
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train"]["amp"] == "fp32"
     assert checkpoint.read(tmp_path / "run" / "last.pth")["config"]["train"]["amp"] == "fp32"
+
+
+def test_the_onnx_file_carries_what_a_program_needs_and_info_reads_it(capsys, tmp_path):
+    import json
+
+    pytest.importorskip("onnx")
+    code, _, err = run(capsys, *TRAIN, "train.iters=1", "--run-dir", str(tmp_path / "run"))
+    assert code == 0, err
+    onnx_path = tmp_path / "m.onnx"
+    code, _, err = run(capsys, "export", str(tmp_path / "run" / "last.pth"), "--out", str(onnx_path))
+    assert code == 0, err
+    from ovenet.export import read_onnx_metadata
+
+    meta = read_onnx_metadata(onnx_path)
+    assert json.loads(meta["class_names"]) == ["sky", "building", "road", "sidewalk", "vegetation", "pole", "car",
+                                               "person"]
+    assert json.loads(meta["mean"]) == [0.485, 0.456, 0.406] and json.loads(meta["std"]) == [0.229, 0.224, 0.225]
+    assert json.loads(meta["offset_head"])["tau"] == 0.5 and json.loads(meta["outputs"])[0] == "logits"
+    assert len(json.loads(meta["palette"])) == int(meta["num_classes"]) == 8
+    code, out, err = run(capsys, "info", str(onnx_path))
+    assert code == 0, err
+    assert "class_names: [\"sky\"" in out and "producer: ovenet" in out
+    (tmp_path / "bad.onnx").write_text("not onnx")
+    code, _, err = run(capsys, "info", str(tmp_path / "bad.onnx"))
+    assert code == 2
+    assert_one_line_error(err, "is not an ONNX file")
+
+
+def test_small_mistakes_say_the_fix(capsys, tmp_path):
+    code, _, err = run(capsys, "train", "quickstart", "iters=40")
+    assert code == 2
+    assert_one_line_error(err, "unknown config key 'iters'", "did you mean 'train.iters'?")
+    for command in (["check-data", "quickstart"], ["train", "quickstart"]):
+        code, _, err = run(capsys, *command, "--data-root", str(tmp_path / "nowhere"))
+        assert code == 2
+        assert_one_line_error(err, f"--data-root {tmp_path / 'nowhere'} does not exist")
+    assert not (tmp_path / "nowhere").exists()

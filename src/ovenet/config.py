@@ -273,7 +273,14 @@ def _build(cls: type, data: dict, path: str = "") -> Any:
         full = f"{path}{key}"
         if key not in hints:
             near = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"; did you mean '{path}{near[0]}'?" if near else f"; valid keys: {', '.join(names)}"
+            inside = [f"{path}{n}.{key}" for n in names if dataclasses.is_dataclass(hints[n])
+                      and key in {f.name for f in dataclasses.fields(hints[n])}]  # a bare `iters` -> train.iters
+            if inside:
+                hint = f"; did you mean '{inside[0]}'?"
+            elif near:
+                hint = f"; did you mean '{path}{near[0]}'?"
+            else:
+                hint = f"; valid keys: {', '.join(names)}"
             raise ConfigError(f"unknown config key '{full}'{hint}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):

@@ -176,7 +176,62 @@ def export_onnx(
             )
     finally:
         model.to(device).train(was_training)
+    _write_metadata(out_path, model, outputs, full_resolution)
     return out_path
+
+
+def onnx_metadata(model: nn.Module, outputs: Sequence[str], full_resolution: bool) -> dict[str, str]:
+    """What a program needs to use the ONNX file without ovenet: input normalisation, classes, colours, the
+    offset head's settings and the output layout (``metadata_props``, all strings; lists and dicts as JSON)."""
+    from .data import dataset_info
+    from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    cfg = getattr(model, "config", None)
+    meta = {
+        "producer": "ovenet",
+        "input": "image: float32 Bx3xHxW RGB, (pixel / 255 - mean) / std",
+        "mean": json.dumps(list(IMAGENET_MEAN)),
+        "std": json.dumps(list(IMAGENET_STD)),
+        "outputs": json.dumps(list(outputs)),
+        "output_resolution": "input" if full_resolution else "about 1/4 of the input; upsample the logits bilinearly",
+        "layout": json.dumps({"logits": "Bx{C}xhxw class scores (argmax: labels)", "offsets": "Bx2xhxw (x, y) in "
+                              "normalised image coordinates, [-1, 1] spans the image", "confidence": "Bx1xhxw in [0, 1]",
+                              "initial": "Bx{C}xhxw S_i", "seed": "Bx{C}xhxw S_s"}),
+    }
+    if cfg is not None:
+        try:
+            _, names, palette = dataset_info(cfg.data.name, cfg.model.num_classes)
+        except Exception:  # a custom dataset without a table: the count is still known  # noqa: BLE001
+            names, palette = [f"class_{i}" for i in range(cfg.model.num_classes)], []
+        meta |= {"num_classes": str(cfg.model.num_classes), "class_names": json.dumps(names),
+                 "palette": json.dumps([list(c) for c in palette]), "dataset": cfg.data.name,
+                 "offset_head": json.dumps({"enabled": cfg.model.offset.enabled, "tau": cfg.model.offset.tau,
+                                            "sampling": cfg.model.offset.sampling}),
+                 "align_corners": str(cfg.model.align_corners).lower()}
+    return meta
+
+
+def _write_metadata(path: Path, model: nn.Module, outputs: Sequence[str], full_resolution: bool) -> None:
+    import onnx
+
+    graph = onnx.load(str(path))
+    for key, value in onnx_metadata(model, outputs, full_resolution).items():
+        entry = graph.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(graph, str(path))
+
+
+def read_onnx_metadata(path: str | Path) -> dict[str, str]:
+    """The ``metadata_props`` of an ONNX file (what :func:`onnx_metadata` wrote, for an ovenet export)."""
+    try:
+        import onnx
+    except ImportError:
+        raise OvenetError("reading an ONNX file needs the onnx package: pip install 'ovenet[export]'") from None
+    try:
+        graph = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001  (onnx raises DecodeError, OSError, ...)
+        raise OvenetError(f"'{path}' is not an ONNX file ({type(exc).__name__}); give a file `ovenet export` wrote") from None
+    return {p.key: p.value for p in graph.metadata_props}
 
 
 def onnx_max_abs_diff(onnx_path: str | Path, model: nn.Module, image: Tensor,

@@ -139,10 +139,16 @@ def add_train_parser(command: AddCommand) -> None:
                    help="deterministic algorithms where PyTorch has them (same as train.deterministic=true)")
 
 
+def existing_data_root(root: str) -> str:
+    if not Path(root).exists():
+        raise OvenetError(f"--data-root {root} does not exist; give the folder that holds the dataset")
+    return root
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + ([f"device={args.device}"] if args.device else [])
     if args.data_root:
-        overrides.append(f"data.root={args.data_root}")
+        overrides.append(f"data.root={existing_data_root(args.data_root)}")
     if args.deterministic:
         overrides.append("train.deterministic=true")
     if Path(args.config).is_dir():  # a run folder: it knows its config (`ovenet train RUN_DIR --resume auto`)
@@ -208,7 +214,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         check_output_folder(args.out, "--out")
     overrides += inference_overrides(args)
     if args.data_root:
-        overrides.append(f"data.root={args.data_root}")
+        overrides.append(f"data.root={existing_data_root(args.data_root)}")
     if args.device:
         overrides.append(f"device={args.device}")
     # The network comes from the checkpoint; model.* overrides change its inference options (e.g.
@@ -488,7 +494,8 @@ def add_check_data_parser(command: AddCommand) -> None:
 
 
 def cmd_check_data(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, list(args.overrides) + ([f"data.root={args.data_root}"] if args.data_root else []))
+    cfg = load_config(args.config, list(args.overrides)
+                      + ([f"data.root={existing_data_root(args.data_root)}"] if args.data_root else []))
     from ovenet.data import build_dataset, check_dataset
     from ovenet.data.base import listing_every_problem
 
@@ -562,14 +569,25 @@ def cmd_configs(args: argparse.Namespace) -> int:
 def add_info_parser(command: AddCommand) -> None:
     p = command(
         "info", "describe a checkpoint",
-        "Print a checkpoint's architecture, offset head settings, classes, parameter count and training state.",
-        "  ovenet info runs/cs/best.pth",
+        "Print a checkpoint's architecture, offset head settings, classes, parameter count and training state;\n"
+        "for an ONNX file, the metadata `ovenet export` wrote into it (normalisation, classes, palette, tau, outputs).",
+        "  ovenet info runs/cs/best.pth\n  ovenet info runs/cs/best.onnx",
     )
-    p.add_argument("checkpoint", metavar="CHECKPOINT", help="ovenet checkpoint (.pth)")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="ovenet checkpoint (.pth), or an ONNX file it exported")
 
 
 def cmd_info(args: argparse.Namespace) -> int:
     checkpoint = require_file(args.checkpoint)
+    if Path(checkpoint).suffix == ".onnx":  # an export: what it carries for programs that use it on their own
+        from ovenet.export import read_onnx_metadata
+
+        meta = read_onnx_metadata(checkpoint)
+        if meta.get("producer") != "ovenet":
+            raise OvenetError(f"{checkpoint} carries no ovenet metadata (exported elsewhere, or by an older ovenet); "
+                              "export it again with `ovenet export`")
+        for key, value in meta.items():
+            print(f"{key}: {value}")
+        return 0
     from ovenet import checkpoint as ckpt_io
     from ovenet.data import dataset_info
 

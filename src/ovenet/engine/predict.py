@@ -232,7 +232,7 @@ def predict_files(
                 meter.update()
         except DataError as e:
             if not skip_bad:
-                raise DataError(f"{e}; or pass --skip-bad (skip_bad=True) to skip unreadable inputs") from None
+                raise DataError(f"{e}; or pass --skip-bad to skip unreadable inputs") from None
             result.skipped.append((source, str(e)))
     meter.close()
     return result
