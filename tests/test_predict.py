@@ -147,7 +147,7 @@ def test_outputs_are_written_whole_or_not_at_all(model, tmp_path, monkeypatch):
 def test_skip_bad_reports_unreadable_inputs_and_predicts_the_rest(model, tmp_path):
     images = write_images(tmp_path / "in", [(24, 32), (24, 32)])
     images[0].write_bytes(b"\x89PNG corrupt")
-    with pytest.raises(DataError, match=r"cannot decode image .*img0.png.*skip_bad=True"):
+    with pytest.raises(DataError, match=r"cannot decode image .*img0.png.*pass --skip-bad to skip"):
         predict_files(model, [tmp_path / "in"], tmp_path / "out", save={"color"})
     result = predict_files(model, [tmp_path / "in"], tmp_path / "out", save={"color"}, skip_bad=True)
     assert [p.name for p in result] == ["img1_color.png"]

@@ -23,7 +23,13 @@ from stats import load_runs, paired_summary  # noqa: E402  (the CamVid study's t
 ARMS = {  # regime -> (baseline, OVeNet, zero-offset control)
     "pretrained": ("lite0_baseline", "lite0_ovenet", "lite0_zero_offset"),
     "scratch": ("lite0_scratch_baseline", "lite0_scratch_ovenet", "lite0_scratch_zero_offset"),
+    # the design question: logits from the stride-32 features only, the offset head reading strides 4-32
+    "pretrained, coarse logits": ("lite0_coarse_baseline", "lite0_coarse_ovenet", "lite0_coarse_zero_offset"),
 }
+# the cheap alternative to the branch: the offset head on the encoder's own features, against the paper's design
+SHARED = ("lite0_shared", (("shared encoder - OVeNet (branch)", "lite0_ovenet"),
+                           ("shared encoder - zero-offset control", "lite0_zero_offset"),
+                           ("shared encoder - baseline", "lite0_baseline")))
 CONFIGS = {"lite0_baseline": ("camvid_efficientnet_lite0", []), "lite0_ovenet": ("camvid_efficientnet_lite0_ovenet", [])}
 
 
@@ -105,6 +111,20 @@ def tables(runs: dict) -> tuple[str, dict]:
             if v in runs:
                 lines.append(f"| {v} | " + " | ".join(pct(p[1]) for p in _curve(runs, v)) + " |")
         lines.append("")
+    shared, comparisons = SHARED
+    if shared in runs:
+        summary["shared encoder"] = {}
+        lines += ["### pretrained, shared encoder (no branch)", "",
+                  "| comparison | val mIoU (points) | boundary mIoU (points) |", "|---|---:|---:|"]
+        for label, other in comparisons:
+            m = paired(runs, shared, other, lambda r: r["miou"])
+            bm = paired(runs, shared, other, lambda r: r["boundary_miou"])
+            summary["shared encoder"][label] = {"miou": m, "boundary_miou": bm}
+            lines.append(f"| {label} | {ci(m)} | {ci(bm)} |")
+        sf_si = paired_summary([r["analysis"]["final"]["miou"] - r["analysis"]["initial"]["miou"]
+                                for r in runs[shared].values() if r.get("analysis")])
+        summary["shared encoder"]["S_f - S_i"] = sf_si
+        lines += [f"| S_f - S_i within the shared-encoder OVeNet | {ci(sf_si)} | |", ""]
     return "\n".join(lines), summary
 
 
@@ -122,7 +142,7 @@ def plot(runs: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = plt.subplots(1, len(ARMS), figsize=(6 * len(ARMS), 4.5))
     for ax, (regime, arms) in zip(axes, ARMS.items()):
         for v, style in zip(arms, ("-", "-", "--")):
             for s, r in sorted(runs.get(v, {}).items()):
