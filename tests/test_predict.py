@@ -203,7 +203,30 @@ def test_video_frames_are_predicted(model, tmp_path):
         for packet in stream.encode():
             container.mux(packet)
     written = predict_files(model, [video], tmp_path / "out", save={"color"})
-    assert [p.name for p in written] == [f"clip_{i:06d}_color.png" for i in range(3)]
+    assert [p.name for p in written] == [f"clip_{i:06d}_color.png" for i in range(3)] + ["clip_color.mp4"]
     assert read(written[0]).shape == (48, 64, 3)
     again = predict_files(model, [video], tmp_path / "out", save={"color"})  # a rerun keeps every done frame
     assert list(again) == [] and again.already_done == 3
+
+
+def test_a_video_in_gives_an_overlay_video_out(model, tmp_path):
+    av = pytest.importorskip("av")
+    video = tmp_path / "clip.mp4"
+    with av.open(str(video), "w") as container:
+        stream = container.add_stream("mpeg4", rate=5)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(4):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 40 * i, np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    written = predict_files(model, [video], tmp_path / "out", save={"overlay"})
+    out = tmp_path / "out" / "clip" / "clip_overlay.mp4"
+    assert out in written
+    with av.open(str(out)) as container:
+        decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+        assert float(container.streams.video[0].average_rate) == 5.0
+    assert len(decoded) == 4 and decoded[0].shape == (48, 64, 3)
+    first = read(tmp_path / "out" / "clip" / "clip_000000_overlay.png").astype(float)
+    assert np.abs(decoded[0].astype(float) - first).mean() < 12  # the same picture, up to the codec's loss

@@ -11,7 +11,7 @@ For an input ``<stem>.<ext>`` the files written into ``out_dir`` are:
   longest offset) and ``<stem>_confidence.png`` (viridis, 0 = dark purple, 1 = yellow).
 
 Files of a folder keep their sub-folder inside ``out_dir``; a video ``clip.mp4`` gives ``clip/clip_000000_*.png``
-per frame. An input is never replaced, and ``out_dir`` may not be an input's own folder.
+per frame, and the overlay (or colour) frames as a video again, ``clip/clip_overlay.mp4``. An input is never replaced, and ``out_dir`` may not be an input's own folder.
 
 Reruns continue: every PNG is written to a temporary name and renamed, so a file that exists is complete, and
 without ``overwrite`` an image (or video frame) whose outputs all exist is kept and not predicted again. The
@@ -230,12 +230,50 @@ def predict_files(
                         array = vis.confidence_to_color(prediction.confidence)
                     result.append(_save_png_atomic(paths[kind], array, tag))
                 meter.update()
+            if is_video and {"overlay", "color"} & set(kinds):
+                video_out = _write_video(source, prefix, "overlay" if "overlay" in kinds else "color", overwrite)
+                if video_out is not None:
+                    result.append(video_out)
         except DataError as e:
             if not skip_bad:
                 raise DataError(f"{e}; or pass --skip-bad to skip unreadable inputs") from None
             result.skipped.append((source, str(e)))
     meter.close()
     return result
+
+
+def _write_video(source: Path, prefix: Path, kind: str, overwrite: bool) -> Path | None:
+    """``<prefix>_<kind>.mp4``: the video's frames as written (overlay, else colour), at the input's frame rate,
+    H.264 when this FFmpeg has it (MPEG-4 otherwise); None when it exists already (and not ``overwrite``)."""
+    import av
+
+    out = Path(f"{prefix}_{kind}.mp4")
+    frames = sorted(prefix.parent.glob(f"{prefix.name}_[0-9][0-9][0-9][0-9][0-9][0-9]_{kind}.png"))
+    if not frames or (out.exists() and not overwrite):
+        return None
+    with av.open(str(source)) as container:
+        rate = container.streams.video[0].average_rate or 25
+    from PIL import Image
+
+    first = np.asarray(Image.open(frames[0]).convert("RGB"))
+    height, width = first.shape[0] // 2 * 2, first.shape[1] // 2 * 2  # yuv420p needs even sizes
+    tmp = out.with_name(f".{out.name}.part")
+    try:
+        with av.open(str(tmp), "w", format="mp4") as container:
+            codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+            stream = container.add_stream(codec, rate=rate)
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            for path in frames:
+                rgb = np.asarray(Image.open(path).convert("RGB"))[:height, :width]
+                for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out
 
 
 def _save_png_atomic(path: Path, array: Any, tag: str) -> Path:
