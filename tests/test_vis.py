@@ -103,3 +103,21 @@ def test_save_png_writes_readable_files(tmp_path):
     assert np.array_equal(np.array(Image.open(path16)), ids)
     with pytest.raises(ValueError, match="uint8"):
         save_png(tmp_path / "bad.png", np.zeros((2, 2), np.float32))
+
+
+def test_keys_sit_in_the_top_right_corner_and_leave_the_rest():
+    from ovenet.vis import with_key
+
+    field = np.zeros((2, 60, 80))
+    field[0] = 1.0  # every offset points right: red everywhere
+    image = flow_to_color(field)
+    keyed = with_key(image, "offsets")
+    side = 60 // 5
+    assert (keyed[side + 2 :] == image[side + 2 :]).all() and (keyed[:, : 80 - side - 2] == image[:, : 80 - side - 2]).all()
+    key = keyed[1 : side + 1, 80 - side - 1 : 79].astype(int)
+    right, left = key[side // 2, -2], key[side // 2, 1]  # the wheel's +x (red) and -x (cyan) ends
+    assert right[0] > 200 and right[2] < 120 and left[0] < 120 and left[2] > 150
+    bar = with_key(confidence_to_color(np.full((60, 80), 0.5)), "confidence")[1 : side + 1, -2]
+    assert (bar[0] == confidence_to_color(np.ones((1, 1)))[0, 0]).all()  # 1 on top
+    assert (bar[-1] == confidence_to_color(np.zeros((1, 1)))[0, 0]).all()  # 0 at the bottom
+    assert (with_key(image[:5, :5], "offsets") == image[:5, :5]).all()  # no room: unchanged

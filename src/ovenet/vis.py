@@ -122,6 +122,29 @@ def confidence_to_color(conf: Any, vmin: float = 0.0, vmax: float = 1.0) -> np.n
     return out
 
 
+def with_key(image: np.ndarray, kind: str) -> np.ndarray:
+    """A copy of a ``flow_to_color`` (``kind="offsets"``) or ``confidence_to_color`` (``"confidence"``) image with
+    its key in the top-right corner, framed in white: the colour wheel (hue = direction, saturation = length
+    relative to the image's longest offset) or a colour bar from 1 (top) to 0."""
+    out = np.array(image, copy=True)
+    h, w = out.shape[:2]
+    side = max(8, min(h, w) // 5)
+    if kind == "offsets":
+        ys, xs = np.mgrid[-1:1:complex(0, side), -1:1:complex(0, side)]
+        key = flow_to_color(np.stack([xs, ys]), max_norm=1.0)
+        key[np.sqrt(xs**2 + ys**2) > 1] = 255
+    elif kind == "confidence":
+        key = confidence_to_color(np.repeat(np.linspace(1, 0, side)[:, None], max(3, side // 4), axis=1))
+    else:
+        raise ValueError(f"kind must be 'offsets' or 'confidence', got {kind!r}")
+    kh, kw = key.shape[:2]
+    if kh + 2 > h or kw + 2 > w:
+        return out  # too small an image to carry a key
+    out[: kh + 2, w - kw - 2:] = 255
+    out[1 : kh + 1, w - kw - 1 : w - 1] = key
+    return out
+
+
 def save_png(path: str | Path, array: Any) -> Path:
     """Writes uint8 ``HxW``/``HxWx3``/``HxWx4`` or uint16 ``HxW`` arrays as PNG, creating parent folders."""
     data = to_numpy(array)

@@ -225,9 +225,9 @@ def predict_files(
                     elif kind == "labelids":
                         array = trainid_to_labelid(prediction.labels).astype(np.uint8)
                     elif kind == "offsets":
-                        array = vis.flow_to_color(prediction.offsets)
+                        array = vis.with_key(vis.flow_to_color(prediction.offsets), "offsets")
                     else:
-                        array = vis.confidence_to_color(prediction.confidence)
+                        array = vis.with_key(vis.confidence_to_color(prediction.confidence), "confidence")
                     result.append(_save_png_atomic(paths[kind], array, tag))
                 meter.update()
             if is_video and {"overlay", "color"} & set(kinds):
