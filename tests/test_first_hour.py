@@ -95,3 +95,12 @@ def test_small_mistakes_say_the_fix(capsys, tmp_path):
         assert code == 2
         assert_one_line_error(err, f"--data-root {tmp_path / 'nowhere'} does not exist")
     assert not (tmp_path / "nowhere").exists()
+
+
+def test_eval_writes_its_log_beside_its_results(capsys, tmp_path):
+    code, _, err = run(capsys, *TRAIN, "train.iters=1", "--run-dir", str(tmp_path / "run"))
+    assert code == 0, err
+    code, out, err = run(capsys, "eval", str(tmp_path / "run" / "last.pth"), "--out", str(tmp_path / "ev"))
+    assert code == 0, err
+    log = (tmp_path / "ev" / "eval_val.log").read_text()
+    assert log.startswith("ovenet eval ") and out in log and "mIoU" in log

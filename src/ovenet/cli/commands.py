@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import os
 import sys
 import tempfile
@@ -229,9 +230,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = evaluate(cfg, checkpoint, out_dir=args.out, split=args.split, overwrite=args.overwrite,
                       device=device, precision=args.precision, progress=True,
                       model_overrides=model_overrides)
-    print_metrics(result)
     json_path, md_path = result_paths(args.out or Path(checkpoint).parent, result.get("split", args.split))
-    print(f"wrote {json_path} and {md_path}")
+    shown = io.StringIO()
+    with contextlib.redirect_stdout(shown):
+        print_metrics(result)
+        print(f"wrote {json_path} and {md_path}")
+    print(shown.getvalue(), end="")
+    log = json_path.with_suffix(".log")  # what eval printed, beside its results
+    log.write_text(f"ovenet eval {' '.join(args.paths)}\n{shown.getvalue()}")
     if cfg.train.report and result.get("split", args.split) == "val":
         from ovenet.report import report_if_possible
 

@@ -563,7 +563,7 @@ def _restore(run: Run, ckpt: dict) -> None:
 
 # What else a run folder collects besides checkpoints: results of eval, exports, the report. --overwrite removes them
 # too, so that nothing of the old run sits beside the new one's weights.
-STALE_OUTPUTS = ("eval_*.json", "eval_*.md", "*.onnx", "*.pt2", "val_last.json", "report")
+STALE_OUTPUTS = ("eval_*.json", "eval_*.md", "eval_*.log", "*.onnx", "*.pt2", "val_last.json", "report")
 
 
 def _start_writing(run: Run, ckpt: dict | None, overwrite: bool, log_start: int = 0) -> None:
