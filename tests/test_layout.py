@@ -97,7 +97,7 @@ LAYERS = [
     {"models", "inference", "metrics", "vis"},  # models.predict uses inference, which needs only data and torch
     {"losses", "checkpoint"},
     {"official"},
-    {"weights", "export"},
+    {"weights", "export", "report"},
     {"engine"},
     {"quickstart"},
     {"cli", "ovenet"},
