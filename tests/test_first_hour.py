@@ -77,6 +77,7 @@ def test_the_onnx_file_carries_what_a_program_needs_and_info_reads_it(capsys, tm
     assert json.loads(meta["mean"]) == [0.485, 0.456, 0.406] and json.loads(meta["std"]) == [0.229, 0.224, 0.225]
     assert json.loads(meta["offset_head"])["tau"] == 0.5 and json.loads(meta["outputs"])[0] == "logits"
     assert len(json.loads(meta["palette"])) == int(meta["num_classes"]) == 8
+    assert json.loads(meta["config"])["model"]["offset"]["tau"] == 0.5
     code, out, err = run(capsys, "info", str(onnx_path))
     assert code == 0, err
     assert "class_names: [\"sky\"" in out and "producer: ovenet" in out

@@ -207,7 +207,8 @@ def onnx_metadata(model: nn.Module, outputs: Sequence[str], full_resolution: boo
                  "palette": json.dumps([list(c) for c in palette]), "dataset": cfg.data.name,
                  "offset_head": json.dumps({"enabled": cfg.model.offset.enabled, "tau": cfg.model.offset.tau,
                                             "sampling": cfg.model.offset.sampling}),
-                 "align_corners": str(cfg.model.align_corners).lower()}
+                 "align_corners": str(cfg.model.align_corners).lower(),
+                 "config": json.dumps(cfg.to_dict())}  # the whole training config, as ovenet reads it back
     return meta
 
 

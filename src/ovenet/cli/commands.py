@@ -592,7 +592,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             raise OvenetError(f"{checkpoint} carries no ovenet metadata (exported elsewhere, or by an older ovenet); "
                               "export it again with `ovenet export`")
         for key, value in meta.items():
-            print(f"{key}: {value}")
+            print(f"{key}: {'the training config, as JSON' if key == 'config' else value}")
         return 0
     from ovenet import checkpoint as ckpt_io
     from ovenet.data import dataset_info
