@@ -251,12 +251,12 @@ def test_predict_help_documents_skip_bad_and_rerun(capsys):
 
 def test_a_failed_start_leaves_no_run_folder(capsys, tmp_path):
     run_dir = tmp_path / "run"
-    code, _, err = run(capsys, "train", "camvid_hrnetv2_w18s_ovenet", "--data-root", str(tmp_path / "missing"),
-                       "--run-dir", str(run_dir))
+    code, _, err = run(capsys, "train", "camvid_hrnetv2_w18s_ovenet", f"data.root={tmp_path / 'missing'}",
+                       "--run-dir", str(run_dir))  # data.root, not --data-root: the CLI checks that one itself
     assert code == 2 and "CamVid" in err
     assert not run_dir.exists()
     kept = tmp_path / "kept"  # a folder the user made is never removed
     (kept / "notes").mkdir(parents=True)
-    code, _, _ = run(capsys, "train", "camvid_hrnetv2_w18s_ovenet", "--data-root", str(tmp_path / "missing"),
+    code, _, _ = run(capsys, "train", "camvid_hrnetv2_w18s_ovenet", f"data.root={tmp_path / 'missing'}",
                      "--run-dir", str(kept))
     assert code == 2 and (kept / "notes").is_dir()

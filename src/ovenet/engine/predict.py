@@ -168,7 +168,6 @@ def predict_files(
     """
     from ovenet.data import dataset_info
     from ovenet.data.base import generic_palette
-    from ovenet.data.cityscapes import trainid_to_labelid
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -216,18 +215,7 @@ def predict_files(
                                      native_size=native_size)
                 color = vis.colorize(prediction.labels, palette) if {"color", "overlay"} & set(todo) else None
                 for kind in todo:
-                    if kind == "color":
-                        array = color
-                    elif kind == "overlay":
-                        array = vis.overlay(image, color, alpha)
-                    elif kind == "labels":
-                        array = prediction.labels.astype(np.uint8 if num_classes <= 256 else np.uint16)
-                    elif kind == "labelids":
-                        array = trainid_to_labelid(prediction.labels).astype(np.uint8)
-                    elif kind == "offsets":
-                        array = vis.with_key(vis.flow_to_color(prediction.offsets), "offsets")
-                    else:
-                        array = vis.with_key(vis.confidence_to_color(prediction.confidence), "confidence")
+                    array = _rendered(kind, image, prediction, color, num_classes, alpha)
                     result.append(_save_png_atomic(paths[kind], array, tag))
                 meter.update()
             if is_video and {"overlay", "color"} & set(kinds):
@@ -240,6 +228,24 @@ def predict_files(
             result.skipped.append((source, str(e)))
     meter.close()
     return result
+
+
+def _rendered(kind: str, image: np.ndarray, prediction: Any, color: np.ndarray | None, num_classes: int,
+              alpha: float) -> np.ndarray:
+    """The picture or label map of one output kind (see :data:`SAVE_KINDS`)."""
+    if kind == "color":
+        return color
+    if kind == "overlay":
+        return vis.overlay(image, color, alpha)
+    if kind == "labels":
+        return prediction.labels.astype(np.uint8 if num_classes <= 256 else np.uint16)
+    if kind == "labelids":
+        from ovenet.data.cityscapes import trainid_to_labelid
+
+        return trainid_to_labelid(prediction.labels).astype(np.uint8)
+    if kind == "offsets":
+        return vis.with_key(vis.flow_to_color(prediction.offsets), "offsets")
+    return vis.with_key(vis.confidence_to_color(prediction.confidence), "confidence")
 
 
 def _write_video(source: Path, prefix: Path, kind: str, overwrite: bool) -> Path | None:
