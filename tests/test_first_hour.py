@@ -105,3 +105,31 @@ def test_eval_writes_its_log_beside_its_results(capsys, tmp_path):
     assert code == 0, err
     log = (tmp_path / "ev" / "eval_val.log").read_text()
     assert log.startswith("ovenet eval ") and out in log and "mIoU" in log
+
+
+def test_predict_runs_an_onnx_file_alone_with_the_checkpoints_labels(capsys, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    pytest.importorskip("onnxruntime")
+    code, _, err = run(capsys, *TRAIN, "train.iters=2", "--run-dir", str(tmp_path / "run"))
+    assert code == 0, err
+    code, _, err = run(capsys, "export", str(tmp_path / "run" / "last.pth"), "--out", str(tmp_path / "m.onnx"))
+    assert code == 0, err
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    code, out, err = run(capsys, "predict", str(tmp_path / "m.onnx"), str(tmp_path / "a.png"), "--out",
+                         str(tmp_path / "from_onnx"), "--save", "labels,offsets")
+    assert code == 0, err
+    assert "runtime: onnxruntime on cpu (an ONNX file)" in out
+    code, _, err = run(capsys, "predict", str(tmp_path / "run" / "last.pth"), str(tmp_path / "a.png"), "--out",
+                       str(tmp_path / "from_pth"), "--save", "labels", "--runtime", "torch")
+    assert code == 0, err
+    onnx_labels = np.asarray(Image.open(tmp_path / "from_onnx" / "a_labels.png"))
+    torch_labels = np.asarray(Image.open(tmp_path / "from_pth" / "a_labels.png"))
+    assert onnx_labels.shape == (48, 64) and (onnx_labels == torch_labels).mean() > 0.999
+    assert (tmp_path / "from_onnx" / "a_offsets.png").is_file()
+    code, _, err = run(capsys, "predict", str(tmp_path / "m.onnx"), str(tmp_path / "a.png"), "--out",
+                       str(tmp_path / "x"), "model.offset.tau=0.2")
+    assert code == 2
+    assert_one_line_error(err, "an .onnx file runs as exported")

@@ -343,3 +343,35 @@ class OnnxRuntimeModel(nn.Module):
         return SegOutput(logits_final=final, logits_initial=tensors.get("logits_initial", final),
                          logits_seed=tensors.get("logits_seed"), offsets=tensors.get("offsets"),
                          confidence=tensors.get("confidence"))
+
+
+class OnnxFileModel(OnnxRuntimeModel):
+    """An ONNX file that ``ovenet export`` wrote, run by ONNX Runtime with the model interface: its metadata holds
+    the training config (classes, palette, eval settings), so ``ovenet predict model.onnx ...`` needs no
+    checkpoint. The file's SHA-256 stands for the weights in predict's settings record."""
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        nn.Module.__init__(self)
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise OvenetError("running an ONNX file needs onnxruntime: pip install 'ovenet[export]'") from None
+        from .config import from_dict
+
+        path = Path(path)
+        meta = read_onnx_metadata(path)
+        if meta.get("producer") != "ovenet" or "config" not in meta:
+            raise OvenetError(f"{path} carries no ovenet metadata (exported elsewhere, or by an older ovenet); export "
+                              "the checkpoint again with `ovenet export`, or predict with the .pth")
+        self.config = from_dict(json.loads(meta["config"]))
+        self.num_classes = self.config.model.num_classes
+        self.is_ovenet = "offsets" in json.loads(meta["outputs"])
+        self.align_corners = self.config.model.align_corners
+        digest = hashlib.sha256(path.read_bytes()).digest()
+        self.register_buffer("file_digest", torch.tensor(list(digest), dtype=torch.uint8))
+        self.cached, self.path = True, path
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.output_names = [o.name for o in self.session.get_outputs()]

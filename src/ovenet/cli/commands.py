@@ -319,7 +319,7 @@ def add_predict_parser(command: AddCommand) -> None:
         "are kept and skipped (outputs are written whole or not at all); --overwrite redoes them. Outputs made\n"
         "with another checkpoint or other settings are never mixed in: that rerun is refused without --overwrite.",
     )
-    p.add_argument("checkpoint", metavar="CHECKPOINT", help="ovenet checkpoint (.pth)")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="ovenet checkpoint (.pth), or an .onnx file `ovenet export` wrote")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders (overrides key=value too)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     add_inference_options(p)
@@ -364,11 +364,21 @@ def _predict(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
     from ovenet.data import dataset_info
     from ovenet.engine.predict import plan_inputs, predict_files
 
-    model = checkpoint.load(args.checkpoint, device, overrides=overrides or None)
+    if Path(args.checkpoint).suffix == ".onnx":  # an export alone: its metadata is the config
+        explicit_device = args.device not in (None, "auto", "cpu")
+        if overrides or explicit_device or args.runtime == "torch" or (args.precision or "fp32") != "fp32":
+            raise OvenetError("an .onnx file runs as exported, fp32 on the CPU by ONNX Runtime: drop model.* "
+                              "overrides, --device, --precision and --runtime torch, or predict with the .pth")
+        from ovenet.export import OnnxFileModel
+
+        device = resolve_device("cpu")
+        model, runtime, why = OnnxFileModel(args.checkpoint), "onnxruntime", "an ONNX file"
+    else:
+        model = checkpoint.load(args.checkpoint, device, overrides=overrides or None)
+        megapixels = _megapixels(plan_inputs(inputs, Path(args.out))) if args.runtime == "auto" else 0.0
+        runtime, why = _predict_runtime(args.runtime, device, args.precision, model, megapixels)
     cfg: Config = model.config
-    megapixels = _megapixels(plan_inputs(inputs, Path(args.out))) if args.runtime == "auto" else 0.0
-    runtime, why = _predict_runtime(args.runtime, device, args.precision, model, megapixels)
-    if runtime == "onnxruntime":
+    if runtime == "onnxruntime" and not hasattr(model, "session"):
         from ovenet.export import OnnxRuntimeModel, cache_dir
 
         try:
