@@ -256,3 +256,6 @@ def report_if_possible(run_dir: Path, **options: Any) -> str:
         return f"report: {build_report(run_dir, **options)}"
     except OvenetError as exc:
         return f"no report page: {exc}"
+    except Exception as exc:  # noqa: BLE001  (a finished run must not fail on its pictures)
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        return f"no report page ({type(exc).__name__}: {first[:200]}); retry with ovenet report {run_dir} --debug"

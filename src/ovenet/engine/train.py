@@ -572,7 +572,10 @@ def _start_writing(run: Run, ckpt: dict | None, overwrite: bool, log_start: int 
     if overwrite and not resumes_own_run(run.run_dir, ckpt):
         old = run_checkpoints(run.run_dir) + [p for pattern in STALE_OUTPUTS for p in run.run_dir.glob(pattern)]
         for path in old:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
         log = run.run_dir / "train.log"
         if log_start and log.is_file():  # the handler appends: the file may shrink under it
             log.write_bytes(log.read_bytes()[log_start:])
