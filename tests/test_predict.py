@@ -190,18 +190,23 @@ def test_video_without_pyav_names_the_install_command(model, tmp_path, monkeypat
         predict_files(model, [video], tmp_path / "out")
 
 
-def test_video_frames_are_predicted(model, tmp_path):
-    av = pytest.importorskip("av")
-    video = tmp_path / "clip.mp4"
-    with av.open(str(video), "w") as container:
+def _grey_video(av, path, frames: int):
+    """A 64x48 MPEG-4 clip at 5 frames/s, frame i uniformly grey at 40 * i."""
+    with av.open(str(path), "w") as container:
         stream = container.add_stream("mpeg4", rate=5)
         stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        for i in range(3):
+        for i in range(frames):
             frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 40 * i, np.uint8), format="rgb24")
             for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+    return path
+
+
+def test_video_frames_are_predicted(model, tmp_path):
+    av = pytest.importorskip("av")
+    video = _grey_video(av, tmp_path / "clip.mp4", 3)
     written = predict_files(model, [video], tmp_path / "out", save={"color"})
     assert [p.name for p in written] == [f"clip_{i:06d}_color.png" for i in range(3)] + ["clip_color.mp4"]
     assert read(written[0]).shape == (48, 64, 3)
@@ -211,16 +216,7 @@ def test_video_frames_are_predicted(model, tmp_path):
 
 def test_a_video_in_gives_an_overlay_video_out(model, tmp_path):
     av = pytest.importorskip("av")
-    video = tmp_path / "clip.mp4"
-    with av.open(str(video), "w") as container:
-        stream = container.add_stream("mpeg4", rate=5)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        for i in range(4):
-            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 40 * i, np.uint8), format="rgb24")
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    video = _grey_video(av, tmp_path / "clip.mp4", 4)
     written = predict_files(model, [video], tmp_path / "out", save={"overlay"})
     out = tmp_path / "out" / "clip" / "clip_overlay.mp4"
     assert out in written

@@ -28,6 +28,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -329,6 +330,9 @@ class OnnxRuntimeModel(nn.Module):
                 os.replace(tmp, path)
             finally:
                 tmp.unlink(missing_ok=True)
+        self._open(ort, path, threads)
+
+    def _open(self, ort: Any, path: Path, threads: int | None) -> None:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.log_severity_level = 3  # warnings about unused initialisers are noise here
@@ -369,9 +373,5 @@ class OnnxFileModel(OnnxRuntimeModel):
         self.align_corners = self.config.model.align_corners
         digest = hashlib.sha256(path.read_bytes()).digest()
         self.register_buffer("file_digest", torch.tensor(list(digest), dtype=torch.uint8))
-        self.cached, self.path = True, path
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or torch.get_num_threads()
-        options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.cached = True
+        self._open(ort, path, threads)

@@ -176,14 +176,14 @@ def evaluate_model(
 
 # --- evaluate a checkpoint and write result files -----------------------------------------------------------------
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """NaN/inf -> null (strict JSON); tuples -> lists."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
@@ -290,7 +290,7 @@ def evaluate(
     if not distributed or dist.get_rank() == 0:
         json_path, md_path = result_paths(out_dir, split_name)
         out_dir.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(_json_safe(result), indent=2) + "\n")
+        json_path.write_text(json.dumps(json_safe(result), indent=2) + "\n")
         md_path.write_text(results_markdown(result, f"{cfg.name}: {cfg.data.name} {split_name}"))
     return result
 

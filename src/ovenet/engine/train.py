@@ -19,7 +19,6 @@ import contextlib
 import copy
 import json
 import logging
-import math
 import os
 import random
 import re
@@ -50,6 +49,7 @@ from ..models.hrnet import HighResolutionModule
 from ..threads import take_note
 from ..weights import load_initial_weights
 from . import distributed as D
+from .evaluate import json_safe
 from .guards import (
     DeferredWorkerCheck,
     NonFiniteWatch,
@@ -255,21 +255,11 @@ def validate_and_save_best(run: Run) -> float:
         names = list(getattr(run.val_loader.dataset, "class_names", None) or [])
         record = {"iteration": run.iteration, "class_names": names,
                   **{k: metrics[k] for k in ("miou", "pixel_acc", "mean_acc", "iou", "confusion")}}
-        (run.run_dir / "val_last.json").write_text(json.dumps(_finite(record)) + "\n")
+        (run.run_dir / "val_last.json").write_text(json.dumps(json_safe(record)) + "\n")
     if improved:
         run.save("best.pth", val_metrics={k: metrics[k] for k in ("miou", "pixel_acc", "mean_acc")})
     return time.perf_counter() - start
 
-
-def _finite(value: Any) -> Any:
-    """NaN (an IoU of a class in neither label nor prediction) -> null: strict JSON."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
 
 
 @dataclass
