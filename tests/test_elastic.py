@@ -213,6 +213,10 @@ def test_a_new_attempt_joins_only_the_store_its_rank_0_published(monkeypatch):
         joined = joining.result(timeout=30)
     assert joined.port == hosted.port != reused.port
     assert joined.get(D.NONCE_KEY) == hosted.get(D.NONCE_KEY)
+    fixed = _free_port()  # behind a firewall: the port the user opened
+    monkeypatch.setenv("OVENET_STORE_PORT", str(fixed))
+    hosted = D._fresh_store(0, 2, timeout)
+    assert hosted.port == fixed == D._fresh_store(1, 2, timeout).port
     with pytest.raises(OvenetError, match=r"rank 1: rank 0 did not publish a reachable store .* within "
                                           r"train.dist_timeout=1 s .*OVENET_STORE_PORT"):
         agent.set(key, f"127.0.0.1 {_free_port()} dead-attempt")
