@@ -3,6 +3,8 @@
 - torchrun ``--max-restarts``: a worker killed with SIGKILL mid-run; torchrun restarts the group, every rank
   resumes from the last checkpoint and the final weights equal an uninterrupted run's (max abs difference 0).
 - two torchrun "nodes" on 127.0.0.1 (c10d rendezvous), one worker killed: the same.
+- two torchrun jobs at once on one node, with consecutive --master-port values: both finish (the group's store
+  takes a port the OS chooses, not MASTER_PORT + 1, which is the other job's).
 - SIGTERM to one rank (a preempted node): both ranks stop at the same iteration, one checkpoint of it, exit 143.
 - a rank that hangs (SIGSTOP): the other gives up after ``train.dist_timeout`` with one clear line.
 
@@ -17,6 +19,8 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -25,6 +29,8 @@ from test_train import tiny_config
 
 from ovenet import checkpoint
 from ovenet.config import save_config
+from ovenet.engine import distributed as D
+from ovenet.errors import OvenetError
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc to find workers")
 
@@ -36,6 +42,19 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _two_free_ports() -> int:
+    """A port P such that P and P + 1 are both free."""
+    while True:
+        with socket.socket() as first, socket.socket() as second:
+            first.bind(("127.0.0.1", 0))
+            port = first.getsockname()[1]
+            try:
+                second.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+            return port
 
 
 def _env() -> dict[str, str]:
@@ -157,6 +176,51 @@ def test_two_nodes_c10d_restart_after_a_killed_worker_equals_an_uninterrupted_ru
     _check_restarted(run_dir, uninterrupted, logs)
     # rank 0 survived the first attempt: it said in train.log why it stopped
     assert "rank 0: lost the other processes of the run" in (run_dir / "train.log").read_text()
+
+
+def test_two_jobs_on_one_node_with_consecutive_master_ports_both_finish(config_file, tmp_path):
+    port = _two_free_ports()
+    logs = [tmp_path / f"job{n}.log" for n in range(2)]
+    agents = [_torchrun("--nproc-per-node", "2", "--max-restarts", "1", "--master-addr", "127.0.0.1",
+                        "--master-port", str(port + n), *_train_cmd(config_file, tmp_path / f"run{n}", "train.iters=2"),
+                        log=logs[n]) for n in range(2)]
+    assert _wait(agents, logs) == [0, 0], "\n".join(log.read_text()[-3000:] for log in logs)
+    for n in range(2):
+        ckpt = checkpoint.read(tmp_path / f"run{n}" / "last.pth")
+        assert ckpt["iteration"] == 2 and ckpt["world_size"] == 2
+        assert "restarted the group" not in (tmp_path / f"run{n}" / "train.log").read_text()  # first attempt
+
+
+def test_a_new_attempt_joins_only_the_store_its_rank_0_published(monkeypatch):
+    """torchrun's store outlives attempts: the key may still name a dead attempt's store (nothing listens there)
+    or a port that another store took since. Rank 1 must wait for the store of its own rank 0."""
+    agent = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(agent.port))
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
+    monkeypatch.delenv("OVENET_STORE_PORT", raising=False)
+    key, timeout = f"{D.STORE_KEY}/job", timedelta(seconds=20)
+    agent.set(key, f"127.0.0.1 {_free_port()} dead-attempt")
+    with ThreadPoolExecutor(1) as pool:
+        joining = pool.submit(D._fresh_store, 1, 2, timeout)
+        time.sleep(0.5)
+        reused = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+        reused.set(D.NONCE_KEY, "another-store")
+        agent.set(key, f"127.0.0.1 {reused.port} dead-attempt")
+        time.sleep(0.5)
+        assert not joining.done()
+        hosted = D._fresh_store(0, 2, timeout)
+        joined = joining.result(timeout=30)
+    assert joined.port == hosted.port != reused.port
+    assert joined.get(D.NONCE_KEY) == hosted.get(D.NONCE_KEY)
+    fixed = _free_port()  # behind a firewall: the port the user opened
+    monkeypatch.setenv("OVENET_STORE_PORT", str(fixed))
+    hosted = D._fresh_store(0, 2, timeout)
+    assert hosted.port == fixed == D._fresh_store(1, 2, timeout).port
+    with pytest.raises(OvenetError, match=r"rank 1: rank 0 did not publish a reachable store .* within "
+                                          r"train.dist_timeout=1 s .*OVENET_STORE_PORT"):
+        agent.set(key, f"127.0.0.1 {_free_port()} dead-attempt")
+        D._fresh_store(1, 2, timedelta(seconds=1))
 
 
 def _ranks(config: Path, run_dir: Path, tmp_path: Path, *overrides: str) -> tuple[list[subprocess.Popen], list[Path]]:

@@ -1,6 +1,8 @@
 """What a resume does when the newest checkpoint is damaged, and what a dying DataLoader worker leaves behind.
 
-- ``train.keep_checkpoints=k`` keeps ``last.pth`` and the k-1 before it (``iter_N.pth``).
+- ``train.keep_checkpoints=k`` keeps ``last.pth`` and the k-1 before it (``iter_N.pth``): hard links, or whole
+  copies on a file system without links, from which a run resumes as well.
+- Checkpoint files get the umask's mode, as any file ``open()`` creates (not ``mkstemp``'s 0600).
 - ``--resume auto`` with a truncated or bit-flipped ``last.pth`` names it, falls back to the newest intact
   checkpoint and ends with the weights of an uninterrupted run; with every checkpoint damaged it refuses
   (nothing silently trains from scratch). ``torch.load`` itself accepts a flipped bit: the zip CRC-32 catches it.
@@ -9,8 +11,10 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
+import stat
 from pathlib import Path
 
 import pytest
@@ -61,6 +65,52 @@ def test_keep_checkpoints_keeps_last_and_the_ones_before(tmp_path):
         assert checkpoint.read(tmp_path / "run" / name)["iteration"] == iteration
     _run(tmp_path / "one", 4, "train.keep_checkpoints=1")
     assert not list((tmp_path / "one").glob("iter_*.pth"))
+
+
+def test_kept_checkpoints_are_whole_copies_without_hard_links_and_resume(tmp_path, reference, monkeypatch):
+    originals = {}
+
+    def no_links(source, target, *args, **kwargs):  # as on FAT or an SMB share (EXDEV is handled the same)
+        originals[Path(target).name] = Path(source).read_bytes()  # last.pth as it was, before it is replaced
+        raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+
+    monkeypatch.setattr(os, "link", no_links)
+    run_dir = tmp_path / "run"
+    _run(run_dir, 8, "train.keep_checkpoints=3")
+    kept = sorted(run_dir.glob("iter_*.pth"))
+    assert [p.name for p in kept] == ["iter_00000004.pth", "iter_00000006.pth"]
+    assert sorted(originals) == ["iter_00000002.pth", "iter_00000004.pth", "iter_00000006.pth"]
+    for path in kept:
+        assert path.stat().st_nlink == 1 and not path.samefile(run_dir / "last.pth")
+        assert path.read_bytes() == originals[path.name]
+    assert checkpoint.read(kept[-1])["iteration"] == 6
+    assert not list(run_dir.glob(".*.tmp"))
+    _truncate(run_dir / "last.pth")
+    _run(run_dir, 8, "train.keep_checkpoints=3", resume="auto")
+    assert f"resumed from {kept[-1]} at iteration 6/8" in (run_dir / "train.log").read_text()
+    final = checkpoint.read(run_dir / "last.pth")["model"]
+    for name, value in reference.items():
+        assert torch.equal(final[name], value), name
+
+
+def _no_hard_links(*args, **kwargs):
+    raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077], ids=["022", "077"])
+def test_checkpoints_get_the_mode_of_any_new_file(tmp_path, monkeypatch, umask):
+    before = os.umask(umask)
+    try:
+        checkpoint.atomic_save({"a": torch.ones(2)}, tmp_path / "last.pth")
+        (tmp_path / "plain.txt").open("w").close()
+        monkeypatch.setattr(os, "link", _no_hard_links)
+        checkpoint.keep_history(tmp_path, 2, 4, keep=2)  # the copy when links fail
+    finally:
+        os.umask(before)
+    expected = stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode)
+    assert expected == 0o666 & ~umask
+    for name in ("last.pth", "iter_00000002.pth"):
+        assert oct(stat.S_IMODE((tmp_path / name).stat().st_mode)) == oct(expected), name
 
 
 def test_overwrite_removes_the_kept_checkpoints_too(tmp_path):

@@ -10,10 +10,12 @@ so every checkpoint, a converted official one or a training run's ``last``/``bes
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import random
 import re
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -35,13 +37,16 @@ VERSION = 1
 def atomic_save(obj: Any, path: str | Path) -> Path:
     """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
 
-    A crash or kill at any moment leaves either the previous file or the new one, never a torn file.
+    A crash or kill at any moment leaves either the previous file or the new one, never a torn file. The file
+    gets the mode of any other new file (the umask's), not ``mkstemp``'s private 0600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            with contextlib.suppress(OSError):  # a file system without modes (FAT, some SMB mounts) keeps its own
+                os.chmod(tmp, new_file_mode())
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
@@ -50,6 +55,22 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def new_file_mode() -> int:
+    """The mode ``open()`` gives a new file: 0o666 less the process's umask.
+
+    The umask is read from /proc/self/status (Linux 4.7+): the portable way, setting it and setting it back, would
+    change it for a moment for every thread of the process (data-loader threads, the report writer), and a file
+    one of them created meanwhile would get the wrong mode.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            umask = next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
 
 
 def save(path: str | Path, model: nn.Module, cfg: Config, **extra: Any) -> Path:
@@ -204,10 +225,14 @@ def keep_history(run_dir: Path, saved_iteration: int | None, iteration: int, kee
         if not target.exists():
             try:
                 os.link(last, target)
-            except OSError:  # a file system without hard links: copy
-                import shutil
-
-                shutil.copyfile(last, target)
+            except OSError:  # a file system without hard links: copy, through a temporary file (never a torn one)
+                partial = target.with_name(f".{target.name}.tmp")
+                try:
+                    shutil.copyfile(last, partial)
+                    os.replace(partial, target)
+                except BaseException:
+                    partial.unlink(missing_ok=True)
+                    raise
     for old in history(run_dir)[max(keep - 1, 0):]:
         old.unlink(missing_ok=True)
 

@@ -5,12 +5,16 @@ Launch multi-GPU training with ``torchrun --nproc_per_node=N -m ovenet.cli train
 WORLD_SIZE and LOCAL_RANK, and :func:`init_distributed` reads them. Under torchrun's elastic agent (``--max-restarts``,
 several nodes) the workers meet in a store that rank 0 hosts (:func:`_fresh_store`), new for every attempt: torch's
 own ``env://`` join reuses the agent's store, where the dead workers' gloo addresses are still written, and a
-restarted group fails with "Gloo connectFullMesh failed ... Connection refused".
+restarted group fails with "Gloo connectFullMesh failed ... Connection refused". That store listens on a port the
+OS chooses (no fixed extra port: two jobs on one node never collide) and is found through the agent's store.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
+import socket
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -85,22 +89,96 @@ def init_distributed(device_name: str, timeout_s: float = 600.0) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, cpu_group, owns, restart, max_restarts)
 
 
+STORE_KEY = "ovenet/store"  # in torchrun's agent store: where this attempt's store is ("host port nonce")
+NONCE_KEY = "ovenet/nonce"  # in the attempt's own store: proves that an address is this attempt's
+PROBE_S = 2.0  # how long one look at a published address may take before it is tried again
+
+
 def _fresh_store(rank: int, world_size: int, timeout: timedelta) -> Any:
-    """The group's store, hosted by rank 0 on MASTER_PORT + 1 (or $OVENET_STORE_PORT): a new one for each attempt.
+    """The group's store, hosted by rank 0 on a port the OS chooses (or $OVENET_STORE_PORT): a new one for each
+    attempt, found through torchrun's agent store.
 
     torchrun's agent store outlives its workers and still holds the dead workers' gloo addresses after a restart
     (the new group then fails: "connectFullMesh failed ... Connection refused"); the restart count cannot name a
-    fresh namespace in it, since each node counts only its own failures. Rank 0's own store dies with rank 0, so
-    every attempt starts empty; ranks start together, and a client waits for the server up to ``timeout``.
+    fresh namespace in it, since each node counts only its own failures. So rank 0 opens a store of its own, which
+    dies with it, writes a random nonce into it and publishes its address and the nonce under one key of the
+    agent store. That key may still hold a dead attempt's address (torchrun stops every worker of an attempt
+    before it starts the next, so that store is closed; its port may be reused): the others accept an address
+    only when the store there answers with the nonce published beside it, and read the key again otherwise.
     """
-    port = int(os.environ.get("OVENET_STORE_PORT") or int(os.environ["MASTER_PORT"]) + 1)
+    master_addr, master_port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    key = f"{STORE_KEY}/{os.environ.get('TORCHELASTIC_RUN_ID', '')}"
     try:
-        return dist.TCPStore(os.environ["MASTER_ADDR"], port, world_size, is_master=rank == 0, timeout=timeout,
-                             wait_for_workers=False)
+        agent = dist.TCPStore(master_addr, master_port, is_master=False, timeout=timeout)
     except (RuntimeError, OSError) as exc:
-        raise OvenetError(f"rank {rank}: cannot open the training group's store on {os.environ['MASTER_ADDR']}:{port} "
-                          f"({str(exc).splitlines()[0][:160]}); free that port or set OVENET_STORE_PORT to a free one "
-                          "(the same on every node)") from None
+        raise OvenetError(f"rank {rank}: cannot reach torchrun's store at {master_addr}:{master_port} "
+                          f"({_first_line(exc)}); check that the launch's nodes reach each other") from None
+    if rank == 0:
+        return _host_store(agent, key, master_addr, master_port, world_size, timeout)
+    return _join_store(agent, key, rank, world_size, timeout)
+
+
+def _host_store(agent: Any, key: str, master_addr: str, master_port: int, world_size: int,
+                timeout: timedelta) -> Any:
+    """Rank 0: open this attempt's store, mark it with a nonce, publish where it is."""
+    host, port = _address_seen_from(master_addr, master_port), int(os.environ.get("OVENET_STORE_PORT") or 0)
+    try:
+        store = dist.TCPStore(host, port, world_size, is_master=True, timeout=timeout, wait_for_workers=False)
+    except (RuntimeError, OSError) as exc:
+        raise OvenetError(f"rank 0: cannot open the training group's store on port {port} of {host} "
+                          f"({_first_line(exc)}); free that port or set OVENET_STORE_PORT to a free one") from None
+    nonce = secrets.token_hex(16)
+    store.set(NONCE_KEY, nonce)
+    agent.set(key, f"{host} {store.port} {nonce}")
+    return store
+
+
+def _join_store(agent: Any, key: str, rank: int, world_size: int, timeout: timedelta) -> Any:
+    """The other ranks: connect to the store that rank 0 of this attempt published, and to no older one."""
+    deadline = time.monotonic() + timeout.total_seconds()
+    seen = "none published"
+    while time.monotonic() < deadline:
+        if agent.check([key]):
+            host, port, nonce = agent.get(key).decode().rsplit(" ", 2)
+            seen = f"{host}:{port}, not answering or not this attempt's"
+            store = _store_with_nonce(host, int(port), nonce, world_size)
+            if store is not None:
+                store.set_timeout(timeout)
+                return store
+        time.sleep(0.1)
+    raise OvenetError(f"rank {rank}: rank 0 did not publish a reachable store for this attempt within "
+                      f"train.dist_timeout={timeout.total_seconds():g} s (last address: {seen}); check that rank 0 "
+                      "started and that its node accepts connections from this one, or set OVENET_STORE_PORT on "
+                      "every node to a port open between them")
+
+
+def _store_with_nonce(host: str, port: int, nonce: str, world_size: int) -> Any | None:
+    """A client of the store at host:port if it holds ``nonce``, else None (nothing there, or another store)."""
+    try:  # a plain connection first: TCPStore would log a stack trace for every refused try
+        socket.create_connection((host, port), timeout=PROBE_S).close()
+        store = dist.TCPStore(host, port, world_size, is_master=False, timeout=timedelta(seconds=PROBE_S))
+        if store.check([NONCE_KEY]) and store.get(NONCE_KEY).decode() == nonce:
+            return store
+    except (RuntimeError, OSError):
+        pass
+    return None
+
+
+def _address_seen_from(master_addr: str, master_port: int) -> str:
+    """This machine's address for the other nodes: ``master_addr`` itself when it names this machine (rank 0 runs
+    on the node that hosts torchrun's store, the usual case), else this machine's address on the route to it."""
+    try:
+        family, _, _, _, target = socket.getaddrinfo(master_addr, master_port, type=socket.SOCK_DGRAM)[0]
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect(target)  # UDP: picks the route and the source address, sends nothing
+            local = probe.getsockname()[0]
+    except OSError:
+        return master_addr
+    return master_addr if local == target[0] else local
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:160]
 
 
 def cleanup(info: DistInfo) -> None:
