@@ -59,7 +59,7 @@ def test_module_entry_point_runs_in_a_subprocess():
         assert command in result.stdout
 
 
-@pytest.mark.parametrize("command", ["train", "eval", "predict", "export", "convert-official", "check-data",
+@pytest.mark.parametrize("command", ["train", "eval", "predict", "export", "convert-official", "convert-labels", "check-data",
                                      "configs", "info", "quickstart"])
 def test_every_command_has_help_with_examples(capsys, command):
     code, out, _ = run(capsys, command, "--help")
