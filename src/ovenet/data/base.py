@@ -344,8 +344,10 @@ def collect_problems(dataset: Dataset, progress: bool = False) -> list[tuple[str
                     if path is not None:
                         template = template.replace(str(path), "<file>")
             groups.setdefault(template, []).append(message)
-    return [(messages[0] + (f" (the same in {len(messages) - 1} more files)" if len(messages) > 1 else ""),
-             len(messages)) for messages in groups.values()]
+    def more(count: int) -> str:
+        return f" (the same in {count} more file{'s' if count > 1 else ''})" if count else ""
+
+    return [(messages[0] + more(len(messages) - 1), len(messages)) for messages in groups.values()]
 
 
 def to_numpy(array: np.ndarray | torch.Tensor) -> np.ndarray:
