@@ -22,9 +22,9 @@ from ovenet.errors import ConfigError, DataError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY_TRAIN = ["device=cpu", "model.backbone=hrnetv2", "model.arch=hrnetv2_w18_small_v1", "model.head=fcn", "model.pretrained=null",
-              "data.crop_size=[32,32]", "data.base_size=48", "data.num_workers=0", "train.iters=1",
-              "train.batch_size=2", "train.report=false", "train.log_every=1", "loss.type=ce"]
+TINY_TRAIN = ["device=cpu", "model.backbone=hrnetv2", "model.arch=hrnetv2_w18_small_v1", "model.head=fcn",
+              "model.pretrained=null", "data.crop_size=[32,32]", "data.base_size=48", "data.num_workers=0",
+              "train.iters=1", "train.batch_size=2", "train.report=false", "train.log_every=1", "loss.type=ce"]
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -53,7 +53,8 @@ def own_data(root: Path, splits=("train", "val"), count: int = 3, void: int | No
         for i in range(count):
             for sub in ("images", "labels"):
                 (root / sub / split).mkdir(parents=True, exist_ok=True)
-            Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(root / "images" / split / f"im{i}.png")
+            image = rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)
+            Image.fromarray(image).save(root / "images" / split / f"im{i}.png")
             label = labels_with_void(i, void=void) if void is not None else labels_with_void(i) % 3
             Image.fromarray(label).save(root / "labels" / split / f"im{i}.png")
     return root
@@ -256,3 +257,9 @@ def test_data_palette_colours_predicts_output(capsys, tmp_path):
     colour = np.asarray(Image.open(tmp_path / "p" / "im_color.png").convert("RGB"))
     np.testing.assert_array_equal(colour, vis.colorize(labels, palette))
     assert {tuple(c) for c in colour.reshape(-1, 3)} <= {tuple(c) for c in palette}
+    # the Python API too: predict_files on the loaded checkpoint, no palette given
+    from ovenet import checkpoint
+    from ovenet.engine.predict import predict_files
+
+    predict_files(checkpoint.load(ckpt, "cpu"), [image], tmp_path / "api", save=["color"])
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "api" / "im_color.png").convert("RGB")), colour)
