@@ -203,6 +203,8 @@ def test_convert_labels_round_trip_gives_the_ids_with_the_palette_attached(capsy
         originals[name] = ids
         (masks / name).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(colour_mask(ids, CAMVID_PALETTE)).save(masks / f"{name}.png")
+    with pytest.raises(DataError, match="has image mode RGB.*convert it with `ovenet convert-labels"):
+        read_label_map(masks / "a.png")  # training refuses the colour mask and names the way out
     out = tmp_path / "labels"
     code, stdout, err = run(capsys, "convert-labels", str(masks), str(out), "--palette", "camvid", "--void", "0,0,0")
     assert code == 0, err

@@ -89,7 +89,7 @@ def read_label_map(path: str | Path, what: str = "label") -> np.ndarray:
             if img.mode not in ("L", "P", "I;16", "I;16L", "I;16B", "I", "1"):
                 raise DataError(
                     f"{what} file {path} has image mode {img.mode}; expected a single-channel PNG of integer ids "
-                    "(a colour-coded mask must first be converted to ids)"
+                    "(a colour-coded mask: convert it with `ovenet convert-labels MASKS OUT --palette NAME|FILE`)"
                 )
             img.load()
             # P images hold palette indices, which are the ids; asarray returns them directly.
