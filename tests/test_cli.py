@@ -59,8 +59,8 @@ def test_module_entry_point_runs_in_a_subprocess():
         assert command in result.stdout
 
 
-@pytest.mark.parametrize("command", ["train", "eval", "predict", "export", "convert-official", "check-data",
-                                     "configs", "info", "quickstart"])
+@pytest.mark.parametrize("command", ["train", "eval", "predict", "export", "convert-official", "convert-labels",
+                                     "check-data", "configs", "info", "quickstart"])
 def test_every_command_has_help_with_examples(capsys, command):
     code, out, _ = run(capsys, command, "--help")
     assert code == 0 and "examples:" in out and f"ovenet {command}" in out

@@ -34,8 +34,8 @@ def test_every_help_page_is_the_recorded_one(monkeypatch):
 
 def test_subcommands_are_listed_in_order():
     sub = next(a for a in build_parser()._actions if a.__class__.__name__ == "_SubParsersAction")
-    assert list(sub.choices) == ["train", "eval", "predict", "export", "convert-official", "check-data",
-                                 "configs", "info", "report", "quickstart"]
+    assert list(sub.choices) == ["train", "eval", "predict", "export", "convert-official", "convert-labels",
+                                 "check-data", "configs", "info", "report", "quickstart"]
 
 
 @pytest.mark.parametrize("path", sorted(Path(ovenet.__file__).parent.rglob("*.py")), ids=lambda p: p.name)

@@ -105,7 +105,12 @@ class DataConfig:
     label_dir: str | None = None
     list_file: str | None = None
     class_names: list[str] | None = None  # None: class_0, class_1, ...
-    label_map: dict[int, int] | None = None  # raw label value -> train id (255: ignore); None: values are ids
+    palette: list[list[int]] | None = None  # [r, g, b] per class for pictures; None: the dataset's own colours
+    # raw label value -> train id (255: ignore), listing every raw value that occurs; None: values are ids
+    label_map: dict[int, int] | None = None
+    ignore_ids: list[int] | None = None  # raw label values that mark void/unlabelled pixels (read as 255 = ignore)
+    # validating on (some of) the training images is refused unless asked for here (a warning is logged then)
+    allow_val_overlap: bool = False
     with_instances: bool = False  # Cityscapes: also read labelIds and instance maps (the iIoU figures need them)
     conditions: list[str] | None = None  # ACDC conditions to use; None: fog, night, rain, snow
     # synthetic scenes (quickstart, tests); None: 64 training scenes, a quarter as many for validation, 256x512
@@ -223,6 +228,11 @@ def _check_ranges(cfg: Config) -> None:
     for key in ("data.num_samples", "data.val_samples", "data.eval_resize_short", "data.num_classes"):
         need(flat[key] is None or flat[key] >= 1, key, f"must be >= 1 (or null), got {flat[key]}")
     need(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    palette = cfg.data.palette or []
+    need(all(len(c) == 3 and all(0 <= v <= 255 for v in c) for c in palette), "data.palette",
+         "must be a list of [r, g, b] colours with values 0-255, one per class")
+    need(all(0 <= v < 65536 for v in cfg.data.ignore_ids or ()), "data.ignore_ids",
+         "must be raw label values 0-65535")
     lo, hi = cfg.data.scale_range
     need(0 < lo <= hi, "data.scale_range", f"must be [low, high] with 0 < low <= high, got {[lo, hi]}")
     need(cfg.loss.ohem_min_kept >= 1, "loss.ohem_min_kept", "must be >= 1")

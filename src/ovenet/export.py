@@ -184,7 +184,7 @@ def export_onnx(
 def onnx_metadata(model: nn.Module, outputs: Sequence[str], full_resolution: bool) -> dict[str, str]:
     """What a program needs to use the ONNX file without ovenet: input normalisation, classes, colours, the
     offset head's settings and the output layout (``metadata_props``, all strings; lists and dicts as JSON)."""
-    from .data import dataset_info
+    from .data import class_info
     from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
     cfg = getattr(model, "config", None)
@@ -201,7 +201,7 @@ def onnx_metadata(model: nn.Module, outputs: Sequence[str], full_resolution: boo
     }
     if cfg is not None:
         try:
-            _, names, palette = dataset_info(cfg.data.name, cfg.model.num_classes)
+            _, names, palette = class_info(cfg.data, cfg.model.num_classes)
         except Exception:  # a custom dataset without a table: the count is still known  # noqa: BLE001
             names, palette = [f"class_{i}" for i in range(cfg.model.num_classes)], []
         meta |= {"num_classes": str(cfg.model.num_classes), "class_names": json.dumps(names),

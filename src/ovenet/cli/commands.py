@@ -361,7 +361,7 @@ def _predict(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
     device = resolve_device(args.device)
     configure_threads(device, args.threads)
     from ovenet import checkpoint
-    from ovenet.data import dataset_info
+    from ovenet.data import class_info
     from ovenet.engine.predict import plan_inputs, predict_files
 
     if Path(args.checkpoint).suffix == ".onnx":  # an export alone: its metadata is the config
@@ -388,7 +388,7 @@ def _predict(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
             model = OnnxRuntimeModel(model, onnx_dir)
             why += f" (the cache {cache_dir()} is not writable: exported for this run only)"
     print(f"runtime: {runtime} on {device} ({why})")
-    _, _, palette = dataset_info(cfg.data.name, cfg.data.num_classes or cfg.model.num_classes)
+    _, _, palette = class_info(cfg.data, cfg.model.num_classes)
     # Unset options (None) are the checkpoint's eval settings: predict writes the labels eval scores.
     options: dict[str, Any] = {
         "overwrite": args.overwrite,
@@ -499,9 +499,11 @@ def add_check_data_parser(command: AddCommand) -> None:
     p = command(
         "check-data", "check every sample of a dataset",
         "Read every image and label of the config's dataset and list all problems at once (missing or\n"
-        "unreadable files, size mismatches, label values outside the class range). Exit code 2 if any.",
+        "unreadable files, size mismatches, label values outside the class range, validation images that are\n"
+        "also training images); the same problem in many files is one line with their count. Exit code 2 if any.",
         "  ovenet check-data cityscapes_hrnetv2_w48_ovenet data.root=data/cityscapes\n"
-        "  ovenet check-data my_config.yaml --split val",
+        "  ovenet check-data my_config.yaml --split val\n"
+        "  ovenet check-data own_data_lite0_ovenet --data-root data/own data.num_classes=11",
     )
     p.add_argument("config", metavar="CONFIG", help="YAML config path or shipped config name")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
@@ -512,28 +514,80 @@ def add_check_data_parser(command: AddCommand) -> None:
 def cmd_check_data(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, list(args.overrides)
                       + ([f"data.root={existing_data_root(args.data_root)}"] if args.data_root else []))
-    from ovenet.data import build_dataset, check_dataset
-    from ovenet.data.base import listing_every_problem
+    from ovenet.data import build_dataset
+    from ovenet.data.base import collect_problems, listing_every_problem
 
     splits = {"train": [cfg.data.train_split], "val": [cfg.data.val_split],
               "both": [cfg.data.train_split, cfg.data.val_split]}[args.split]
-    problems_total = 0
+    problems_total, datasets = 0, {}
     for split in dict.fromkeys(splits):  # train_split == val_split checks once
         try:
             with listing_every_problem():  # a missing label is listed with the rest, when its sample is read
-                dataset = build_dataset(cfg.data, split, train=False)
+                dataset = datasets[split] = build_dataset(cfg.data, split, train=False)
         except DataError as e:
             print(f"[{split}] {e}")
             problems_total += 1
             continue
-        problems = check_dataset(dataset, progress=sys.stderr.isatty())
-        for problem in problems:
-            print(f"[{split}] {problem}")
-        problems_total += len(problems)
-        status = "OK" if not problems else f"{len(problems)} problem(s)"
+        problems = collect_problems(dataset, progress=sys.stderr.isatty())
+        for line, _ in problems:
+            print(f"[{split}] {line}")
+        files = sum(count for _, count in problems)
+        problems_total += files
+        status = "OK" if not problems else f"{files} problem(s)"
         print(f"[{split}] {len(dataset)} samples of {cfg.data.name} at {cfg.data.root}: {status}")
+    if args.split == "both" and len(datasets) == len(set(splits)):
+        problems_total += _check_splits_apart(cfg, datasets)
     if problems_total:
         raise DataError(f"check-data found {problems_total} problem(s); see the list above")
+    return 0
+
+
+def _check_splits_apart(cfg: Config, datasets: dict) -> int:
+    """Training refuses a validation split that shares images with the training split: say so here first."""
+    from ovenet.data import check_splits_apart
+
+    train_set, val_set = datasets[cfg.data.train_split], datasets[cfg.data.val_split]
+    try:
+        overlap = check_splits_apart(cfg.data, train_set, val_set)
+    except OvenetError as e:
+        print(f"[train/val] {e}")
+        return 1
+    if overlap:  # allowed by data.allow_val_overlap: not a problem, but said
+        print(f"[train/val] {overlap}")
+    return 0
+
+
+def add_convert_labels_parser(command: AddCommand) -> None:
+    p = command(
+        "convert-labels", "turn colour-coded label masks into id PNGs",
+        "Convert colour masks (RGB PNGs: files, or folders searched recursively) into the label PNGs ovenet\n"
+        "trains on: palette PNGs whose pixel values are the class ids (class k = the palette's k-th colour, 255 =\n"
+        "void) and whose palette is the colours, so they still look like the masks. A colour that is neither in\n"
+        "the palette nor given with --void is refused, naming the file, the colour and its pixel count; nothing\n"
+        "is written then. Existing outputs are kept unless --overwrite.",
+        "  ovenet convert-labels masks/ labels/ --palette camvid --void 0,0,0\n"
+        "  ovenet convert-labels masks/train labels/train --palette my_colours.json   # [[r, g, b], ...]\n"
+        "  ovenet convert-labels masks/ labels/ --palette my_data.yaml   # a config's data.palette",
+    )
+    p.add_argument("sources", nargs="+", metavar="SRC", help="colour mask files or folders")
+    p.add_argument("out", metavar="OUT", help="output folder (a folder's files keep their relative paths)")
+    p.add_argument("--palette", required=True, metavar="NAME|FILE",
+                   help="class colours: a dataset (camvid, cityscapes, ade20k, acdc), a JSON/YAML list of [r, g, b] "
+                        "in class order, or a config with data.palette")
+    p.add_argument("--void", action="append", metavar="R,G,B",
+                   help="a colour of void/unlabelled pixels, written as 255 (ignored in training); repeat for more")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+
+
+def cmd_convert_labels(args: argparse.Namespace) -> int:
+    from ovenet.data.convert import convert_labels, load_palette, parse_colour
+
+    palette = load_palette(args.palette)
+    void = [parse_colour(text) for text in args.void or ()]
+    check_output_folder(args.out, "OUT", "id PNGs")
+    written = convert_labels(args.sources, args.out, palette, void, overwrite=args.overwrite)
+    print(f"wrote {len(written)} id PNG(s) with {len(palette)} classes to {args.out}"
+          + (f" ({len(void)} void colour(s) as 255)" if void else ""))
     return 0
 
 
@@ -605,7 +659,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             print(f"{key}: {'the training config, as JSON' if key == 'config' else value}")
         return 0
     from ovenet import checkpoint as ckpt_io
-    from ovenet.data import dataset_info
+    from ovenet.data import class_info
 
     raw = ckpt_io.read(checkpoint)
     model = ckpt_io.load(checkpoint, "cpu")
@@ -622,7 +676,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     branch = sum(p.numel() for part in (model.offset_branch, model.offset_head) if part is not None
                  for p in part.parameters())
     try:
-        _, names, _ = dataset_info(cfg.data.name, cfg.data.num_classes or m.num_classes)
+        _, names, _ = class_info(cfg.data, m.num_classes)
     except OvenetError:
         names = []
     rows = [

@@ -22,7 +22,8 @@ PROG = "ovenet"
 COMMANDS_TAKING_OVERRIDES = ("train", "eval", "predict", "check-data", "configs", "quickstart")
 # Each subcommand's parser is built next to its command in ovenet.cli.commands.
 SUBCOMMANDS = (commands.add_train_parser, commands.add_eval_parser, commands.add_predict_parser,
-               commands.add_export_parser, commands.add_convert_official_parser, commands.add_check_data_parser,
+               commands.add_export_parser, commands.add_convert_official_parser, commands.add_convert_labels_parser,
+               commands.add_check_data_parser,
                commands.add_configs_parser, commands.add_info_parser, commands.add_report_parser,
                commands.add_quickstart_parser)
 

@@ -20,7 +20,14 @@ from ovenet.data.cityscapes import (
     CityscapesDataset,
     trainid_to_labelid,
 )
-from ovenet.data.factory import DATASET_NAMES, build_dataset, build_transform, dataset_info
+from ovenet.data.factory import (
+    DATASET_NAMES,
+    build_dataset,
+    build_transform,
+    check_splits_apart,
+    class_info,
+    dataset_info,
+)
 from ovenet.data.folder import FolderDataset, ListDataset
 from ovenet.data.loader import build_loader, collate_samples, seed_worker
 from ovenet.data.synthetic import SyntheticScenes
@@ -54,6 +61,8 @@ __all__ = [
     "build_loader",
     "build_transform",
     "check_dataset",
+    "check_splits_apart",
+    "class_info",
     "collate_samples",
     "dataset_info",
     "denormalize",

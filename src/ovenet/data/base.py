@@ -54,20 +54,48 @@ def read_image(path: str | Path) -> np.ndarray:
     return np.asarray(rgb)
 
 
+# JPEG's lossy compression blurs region edges into values between the ids (a 3 next to a 7 becomes 4, 5, 6).
+_LOSSY_FORMATS = ("JPEG", "MPO")
+_NOT_JPEG_FIX = ("JPEG compression changes the ids at region edges, so label maps must be lossless: save the "
+                 "original ids as PNG (or convert colour masks with `ovenet convert-labels`)")
+
+
+def label_elsewhere(expected: Path) -> Path | None:
+    """A file with the stem of the missing label ``expected`` but another image suffix (``a.jpg`` for ``a.png``)."""
+    for suffix in IMAGE_EXTENSIONS:
+        for candidate in (expected.with_suffix(suffix), expected.with_suffix(suffix.upper())):
+            if candidate != expected and candidate.is_file():
+                return candidate
+    return None
+
+
+def missing_label_message(expected: Path, what: str = "label") -> str:
+    """Why ``expected`` is not there: a label saved under another suffix is named (JPEG is refused, not missed)."""
+    found = label_elsewhere(Path(expected))
+    if found is None:
+        return f"{what} file {expected} does not exist; check the dataset root"
+    if found.suffix.lower() in (".jpg", ".jpeg"):
+        return f"{what} {expected} is missing but {found} exists, a JPEG; {_NOT_JPEG_FIX}"
+    return (f"{what} {expected} is missing but {found} exists; labels are read as {expected.suffix} files: save it "
+            f"as {expected.name}")
+
+
 def read_label_map(path: str | Path, what: str = "label") -> np.ndarray:
     """Decode a single-channel PNG of integer ids (8 or 16 bit) to an HxW array, or raise DataError."""
     try:
         with Image.open(path) as img:
+            if img.format in _LOSSY_FORMATS:
+                raise DataError(f"{what} file {path} is a JPEG; {_NOT_JPEG_FIX}")
             if img.mode not in ("L", "P", "I;16", "I;16L", "I;16B", "I", "1"):
                 raise DataError(
                     f"{what} file {path} has image mode {img.mode}; expected a single-channel PNG of integer ids "
-                    "(a colour-coded mask must first be converted to ids)"
+                    "(a colour-coded mask: convert it with `ovenet convert-labels MASKS OUT --palette NAME|FILE`)"
                 )
             img.load()
             # P images hold palette indices, which are the ids; asarray returns them directly.
             array = np.asarray(img)
     except FileNotFoundError:
-        raise DataError(f"{what} file {path} does not exist; check the dataset root") from None
+        raise DataError(missing_label_message(Path(path), what)) from None
     except _DECODE_ERRORS as exc:
         raise DataError(
             f"cannot decode {what} {path} ({exc}); the file is corrupt or truncated, replace it"
@@ -91,7 +119,8 @@ class LabelTable:
 
     _INVALID = 0xFFFF  # a uint16 lookup leaves room for an "invalid" marker above every uint8 train id
 
-    def __init__(self, mapping: Mapping[int, int], description: str):
+    def __init__(self, mapping: Mapping[int, int], description: str,
+                 fix: Callable[[list[int]], str] | None = None):
         size = max(max(mapping, default=0) + 1, 256)
         self.lookup = np.full(size, self._INVALID, dtype=np.uint16)
         for raw, train_id in mapping.items():
@@ -99,6 +128,7 @@ class LabelTable:
                 raise ValueError(f"train id {train_id} for raw value {raw} does not fit in uint8")
             self.lookup[raw] = train_id
         self.description = description
+        self.fix = fix or (lambda bad_values: "fix or regenerate the file")
 
     def __call__(self, raw: np.ndarray, path: str | Path) -> np.ndarray:
         if raw.size == 0:
@@ -114,7 +144,7 @@ class LabelTable:
         bad = np.unique(raw[bad_mask])
         raise DataError(
             f"label {path} contains values {_format_values(bad)} outside {self.description}; "
-            "fix or regenerate the file"
+            f"{self.fix([int(v) for v in bad])}"
         )
 
 
@@ -172,6 +202,8 @@ def missing_label_error(missing: Sequence[tuple[Path, Path]]) -> DataError:
     """One-line error for images without a label: the first one in full, the rest counted."""
     image, label = missing[0]
     others = f" (and {len(missing) - 1} more images without labels)" if len(missing) > 1 else ""
+    if label_elsewhere(label) is not None:
+        return DataError(f"no label for image {image}: {missing_label_message(label)}{others}")
     return DataError(f"no label for image {image}: expected {label}{others}")
 
 
@@ -281,11 +313,17 @@ def pairs_to_samples(pairs: list[tuple[Path, Path | None]], name_root: Path) -> 
 def check_dataset(dataset: Dataset, progress: bool = False) -> list[str]:
     """Load every sample and return one line per problem found (empty list: the dataset is clean).
 
-    Unlike iterating the dataset, this does not stop at the first broken file.
+    Unlike iterating the dataset, this does not stop at the first broken file. The same problem in many files
+    (every CamVid label holding the void id 11) is one line: the first file, and how many more.
     """
-    problems: list[str] = []
+    return [line for line, _ in collect_problems(dataset, progress)]
+
+
+def collect_problems(dataset: Dataset, progress: bool = False) -> list[tuple[str, int]]:
+    """``(line, files)`` per distinct problem of :func:`check_dataset`: the first file's message, naming how many
+    more files have the same one (the same message once the file names are taken out)."""
     if len(dataset) == 0:
-        return [f"{dataset!r} has no samples"]
+        return [(f"{dataset!r} has no samples", 1)]
     indices: Iterable[int] = range(len(dataset))
     if progress:
         from tqdm import tqdm
@@ -293,12 +331,23 @@ def check_dataset(dataset: Dataset, progress: bool = False) -> list[str]:
         indices = tqdm(indices, desc="checking", unit="sample")
     # load() skips the transform: validation is about the files, and it is faster.
     load = dataset.load if isinstance(dataset, SegmentationDataset) else dataset.__getitem__
+    samples = getattr(dataset, "samples", None)
+    groups: dict[str, list[str]] = {}
     for index in indices:
         try:
             load(index)
         except DataError as exc:
-            problems.append(str(exc))
-    return problems
+            message = template = str(exc)
+            if samples is not None:
+                files = samples[index]
+                for path in (files.label, files.instance, files.image):
+                    if path is not None:
+                        template = template.replace(str(path), "<file>")
+            groups.setdefault(template, []).append(message)
+    def more(count: int) -> str:
+        return f" (the same in {count} more file{'s' if count > 1 else ''})" if count else ""
+
+    return [(messages[0] + more(len(messages) - 1), len(messages)) for messages in groups.values()]
 
 
 def to_numpy(array: np.ndarray | torch.Tensor) -> np.ndarray:

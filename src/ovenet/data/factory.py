@@ -19,7 +19,7 @@ from ovenet.data.synthetic import SyntheticScenes, synthetic_class_info
 from ovenet.data.transforms import EvalTransform, TrainTransform
 from ovenet.errors import ConfigError
 
-__all__ = ["DATASET_NAMES", "build_dataset", "build_transform", "dataset_info"]
+__all__ = ["DATASET_NAMES", "build_dataset", "build_transform", "check_splits_apart", "class_info", "dataset_info"]
 
 
 def build_transform(cfg: DataConfig, train: bool, label_resolution: Literal["original", "official"] = "original"
@@ -81,6 +81,8 @@ def build_dataset(cfg: DataConfig, split: str | None = None, train: bool = True,
         raise ConfigError(
             f"data.num_classes is {cfg.num_classes} but {name} has {dataset.num_classes} classes; fix or drop it"
         )
+    if cfg.palette is not None:  # the user's colours over the dataset's own
+        dataset.palette = class_info(cfg, dataset.num_classes)[2]
     return dataset
 
 
@@ -99,7 +101,8 @@ def _build_user_dataset(cfg: DataConfig, split: str, transform) -> SegmentationD
 
     if cfg.num_classes is None:
         raise ConfigError(f"data.num_classes is required for dataset '{cfg.name}'")
-    common = {"num_classes": cfg.num_classes, "class_names": cfg.class_names, "label_map": cfg.label_map}
+    common = {"num_classes": cfg.num_classes, "class_names": cfg.class_names, "label_map": cfg.label_map,
+              "ignore_ids": cfg.ignore_ids, "palette": cfg.palette}
     if cfg.name == "folder":
         return FolderDataset(path("image_dir", True), path("label_dir", False), transform, **common)
     return ListDataset(path("list_file", True), root, transform, **common)
@@ -124,3 +127,53 @@ def dataset_info(
             raise ConfigError(f"data.num_classes is required for dataset '{name}'")
         return num_classes, [f"class_{i}" for i in range(num_classes)], generic_palette(num_classes)
     raise ConfigError(f"data.name '{name}' is unknown; use one of {', '.join(DATASET_NAMES)}")
+
+
+def class_info(cfg: DataConfig, num_classes: int | None = None) -> tuple[int, list[str], list[tuple[int, int, int]]]:
+    """:func:`dataset_info` with the config's own ``data.class_names`` and ``data.palette`` where it sets them:
+    what predict, export, info and the report show for this config's data."""
+    count, names, palette = dataset_info(cfg.name, cfg.num_classes or num_classes)
+    if cfg.class_names is not None and len(cfg.class_names) == count:
+        names = list(cfg.class_names)
+    if cfg.palette is not None:
+        if len(cfg.palette) < count:
+            raise ConfigError(f"data.palette has {len(cfg.palette)} colours for {count} classes; give one "
+                              "[r, g, b] per class")
+        palette = [(int(r), int(g), int(b)) for r, g, b in cfg.palette[:count]]
+    return count, names, palette
+
+
+def _where(dataset: SegmentationDataset) -> str:
+    """The folder or list file a dataset's images come from, as the user set it."""
+    for attribute in ("image_dir", "list_file", "root"):
+        if getattr(dataset, attribute, None) is not None:
+            return str(getattr(dataset, attribute))
+    return repr(dataset)
+
+
+def check_splits_apart(cfg: DataConfig, train_set: SegmentationDataset, val_set: SegmentationDataset) -> str | None:
+    """Refuse (ConfigError) a validation set that is, or shares images with, the training set: its mIoU would
+    measure memory, not generalisation. With ``data.allow_val_overlap`` the overlap is allowed and described
+    (the returned line, for a warning); None when the splits are apart or have no files (synthetic scenes)."""
+    train_files = {files.image.resolve() for files in getattr(train_set, "samples", ()) if files.image is not None}
+    val_files = [files.image.resolve() for files in getattr(val_set, "samples", ()) if files.image is not None]
+    shared = [path for path in val_files if path in train_files]
+    if not shared:
+        return None
+    key = "data.list_file" if cfg.name == "list" else "data.image_dir" if cfg.name == "folder" else "data.val_split"
+    train_at, val_at = _where(train_set), _where(val_set)
+    if len(shared) == len(val_files):
+        what = (f"the validation set ({cfg.val_split}: {val_at}) is the training set ({cfg.train_split}: {train_at})"
+                if len(val_files) == len(train_files) else
+                f"every validation image ({cfg.val_split}: {val_at}) is also a training image ({cfg.train_split}: "
+                f"{train_at})")
+    else:
+        what = (f"{len(shared)} of the {len(val_files)} validation images ({cfg.val_split}: {val_at}) are also "
+                f"training images ({cfg.train_split}: {train_at}), e.g. {shared[0]}")
+    if cfg.allow_val_overlap:
+        return f"{what}: validation scores training images (data.allow_val_overlap=true)"
+    fix = ("put {split} in " + key + " (e.g. images/{split}, labels/{split}) so that each split has its own folder"
+           if cfg.name in ("folder", "list") and "{split}" not in str(getattr(cfg, key.split(".")[1]) or "")
+           else f"give the validation split its own images ({key})")
+    raise ConfigError(f"{what}, so validation would score images the model trained on; {fix}, or set "
+                      "data.allow_val_overlap=true to validate on training images knowingly")

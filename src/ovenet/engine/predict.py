@@ -160,13 +160,14 @@ def predict_files(
 
     Returns the files written, with ``already_done`` (kept from an earlier run; ``overwrite`` redoes them) and
     ``skipped`` (unreadable inputs, with ``skip_bad``; without it the first one raises :class:`DataError`).
-    ``palette`` defaults to the palette of ``dataset_name`` (Cityscapes by default). ``save``: the kinds to write
-    (default: every kind that applies to the model); asking for one that does not apply is an error. ``progress``:
+    ``palette`` defaults to the model's config's ``data.palette`` when it sets one, else to the palette of
+    ``dataset_name`` (Cityscapes by default). ``save``: the kinds to write (default: every kind that applies to
+    the model); asking for one that does not apply is an error. ``progress``:
     a bar on a terminal, otherwise a line every few seconds with images/s and the ETA. ``scales``, ``flip``,
     ``mode``, ``crop_size`` default to the checkpoint's eval settings, and images are resized as eval resizes
     them unless ``native_size`` (see :func:`ovenet.inference.predict`).
     """
-    from ovenet.data import dataset_info
+    from ovenet.data import class_info, dataset_info
     from ovenet.data.base import generic_palette
 
     out_dir = Path(out_dir)
@@ -178,8 +179,10 @@ def predict_files(
     if not kinds:
         raise OvenetError("nothing to write: choose at least one of " + ", ".join(SAVE_KINDS))
     if palette is None:
+        data = getattr(getattr(model, "config", None), "data", None)  # a checkpoint's config: its data.palette
         try:
-            palette = dataset_info(dataset_name, num_classes)[2]
+            palette = (class_info(data, num_classes)[2] if getattr(data, "palette", None) is not None
+                       else dataset_info(dataset_name, num_classes)[2])
         except OvenetError:
             palette = []
     if len(palette) < num_classes:

@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 
 from .. import checkpoint
 from ..config import Config, save_config
-from ..data import build_dataset, build_loader
+from ..data import build_dataset, build_loader, check_splits_apart
 from ..data.loader import SkipBadSamples, build_train_loader
 from ..data.training import ResumableSampler, epoch_batches, loader_error
 from ..device import resolve_device
@@ -435,7 +435,7 @@ def setup(cfg: Config, resume: str | Path | None, run_dir: Path, info: D.DistInf
         )
         tb.close()
         return None
-    val_loader = _val_loader(cfg, info, log)
+    val_loader = _val_loader(cfg, info, log, dataset)
 
     # Model, loss, optimiser.
     model = build_model(cfg.model).set_activation_checkpointing(t.activation_checkpointing)
@@ -516,10 +516,14 @@ def _seed_everything(seed: int) -> None:
     np.random.seed(seed)
 
 
-def _val_loader(cfg: Config, info: D.DistInfo, log: Any) -> Any:
-    """The validation loader, or None (said in the log) when the split cannot be loaded: training goes on."""
+def _val_loader(cfg: Config, info: D.DistInfo, log: Any, train_set: Any) -> Any:
+    """The validation loader, or None (said in the log) when the split cannot be loaded: training goes on.
+    A validation split that shares images with ``train_set`` is refused (ConfigError, not swallowed here)."""
     try:
         val_set = build_dataset(cfg.data, train=False, label_resolution=cfg.eval.label_resolution)
+        overlap = check_splits_apart(cfg.data, train_set, val_set)
+        if overlap:
+            log.warning(overlap)
         if not getattr(val_set, "has_labels", True):
             raise DataError(f"the {cfg.data.val_split} split has no labels")
         if cfg.train.bad_sample == "skip":
