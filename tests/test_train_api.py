@@ -168,3 +168,34 @@ def test_modules_that_cannot_train_get_one_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="predicts 5 classes but the synthetic training set has 8; build it with 8"):
         ovenet.train("quickstart", tmp_path / "classes", model=snippet_net(num_classes=5), overrides=SMALL)
     assert not (tmp_path / "tensor").exists() and not (tmp_path / "classes").exists()  # nothing left behind
+
+
+class PlainNet(nn.Module):
+    """A module of no ovenet class, returning a SegOutput without offsets: load gives it what predict reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+
+    def forward(self, x):
+        logits = self.conv(x)[..., ::4, ::4]
+        return ovenet.SegOutput(logits_initial=logits, logits_final=logits)
+
+
+def test_load_gives_a_plain_module_what_ovenets_networks_carry(tmp_path):
+    cfg = ovenet.load_config("quickstart", [*SMALL, "model.offset.enabled=false", "model.align_corners=false"])
+    trained = PlainNet()
+    path = checkpoint.save(tmp_path / "plain.pth", trained, cfg, **checkpoint.custom_network_marks(trained))
+    with pytest.raises(CheckpointError, match=r"test_train_api.PlainNet\); load it in Python: .*model=PlainNet"):
+        ovenet.load(path)
+    net = ovenet.load(path, model=PlainNet())
+    assert torch.equal(net.conv.weight, trained.conv.weight) and not net.training
+    assert (net.num_classes, net.align_corners, net.is_ovenet) == (8, False, False)
+    image = torch.rand(3, 32, 48)
+    result = net.predict(image)  # the eval settings of its config: whole image, one scale
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    with torch.no_grad():
+        logits = net(((image - mean) / std)[None]).logits_final
+    expected = torch.nn.functional.interpolate(logits, size=(32, 48), mode="bilinear").argmax(1)[0]
+    assert torch.equal(torch.as_tensor(result.labels).long(), expected) and result.offsets is None
