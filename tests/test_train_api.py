@@ -66,7 +66,7 @@ def straight(tmp_path_factory):
     return run_dir
 
 
-def test_interrupted_custom_run_resumes_exactly(tmp_path, monkeypatch, straight):
+def test_interrupted_custom_run_resumes_exactly(tmp_path, monkeypatch, capsys, straight):
     run_dir = tmp_path / "run"
     real_step, calls = train_mod.train_step, []
 
@@ -91,7 +91,10 @@ def test_interrupted_custom_run_resumes_exactly(tmp_path, monkeypatch, straight)
     with pytest.raises(CheckpointError, match=r"holds weights of a custom network \(ovenet.models.segmenter."
                                               r"OffsetSegmenter\); resume it in Python, passing the model"):
         ovenet.train("quickstart", run_dir, overrides=SMALL, resume="auto")
+    capsys.readouterr()
     assert main(["train", str(run_dir), "--resume", "auto"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "custom network" in err and "model=OffsetSegmenter(...), resume='auto')" in err
     assert (run_dir / "train.log").read_text() == log_before
 
     # Resumed into a freshly built module (other initial weights): the checkpoint's weights and state continue.
