@@ -6,11 +6,15 @@ An ovenet checkpoint is a ``torch.save``'d dict read back with ``weights_only=Tr
      ... training state (optimizer, scheduler, scaler, iteration, rng, ...) for run checkpoints}
 
 so every checkpoint, a converted official one or a training run's ``last``/``best``, loads with :func:`load`.
+A run that trained a network of the user's own (``ovenet.train(..., model=...)``) adds ``"network": "custom"`` and
+``"network_class": "package.module.ClassName"``: its config's model section does not build that network, so
+:func:`load` needs the module (``load(path, model=MyNet(...))``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import pickle
 import random
@@ -28,10 +32,11 @@ from torch import nn
 from .config import Config, apply_overrides, from_dict
 from .device import resolve_device
 from .errors import CheckpointError, ConfigError
-from .models import OVeNet, build_model
+from .models import build_model
 
 FORMAT = "ovenet"
 VERSION = 1
+CUSTOM_NETWORK = "custom"  # the "network" of a checkpoint whose weights belong to a network the config cannot build
 
 
 def atomic_save(obj: Any, path: str | Path) -> Path:
@@ -137,8 +142,37 @@ def unreadable_reason(path: Path, error: Exception) -> str:
             "another checkpoint")
 
 
-def load_state(model: nn.Module, state: dict, source: str = "checkpoint") -> None:
-    """``load_state_dict(strict=True)`` whose error names the missing/unexpected/mis-shaped keys."""
+def class_path(model: nn.Module) -> str:
+    """``package.module.ClassName`` of a module (under any DDP or torch.compile wrapper)."""
+    model = getattr(model, "module", model)
+    cls = type(getattr(model, "_orig_mod", model))
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def custom_network_marks(model: nn.Module) -> dict[str, str]:
+    """What a checkpoint of a user's own ``model`` records besides its weights: that the config does not build it,
+    and its class (for the messages that say how to load it)."""
+    return {"network": CUSTOM_NETWORK, "network_class": class_path(model)}
+
+
+def custom_network(ckpt: dict) -> str | None:
+    """The class path of the user's network a checkpoint holds, or None for a network its config builds."""
+    if ckpt.get("network") != CUSTOM_NETWORK:
+        return None
+    return str(ckpt.get("network_class") or "unknown class")
+
+
+def custom_network_message(path: str | Path, class_path: str) -> str:
+    """The one line for a custom network's checkpoint used where ovenet would build the network itself."""
+    name = class_path.rsplit(".", 1)[-1]
+    return (f"checkpoint {path} holds weights of a custom network ({class_path}); load it in Python: "
+            f"ovenet.load({str(path)!r}, model={name}(...))")
+
+
+def load_state(model: nn.Module, state: dict, source: str = "checkpoint",
+               fix: str = "check that the config's architecture, head, offset branch and num_classes match the "
+                          "checkpoint") -> None:
+    """``load_state_dict(strict=True)`` whose error names the missing/unexpected/mis-shaped keys (then ``fix``)."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -149,19 +183,31 @@ def load_state(model: nn.Module, state: dict, source: str = "checkpoint") -> Non
         for name, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
             if keys:
                 parts.append(f"{len(keys)} {name} (e.g. {', '.join(keys[:3])})")
-        raise CheckpointError(f"{source} does not fit the model: {'; '.join(parts)}; check that the config's "
-                              "architecture, head, offset branch and num_classes match the checkpoint")
+        raise CheckpointError(f"{source} does not fit the model: {'; '.join(parts)}; {fix}")
     model.load_state_dict(state)
 
 
-def load(path: str | Path, device: str | torch.device = "cpu", overrides: list[str] | None = None) -> OVeNet:
+def load(path: str | Path, device: str | torch.device = "cpu", overrides: list[str] | None = None,
+         model: nn.Module | None = None) -> nn.Module:
     """The model of any ovenet checkpoint, in eval mode, on ``device``.
 
     ``overrides`` (dotted ``model.*`` keys) may change inference-only options such as ``model.offset.sampling``.
     ``device`` is ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (or a ``torch.device``).
+
+    ``model``: a module you built to receive the weights (strictly: every key and shape must match), needed for
+    the checkpoint of a network of your own (``ovenet.train(..., model=...)``). It is returned itself, in eval mode,
+    with what ovenet's own networks carry when the module lacks it: ``config`` (the run's config: ``predict`` runs
+    the image as validation did), ``num_classes``, ``align_corners``, ``is_ovenet`` and a ``predict`` method
+    (:func:`ovenet.inference.predict`).
     """
     device = resolve_device(device)  # before reading: a missing GPU is the first thing to tell
     ckpt = read(path)
+    custom = custom_network(ckpt)
+    if custom is not None and model is None:
+        raise CheckpointError(custom_network_message(path, custom))
+    if model is not None and overrides:
+        raise CheckpointError("load(model=...) takes the module as you built it: model.* overrides change only "
+                              "the networks ovenet builds; build your module with the options you want instead")
     try:
         cfg = from_dict(apply_overrides(ckpt["config"], overrides or []))
     except ConfigError as e:
@@ -169,10 +215,30 @@ def load(path: str | Path, device: str | torch.device = "cpu", overrides: list[s
     cfg.model.pretrained = None
     cfg.model.init_from = None  # the weights are this checkpoint's
     cfg.model.freeze_main = False
-    model = build_model(cfg.model)
-    load_state(model, ckpt["model"], f"checkpoint '{path}'")
+    if model is None:
+        model = build_model(cfg.model)
+        load_state(model, ckpt["model"], f"checkpoint '{path}'")
+    else:
+        fix = (f"build the module as it was trained ({custom})" if custom else
+               "the checkpoint holds ovenet's own network: load it without model=, or build the same network")
+        load_state(model, ckpt["model"], f"checkpoint '{path}'", fix)
+        _add_model_facts(model, cfg)
     model.config = cfg
     return model.to(device).eval()
+
+
+def _add_model_facts(model: nn.Module, cfg: Config) -> None:
+    """Give a user's module what ovenet's inference reads from its own networks, where the module lacks it:
+    the values its training used (``ovenet.train`` recorded them in the config)."""
+    facts = {"num_classes": cfg.model.num_classes, "align_corners": cfg.model.align_corners,
+             "is_ovenet": cfg.model.offset.enabled}
+    for name, value in facts.items():
+        if not hasattr(model, name):
+            setattr(model, name, value)
+    if not hasattr(model, "predict"):
+        from .inference import predict
+
+        model.predict = functools.partial(predict, model)
 
 
 # --- training state: RNG streams, resuming -------------------------------------------------------------------

@@ -10,6 +10,7 @@ confidence. ``data.json`` beside the page holds every number the figures plot. P
 
 from __future__ import annotations
 
+import copy
 import html
 import json
 import math
@@ -76,8 +77,9 @@ def normalised_confusion(counts: list[list[int]]) -> np.ndarray:
 
 def build_report(run_dir: str | Path, out_dir: str | Path | None = None, compare: str | Path | None = None,
                  gallery: int = 4, data_root: str | None = None, device: str = "cpu",
-                 metrics_path: str | Path | None = None) -> Path:
-    """Write the report of ``run_dir`` into ``out_dir`` (default ``run_dir/report``); returns index.html."""
+                 metrics_path: str | Path | None = None, model: Any = None) -> Path:
+    """Write the report of ``run_dir`` into ``out_dir`` (default ``run_dir/report``); returns index.html.
+    ``model``: a module to load the gallery's checkpoint into (a copy of it), for a network of the user's own."""
     plt = require_matplotlib()
     run_dir = Path(run_dir)
     if not (run_dir / "train.log").is_file() and not any((run_dir / n).is_file() for n in METRIC_FILES):
@@ -105,7 +107,7 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, compare
             data["confusion_normalised"] = [[None if math.isnan(v) else v for v in row] for row in matrix.tolist()]
             sections.append(_confusion_section(plt, names, matrix, out))
     if gallery > 0:
-        shown, note = _gallery(plt, run_dir, gallery, data_root, device, out)
+        shown, note = _gallery(plt, run_dir, gallery, data_root, device, out, model)
         data["gallery"] = shown
         sections.append(_gallery_section(shown, note))
     (out / "data.json").write_text(json.dumps(data, indent=1) + "\n")
@@ -179,8 +181,8 @@ def _confusion_section(plt: Any, names: list[str], matrix: np.ndarray, out: Path
     return '<h2>Confusion matrix</h2><img src="confusion.png" alt="normalised confusion matrix">'
 
 
-def _gallery(plt: Any, run_dir: Path, count: int, data_root: str | None, device: str, out: Path
-             ) -> tuple[list[dict], str]:
+def _gallery(plt: Any, run_dir: Path, count: int, data_root: str | None, device: str, out: Path,
+             own_model: Any = None) -> tuple[list[dict], str]:
     """Up to ``count`` val images through the run's best (else last) checkpoint; a note instead when the
     checkpoint or the data cannot be read (the rest of the report stands)."""
     from . import checkpoint
@@ -192,7 +194,7 @@ def _gallery(plt: Any, run_dir: Path, count: int, data_root: str | None, device:
     if ckpt is None:
         return [], "no checkpoint in the run folder yet"
     try:
-        model = checkpoint.load(ckpt, device)
+        model = checkpoint.load(ckpt, device, model=None if own_model is None else copy.deepcopy(own_model))
         cfg = model.config
         if data_root is not None:
             cfg.data.root = data_root

@@ -49,6 +49,7 @@ from ..models.hrnet import HighResolutionModule
 from ..threads import take_note
 from ..weights import load_initial_weights
 from . import distributed as D
+from .custom_model import check_data_classes, check_resume_network, custom_model_config
 from .evaluate import json_safe
 from .guards import (
     DeferredWorkerCheck,
@@ -86,6 +87,7 @@ def train(
     run_dir: Path | None = None,
     overwrite: bool = False,
     stop: StopRequest | None = None,
+    model: nn.Module | None = None,
 ) -> Path:
     """Train ``cfg`` (optionally resuming from a checkpoint, or ``"auto"`` = ``run_dir/last.pth`` if present).
 
@@ -93,13 +95,14 @@ def train(
     removes them before the first step). Returns the run folder (default ``output_dir/name``). Raises
     :class:`OvenetError` for user-caused failures and :class:`~ovenet.engine.guards.TrainingInterrupted` (exit code 130/143) after a
     SIGINT/SIGTERM stop. ``stop``: a :class:`~ovenet.engine.guards.StopRequest` the caller may fire (e.g. a time budget); the loop
-    then saves ``last.pth`` and returns normally.
+    then saves ``last.pth`` and returns normally. ``model``: a network of the user's own to train instead of the
+    one ``cfg.model`` builds (see :mod:`ovenet.engine.custom_model` and ``ovenet.train``).
     """
     run_dir = Path(run_dir) if run_dir is not None else Path(cfg.output_dir) / cfg.name
     info = D.init_distributed(cfg.device, cfg.train.dist_timeout)
     deterministic_before = torch.are_deterministic_algorithms_enabled()
     try:
-        return _train(cfg, resume, run_dir, info, overwrite, stop)
+        return _train(cfg, resume, run_dir, info, overwrite, stop, model)
     except RuntimeError as exc:  # a peer died or hung: say so in one line, keep the checkpoint
         if not (info.distributed and lost_peers(exc)):
             raise
@@ -163,6 +166,7 @@ class Run:
     best_miou: float | None = None
     skipped: list[str] = field(default_factory=list)
     saved_iteration: int | None = None  # the iteration last.pth holds
+    network: dict[str, str] = field(default_factory=dict)  # what a user's own network's checkpoints record
 
     def save(self, name: str, **extra: Any) -> None:
         if name == "last.pth" and self.info.is_main:
@@ -170,7 +174,8 @@ class Run:
         write_checkpoint(self.run_dir / name, self.raw_model, self.cfg, self.info, self.device,
                          optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
                          scaler=self.scaler.state_dict(), epoch=self.iteration // self.iters_per_epoch,
-                         iteration=self.iteration, best_miou=self.best_miou, skipped=list(self.skipped), **extra)
+                         iteration=self.iteration, best_miou=self.best_miou, skipped=list(self.skipped),
+                         **self.network, **extra)
         if name == "last.pth":
             self.saved_iteration = self.iteration
 
@@ -358,15 +363,16 @@ def _finish(run: Run, end: LoopEnd, stop: StopRequest | None) -> Path:
     if run.cfg.train.report and run.info.is_main:
         from ..report import report_if_possible
 
-        run.log.info(report_if_possible(run.run_dir, device=str(run.device)))
+        own = {"model": run.raw_model} if run.network else {}  # the config cannot build a user's network
+        run.log.info(report_if_possible(run.run_dir, device=str(run.device), **own))
     return run.run_dir
 
 
 def _train(cfg: Config, resume: str | Path | None, run_dir: Path, info: D.DistInfo, overwrite: bool = False,
-           stop: StopRequest | None = None) -> Path:
+           stop: StopRequest | None = None, model: nn.Module | None = None) -> Path:
     fresh_folder = not run_dir.exists()
     try:
-        run = setup(cfg, resume, run_dir, info, overwrite)
+        run = setup(cfg, resume, run_dir, info, overwrite, model)
     except BaseException:
         if fresh_folder and info.is_main:
             close_logger()
@@ -387,14 +393,16 @@ def _remove_failed_start(run_dir: Path) -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def setup(cfg: Config, resume: str | Path | None, run_dir: Path, info: D.DistInfo, overwrite: bool = False
-          ) -> Run | None:
+def setup(cfg: Config, resume: str | Path | None, run_dir: Path, info: D.DistInfo, overwrite: bool = False,
+          model: nn.Module | None = None) -> Run | None:
     """Check the run folder and the resume, then build data, model, loss and optimiser (restored from the
-    checkpoint when resuming). None when a resumed run has no iterations left (it says so)."""
+    checkpoint when resuming). None when a resumed run has no iterations left (it says so). ``model``: a network
+    of the user's own, trained instead of ``cfg.model``'s."""
     t = cfg.train
     device = resolve_device(cfg.device, info.local_rank)
     on_cuda = device.type == "cuda"
     cfg, precision = _recorded_precision(cfg, on_cuda)
+    cfg = custom_model_config(cfg, model, device) if model is not None else cfg
     t = cfg.train
     # On the CPU too: the CamVid pilot's step ran 1.15x faster at one thread, and only float rounding changes
     # (benchmarks/RESULTS.md, "CPU speed"; tests/test_cpu_defaults.py).
@@ -403,6 +411,7 @@ def setup(cfg: Config, resume: str | Path | None, run_dir: Path, info: D.DistInf
     # What this start does to the run folder is settled before anything is written: a refused start (a folder
     # holding another run, a resume whose config changes the model or data) leaves the folder as it was.
     ckpt = checkpoint.read_resume(resume, run_dir)
+    check_resume_network(ckpt, model)
     on_main_rank(info, lambda: check_run_folder(run_dir, resume, ckpt, overwrite))
     resume_diff = resume_changes(ckpt, cfg) if ckpt is not None else []
 
@@ -418,11 +427,7 @@ def setup(cfg: Config, resume: str | Path | None, run_dir: Path, info: D.DistInf
 
     # Data.
     dataset = build_dataset(cfg.data, train=True)
-    if dataset.num_classes != cfg.model.num_classes:
-        raise ConfigError(
-            f"model.num_classes is {cfg.model.num_classes} but the {cfg.data.name} training set has "
-            f"{dataset.num_classes} classes; set model.num_classes={dataset.num_classes}"
-        )
+    check_data_classes(cfg, dataset.num_classes, own_model=model is not None)
     loader, sampler = build_train_loader(dataset, t.batch_size, t.seed, t.bad_sample, cfg.data.num_workers,
                                          info.rank, info.world_size, pin_memory=on_cuda)
     iters_per_epoch = sampler.per_rank // t.batch_size
@@ -438,11 +443,8 @@ def setup(cfg: Config, resume: str | Path | None, run_dir: Path, info: D.DistInf
     val_loader = _val_loader(cfg, info, log, dataset)
 
     # Model, loss, optimiser.
-    model = build_model(cfg.model).set_activation_checkpointing(t.activation_checkpointing)
-    if ckpt is not None:
-        checkpoint.load_state(model, ckpt["model"], f"checkpoint {ckpt['path']}")
-    else:  # a resumed run has its weights already; a fresh one starts from model.pretrained, then model.init_from
-        load_initial_weights(model, cfg.model, log)
+    network = checkpoint.custom_network_marks(model) if model is not None else {}
+    model = _initial_model(cfg, model, ckpt, log)
     on_main_rank(info, lambda: check_free_space(run_dir, model))
     model.to(device)
     if channels_last:
@@ -457,14 +459,15 @@ def setup(cfg: Config, resume: str | Path | None, run_dir: Path, info: D.DistInf
     optimizer = build_optimizer(model, t)
     scheduler = build_scheduler(optimizer, total_iters, t.poly_power, t.warmup_iters)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    if on_cuda and info.is_main:  # will the step fit? A fake-tensor estimate, seconds on the CPU, no GPU memory
+    # Will the step fit? A fake-tensor estimate (seconds on the CPU, no GPU memory) of the network cfg.model builds.
+    if on_cuda and info.is_main and not network:
         from .memory import warn_if_over_memory
 
         warn_if_over_memory(model, cfg, device, log, ddp=info.distributed)
 
     run = Run(cfg, info, run_dir, device, log, tb, model, model, criterion, optimizer, scheduler, scaler, loader,
               sampler, val_loader, getattr(dataset, "palette", None), dataset.ignore_index, precision,
-              channels_last, iters_per_epoch, total_iters)
+              channels_last, iters_per_epoch, total_iters, network=network)
     if ckpt is not None:
         _restore(run, ckpt)
     if t.compile == "regional":
@@ -476,7 +479,8 @@ def setup(cfg: Config, resume: str | Path | None, run_dir: Path, info: D.DistInf
 
     n_params = sum(p.numel() for p in model.parameters())
     log.info(
-        f"run folder {run_dir} | {cfg.model.network} {cfg.model.head} offset={cfg.model.offset.enabled} "
+        f"run folder {run_dir} | {network.get('network_class') or f'{cfg.model.network} {cfg.model.head}'} "
+        f"offset={cfg.model.offset.enabled} "
         f"{n_params / 1e6:.2f}M params | {len(dataset)} train samples, {iters_per_epoch} it/epoch, "
         f"{total_iters} iterations | device {device}, {info.world_size} process(es), precision {precision}"
     )
@@ -485,6 +489,19 @@ def setup(cfg: Config, resume: str | Path | None, run_dir: Path, info: D.DistInf
         log.info(threads_note)
     on_main_rank(info, lambda: _start_writing(run, ckpt, overwrite, log_start))
     return run
+
+
+def _initial_model(cfg: Config, own: nn.Module | None, ckpt: dict | None, log: Any) -> nn.Module:
+    """The network to train: ``cfg.model``'s or the user's own, with the checkpoint's weights when resuming; a
+    fresh one starts from model.pretrained (ovenet's networks only), then model.init_from."""
+    model = build_model(cfg.model) if own is None else own
+    if own is None or cfg.train.activation_checkpointing:
+        model.set_activation_checkpointing(cfg.train.activation_checkpointing)
+    if ckpt is not None:
+        checkpoint.load_state(model, ckpt["model"], f"checkpoint {ckpt['path']}")
+    else:
+        load_initial_weights(model, cfg.model, log)
+    return model
 
 
 def _recorded_precision(cfg: Config, on_cuda: bool) -> tuple[Config, str]:
