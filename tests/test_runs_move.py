@@ -14,6 +14,8 @@ from test_train import tiny_config
 
 from ovenet import checkpoint
 from ovenet.cli.main import main
+from ovenet.config import DataConfig
+from ovenet.data.factory import absolute_data_paths
 from ovenet.engine.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -41,6 +43,16 @@ def _ovenet(capsys, *argv: str) -> tuple[int, str]:
     code = main(list(argv))
     out, err = capsys.readouterr()
     return code, out + err
+
+
+def test_paths_that_resolve_against_the_working_directory_become_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rooted = absolute_data_paths(DataConfig(name="folder", root="data/own", image_dir="images/{split}"))
+    assert (rooted.root, rooted.image_dir) == (str(tmp_path / "data" / "own"), "images/{split}")  # moves with root
+    bare = absolute_data_paths(DataConfig(name="list", root=None, list_file="../lists/{split}.txt",
+                                          image_dir="/abs/images"))
+    assert (bare.list_file, bare.image_dir) == (str(tmp_path.parent / "lists" / "{split}.txt"), "/abs/images")
+    assert absolute_data_paths(DataConfig(name="synthetic", root="data/x")).root == "data/x"  # reads no files
 
 
 @pytest.fixture
