@@ -15,10 +15,10 @@ per frame, and the overlay (or colour) frames as a video again, ``clip/clip_over
 
 Reruns continue: every PNG is written to a temporary name and renamed, so a file that exists is complete, and
 without ``overwrite`` an image (or video frame) whose outputs all exist is kept and not predicted again. The
-settings that made an output (a fingerprint of the weights and the model config, scales, flip, mode, ...) are
-recorded in the PNG itself (text chunk ``ovenet``); a rerun whose settings differ from those of the outputs it
-would keep is refused rather than mixing results, unless ``overwrite``. With ``skip_bad`` an unreadable input
-is passed over and reported instead of stopping the run.
+settings that made an output (a fingerprint of the weights, the same whichever runtime ran them, and the model
+config, precision, scales, flip, mode, ...) are recorded in the PNG itself (text chunk ``ovenet``); a rerun whose
+settings differ from those of the outputs it would keep is refused rather than mixing results, unless
+``overwrite``. With ``skip_bad`` an unreadable input is passed over and reported instead of stopping the run.
 """
 
 from __future__ import annotations
