@@ -109,6 +109,13 @@ def test_resume_refuses_moved_data_that_is_not_the_same(moved_run, tmp_path, cap
                            "train.iters=4")
     assert code == 2 and "4 vs 3 samples; sample 3 is img_3 here but another sample there" in output, output
 
+    # Data changed where it lies (a fixed or removed file, as the bad-sample message suggests) is no move: the
+    # resume goes on, and the log says what changed.
+    shutil.move(tmp_path / "b" / "moved", tmp_path / "a" / "data")
+    code, output = _ovenet(capsys, "train", "../a/run", "--resume", "auto", "train.iters=3")
+    assert code == 0, output
+    assert "the training data changed since" in (moved_run / "train.log").read_text()
+
 
 def test_a_checkpoint_without_data_identity_resumes_moved_data_with_a_warning(moved_run, capsys):
     last = checkpoint.read(moved_run / "last.pth")
