@@ -455,7 +455,8 @@ def test_train_says_it_finished_once(capsys, tmp_path):
 
 def test_predict_default_runtime_exports_once_and_only_when_it_pays(capsys, tiny_checkpoint, tmp_path, monkeypatch):
     """--runtime auto on the CPU: PyTorch until the pixels pay for an ONNX export, then ONNX Runtime with the export
-    kept in the cache; once cached, ONNX Runtime from fewer pixels (the session's cost), with no export."""
+    kept in the cache; once cached, ONNX Runtime from fewer pixels (the session's cost), with no export. Either
+    runtime, and an exported .onnx file, record the same weights fingerprint in the outputs they write."""
     pytest.importorskip("onnxruntime")
     from ovenet.cli import commands
 
@@ -470,16 +471,19 @@ def test_predict_default_runtime_exports_once_and_only_when_it_pays(capsys, tiny
         Image.fromarray(rng.integers(0, 255, (36, 40, 3), dtype=np.uint8)).save(folder / f"f{i:02d}.png")
     few = [str(folder / f"f{i:02d}.png") for i in range(3)]
 
-    def predict(*inputs: str, out: str) -> str:
-        code, stdout, err = run(capsys, "predict", str(tiny_checkpoint), *inputs, "--out", str(tmp_path / out),
+    def predict(*inputs: str, out: str, checkpoint: Path = tiny_checkpoint) -> str:
+        code, stdout, err = run(capsys, "predict", str(checkpoint), *inputs, "--out", str(tmp_path / out),
                                 "--save", "labels")
         assert code == 0, err
         return stdout
 
-    assert "runtime: torch on cpu (0.0 Mpx to segment: ONNX Runtime pays from" in predict(*few, out="few")
+    assert "runtime: torch on cpu (0.0 Mpx to segment: ONNX Runtime pays from" in predict(*few, out="all")
     assert not (tmp_path / "cache").exists()
-    assert "pay for the one-time ONNX export (then cached)" in predict(str(folder), out="all")
-    assert len(list((tmp_path / "cache" / "onnx").glob("*.onnx"))) == 1
+    # The same --out again with 9 images more: ONNX Runtime now pays, and the outputs PyTorch made are kept, since
+    # predict's settings record holds the weights' fingerprint, not the runtime (issue 25: "weights differ").
+    output = predict(str(folder), out="all")
+    assert "pay for the one-time ONNX export (then cached)" in output and "kept the outputs of 3 image(s)" in output
+    [cached_export] = (tmp_path / "cache" / "onnx").glob("*.onnx")
     from ovenet import export
 
     def no_export(*args, **kwargs):
@@ -488,9 +492,26 @@ def test_predict_default_runtime_exports_once_and_only_when_it_pays(capsys, tiny
     monkeypatch.setattr(export, "export_onnx", no_export)
     assert "runtime: torch on cpu" in predict(few[0], out="one")  # one image: the session costs more than it saves
     assert "pay for the cached ONNX export's session" in predict(*few, out="cached")
-    # Same labels from either runtime.
-    assert np.array_equal(np.asarray(Image.open(tmp_path / "cached" / "f00_labels.png")),
-                          np.asarray(Image.open(tmp_path / "few" / "f00_labels.png")))
+    # Same labels from either runtime (their logits differ by float rounding only).
+    assert "runtime: torch" in predict(str(folder), "--runtime", "torch", out="torch")
+    for i in range(12):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "all" / f"f{i:02d}_labels.png")),
+                              np.asarray(Image.open(tmp_path / "torch" / f"f{i:02d}_labels.png"))), i
+
+    # An .onnx export carries the checkpoint's fingerprint (the cached one is written as `ovenet export` writes
+    # its files): its rerun keeps every output. One from an older ovenet has none; its file hash stands for the
+    # weights, and the refusal says so and names the runtimes that match the checkpoint's outputs.
+    assert "kept the outputs of 12 image(s)" in predict(str(folder), out="all", checkpoint=cached_export)
+    import onnx
+
+    graph = onnx.load(str(cached_export))
+    kept = [p for p in graph.metadata_props if p.key != "weights_digest"]
+    del graph.metadata_props[:]
+    graph.metadata_props.extend(kept)
+    onnx.save(graph, str(tmp_path / "old.onnx"))
+    code, _, err = run(capsys, "predict", str(tmp_path / "old.onnx"), str(folder), "--out", str(tmp_path / "all"))
+    assert code == 2
+    assert_one_line_error(err, "(weights differ)", "known by its file hash", "--runtime torch")
 
 
 def test_check_data_lists_every_kind_of_problem_in_one_run(capsys, tmp_path):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import os
 import pickle
 import random
@@ -339,3 +340,17 @@ def _training_state(ckpt: dict, path: Path) -> dict:
         )
     ckpt["path"] = path
     return ckpt
+
+
+def weights_digest(model: nn.Module) -> str:
+    """A short fingerprint of ``model``'s weights (16 hex digits): the same for the same weights wherever they run,
+    so ``predict`` records it, and ONNX exports carry it for ONNX Runtime to report."""
+    digest = hashlib.sha256()
+    # A strided sample of every tensor identifies the weights (any two trained checkpoints differ nearly
+    # everywhere) at a small fraction of the cost of hashing them all.
+    for name, tensor in model.state_dict().items():
+        flat = tensor.detach().flatten()
+        sample = flat[:: max(1, flat.numel() // 256)].float().cpu().numpy()
+        digest.update(f"{name}{tuple(tensor.shape)}".encode())
+        digest.update(sample.tobytes())
+    return digest.hexdigest()[:16]

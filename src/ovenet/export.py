@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ovenet.checkpoint import weights_digest
 from ovenet.errors import OvenetError
 from ovenet.models import SegOutput
 
@@ -210,6 +211,8 @@ def onnx_metadata(model: nn.Module, outputs: Sequence[str], full_resolution: boo
                                             "sampling": cfg.model.offset.sampling}),
                  "align_corners": str(cfg.model.align_corners).lower(),
                  "config": json.dumps(cfg.to_dict())}  # the whole training config, as ovenet reads it back
+    # The checkpoint's fingerprint (predict's settings record): outputs of this file and of its checkpoint match.
+    meta["weights_digest"] = weights_digest(model)
     return meta
 
 
@@ -293,6 +296,10 @@ def _ort_outputs(model: nn.Module) -> tuple[str, ...]:
     return OUTPUT_NAMES if getattr(model, "is_ovenet", False) else ("logits",)
 
 
+# How the fingerprint of an .onnx file without ``weights_digest`` metadata begins (predict names the cause).
+ONNX_FILE_DIGEST = "onnx-file:"
+
+
 class OnnxRuntimeModel(nn.Module):
     """An ovenet model exported to ONNX and run by ONNX Runtime on the CPU, with the model's own interface:
     ``model(images)`` returns a :class:`~ovenet.models.SegOutput` (S_f, S_i, S_s, offsets, confidence), so
@@ -311,7 +318,7 @@ class OnnxRuntimeModel(nn.Module):
             import onnxruntime as ort
         except ImportError:
             raise OvenetError("--runtime onnxruntime needs onnxruntime: pip install 'ovenet[export]'") from None
-        self.source = model.eval()  # kept for its weights' identity (predict records it) and its settings
+        self.weights_digest = weights_digest(model)  # the checkpoint's: predict records the weights, not the runtime
         self.config = getattr(model, "config", None)
         self.num_classes = getattr(model, "num_classes", None)
         self.is_ovenet = bool(getattr(model, "is_ovenet", False))
@@ -352,7 +359,8 @@ class OnnxRuntimeModel(nn.Module):
 class OnnxFileModel(OnnxRuntimeModel):
     """An ONNX file that ``ovenet export`` wrote, run by ONNX Runtime with the model interface: its metadata holds
     the training config (classes, palette, eval settings), so ``ovenet predict model.onnx ...`` needs no
-    checkpoint. The file's SHA-256 stands for the weights in predict's settings record."""
+    checkpoint. Its ``weights_digest`` metadata is the checkpoint's fingerprint; an export from an older ovenet has
+    none, and its file's SHA-256 stands for the weights in predict's settings record (:data:`ONNX_FILE_DIGEST`)."""
 
     def __init__(self, path: str | Path, threads: int | None = None):
         nn.Module.__init__(self)
@@ -371,7 +379,7 @@ class OnnxFileModel(OnnxRuntimeModel):
         self.num_classes = self.config.model.num_classes
         self.is_ovenet = "offsets" in json.loads(meta["outputs"])
         self.align_corners = self.config.model.align_corners
-        digest = hashlib.sha256(path.read_bytes()).digest()
-        self.register_buffer("file_digest", torch.tensor(list(digest), dtype=torch.uint8))
+        self.weights_digest = meta.get("weights_digest") or \
+            ONNX_FILE_DIGEST + hashlib.sha256(path.read_bytes()).hexdigest()[:16]
         self.cached = True
         self._open(ort, path, threads)

@@ -122,9 +122,11 @@ def add_train_parser(command: AddCommand) -> None:
         "\n"
         "train refuses a run folder that holds checkpoints (last.pth, best.pth): continue that run with --resume\n"
         "auto, start it again with --overwrite (its checkpoints are removed), or pick another --run-dir. A resume\n"
-        "may change only train.iters/epochs, logging, checkpoint and validation intervals, device, data.num_workers\n"
-        "and eval settings (logged, and recorded in config.yaml); a change to the model, data, loss or optimiser is\n"
-        "refused. A resume with no iterations left says so and trains nothing (exit 0).",
+        "may change only train.iters/epochs, logging, checkpoint and validation intervals, device, data.num_workers,\n"
+        "the validation set and eval settings (logged, and recorded in config.yaml), and where the data lies\n"
+        "(--data-root NEW: the data there must be the same samples with the same file sizes); a change to the\n"
+        "model, data, loss or optimiser is refused. A resume with no iterations left says so and trains nothing\n"
+        "(exit 0).",
     )
     p.add_argument("config", metavar="CONFIG", help="YAML config path or shipped config name")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")

@@ -6,6 +6,8 @@ files fill in: there is no second table of defaults here.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -19,7 +21,8 @@ from ovenet.data.synthetic import SyntheticScenes, synthetic_class_info
 from ovenet.data.transforms import EvalTransform, TrainTransform
 from ovenet.errors import ConfigError
 
-__all__ = ["DATASET_NAMES", "build_dataset", "build_transform", "check_splits_apart", "class_info", "dataset_info"]
+__all__ = ["DATASET_NAMES", "absolute_data_paths", "build_dataset", "build_transform", "check_splits_apart",
+           "class_info", "dataset_info"]
 
 
 def build_transform(cfg: DataConfig, train: bool, label_resolution: Literal["original", "official"] = "original"
@@ -84,6 +87,22 @@ def build_dataset(cfg: DataConfig, split: str | None = None, train: bool = True,
     if cfg.palette is not None:  # the user's colours over the dataset's own
         dataset.palette = class_info(cfg, dataset.num_classes)[2]
     return dataset
+
+
+def absolute_data_paths(cfg: DataConfig) -> DataConfig:
+    """``cfg`` with the paths that resolve against the working directory made absolute: ``root``, and
+    ``image_dir``/``label_dir``/``list_file`` when no root holds them (below a root they stay relative, so they move
+    with it). A run's config then means the same data from any folder. Synthetic scenes read no files."""
+    if cfg.name == "synthetic":
+        return cfg
+
+    def absolute(value: str | None) -> str | None:
+        return None if value is None else os.path.abspath(value)
+
+    if cfg.root is not None:
+        return dataclasses.replace(cfg, root=absolute(cfg.root))
+    return dataclasses.replace(cfg, **{key: absolute(getattr(cfg, key))
+                                       for key in ("image_dir", "label_dir", "list_file")})
 
 
 def _build_user_dataset(cfg: DataConfig, split: str, transform) -> SegmentationDataset:

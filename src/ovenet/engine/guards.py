@@ -4,7 +4,8 @@ signals and requests, and the NaN watch.
 A run folder that holds checkpoints is never started over by accident: a fresh start there needs
 ``overwrite=True`` (``--overwrite``), which removes the old checkpoints first. A resume may change only
 :data:`RESUMABLE_KEYS` (how long, how it logs, where it runs); any other difference from the checkpoint's config
-is refused, so ``config.yaml`` and the checkpoints always describe the weights they hold.
+is refused, so ``config.yaml`` and the checkpoints always describe the weights they hold. The data may move
+(:data:`DATA_LOCATION_KEYS`): checkpoints record the data's identity, which a resume checks at the new place.
 
 Stopping: the first SIGINT/SIGTERM lets the current step finish, saves ``last.pth`` and raises
 :class:`TrainingInterrupted`, a ``SystemExit`` with code 128 + signal (130 for SIGINT, 143 for SIGTERM), which
@@ -16,6 +17,7 @@ without a signal, and ``train`` returns.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import os
 import shutil
@@ -50,7 +52,11 @@ RESUMABLE_KEYS = frozenset({
     "train.bad_sample", "train.compile", "train.channels_last", "train.deterministic",
     "train.activation_checkpointing", "loss.chunked",  # memory levers: same numbers, so a run can resume with them
     "eval.mode", "eval.crop_size", "eval.stride", "eval.scales", "eval.flip", "eval.boundary_width",
+    "data.val_samples", "data.val_split", "data.eval_resize_short",  # validation only: the weights never saw them
 })
+# Where the data lies. A resume may change them when the data found there is the data the checkpoint recorded
+# (:func:`check_same_data`): the run follows its data when the data moves.
+DATA_LOCATION_KEYS = frozenset({"data.root", "data.image_dir", "data.label_dir", "data.list_file"})
 
 
 class TrainingInterrupted(SystemExit):
@@ -237,23 +243,73 @@ def resume_changes(ckpt: dict, cfg: Config) -> list[tuple[str, Any, Any]]:
     :class:`ConfigError` naming them when any is outside :data:`RESUMABLE_KEYS`."""
     from ..config import _flatten, from_dict
 
+    from ..data.factory import absolute_data_paths
+
     try:  # through from_dict, so keys added since the checkpoint was written compare with their defaults
-        old = _flatten(from_dict(copy.deepcopy(ckpt["config"])).to_dict())
+        old_cfg = from_dict(copy.deepcopy(ckpt["config"]))
     except (ConfigError, KeyError, TypeError) as exc:
         raise CheckpointError(f"checkpoint {ckpt['path']} holds a config this version cannot read ({exc})") from None
-    new = _flatten(cfg.to_dict())
+    # An older checkpoint's relative data paths meant the working directory's, as now.
+    old_cfg.data = absolute_data_paths(old_cfg.data)
+    old, new = _flatten(old_cfg.to_dict()), _flatten(cfg.to_dict())
     changes = [(key, old.get(key), new.get(key)) for key in new if old.get(key) != new.get(key)]
-    refused = [change for change in changes if change[0] not in RESUMABLE_KEYS]
+    refused = [change for change in changes if change[0] not in RESUMABLE_KEYS | DATA_LOCATION_KEYS]
     if refused:
         shown = ", ".join(f"{key} {a} -> {b}" for key, a, b in refused[:6])
         more = f" and {len(refused) - 6} more" if len(refused) > 6 else ""
         raise ConfigError(
             f"cannot resume {ckpt['path']}: this config changes what its weights were trained with ({shown}{more}); "
             "resume with the original config (a resume may change only train.iters/epochs, logging, checkpoint "
-            "and validation intervals, device, data.num_workers and eval settings), or start a new run with "
+            "and validation intervals, device, data.num_workers, where the data lies, the validation set and eval "
+            "settings), or start a new run with "
             f"another --run-dir (model.init_from={ckpt['path']} starts from its weights)"
         )
     return changes
+
+
+def check_same_data(ckpt: dict, changes: list[tuple[str, Any, Any]], identity: dict, datasets: dict
+                    ) -> list[tuple[int, str]]:
+    """Compare the data found now (``identity`` of ``datasets``, see :mod:`ovenet.data.identity`) with the data
+    the checkpoint recorded. Data that moved (a changed :data:`DATA_LOCATION_KEYS` key) must be the same data,
+    else :class:`ConfigError`; data changed in place, or another validation set, is allowed with a warning.
+    Returns ``(logging level, message)`` lines for the log."""
+    from ..data.identity import identity_difference
+
+    moved = [(key, old, new) for key, old, new in changes if key in DATA_LOCATION_KEYS]
+    before = ", ".join(str(old) for _, old, _ in moved)
+    after = ", ".join(str(new) for _, _, new in moved)
+    recorded = ckpt.get("data_identity")
+    if recorded is None:
+        # Written before checkpoints recorded their data. Refusing would leave such a run no way to continue
+        # (the old place may be gone); the class count is still checked against the model, and the log says
+        # what could not be verified.
+        if not moved:
+            return []
+        return [(logging.WARNING, f"data moved from {before} to {after}: {ckpt['path']} was written by an older "
+                                  "ovenet that recorded no data identity, so it is not verified that this is the "
+                                  "data the run trained on")]
+    notes = []
+    difference = identity_difference(recorded["train"], identity["train"], datasets["train"])
+    if difference is not None and moved:
+        raise ConfigError(
+            f"cannot resume {ckpt['path']}: the training data at {after} is not the data it was trained on at "
+            f"{before} ({difference}); point --data-root (data.root) at that data, or train on this data as a "
+            f"new run from its weights: --run-dir NEW_DIR model.init_from={ckpt['path']}"
+        )
+    if difference is not None:
+        notes.append((logging.WARNING, f"the training data changed since {ckpt['path']} was written "
+                                       f"({difference}); the run continues on the data as it is now"))
+    elif moved:
+        notes.append((logging.INFO, f"data moved from {before} to {after}: same {identity['train']['samples']} "
+                                    "training samples"))
+    old_val, new_val = recorded.get("val"), identity["val"]
+    if old_val is not None and new_val is not None:
+        difference = identity_difference(old_val, new_val, datasets["val"])
+        if difference is not None:
+            notes.append((logging.WARNING, f"the validation set differs from the one {ckpt['path']} was validated "
+                                           f"on ({difference}): the best mIoU so far, which picks best.pth, was "
+                                           "scored on that one"))
+    return notes
 
 
 def check_free_space(run_dir: Path, model: nn.Module) -> None:

@@ -15,10 +15,10 @@ per frame, and the overlay (or colour) frames as a video again, ``clip/clip_over
 
 Reruns continue: every PNG is written to a temporary name and renamed, so a file that exists is complete, and
 without ``overwrite`` an image (or video frame) whose outputs all exist is kept and not predicted again. The
-settings that made an output (a fingerprint of the weights and the model config, scales, flip, mode, ...) are
-recorded in the PNG itself (text chunk ``ovenet``); a rerun whose settings differ from those of the outputs it
-would keep is refused rather than mixing results, unless ``overwrite``. With ``skip_bad`` an unreadable input
-is passed over and reported instead of stopping the run.
+settings that made an output (a fingerprint of the weights, the same whichever runtime ran them, and the model
+config, precision, scales, flip, mode, ...) are recorded in the PNG itself (text chunk ``ovenet``); a rerun whose
+settings differ from those of the outputs it would keep is refused rather than mixing results, unless
+``overwrite``. With ``skip_bad`` an unreadable input is passed over and reported instead of stopping the run.
 """
 
 from __future__ import annotations
@@ -35,9 +35,11 @@ import numpy as np
 from torch import nn
 
 from ovenet import vis
+from ovenet.checkpoint import weights_digest
 from ovenet.data.base import IMAGE_EXTENSIONS, read_image
 from ovenet.engine.logging import Progress
 from ovenet.errors import DataError, OvenetError
+from ovenet.export import ONNX_FILE_DIGEST
 from ovenet.inference import InferenceSettings, predict
 from ovenet.threads import take_note
 
@@ -310,17 +312,12 @@ def _short_hash(value: Any) -> str:
 def _settings(model: nn.Module, palette: Sequence[Sequence[int]], dataset_name: str, test: InferenceSettings,
               precision: str, alpha: float) -> dict:
     """Everything that decides the pixels of the outputs, as JSON values (long ones as short hashes)."""
-    digest = hashlib.sha256()
-    # A strided sample of every tensor identifies the weights (any two trained checkpoints differ nearly
-    # everywhere) at a small fraction of the cost of hashing them all.
-    for name, tensor in model.state_dict().items():
-        flat = tensor.detach().flatten()
-        sample = flat[:: max(1, flat.numel() // 256)].float().cpu().numpy()
-        digest.update(f"{name}{tuple(tensor.shape)}".encode())
-        digest.update(sample.tobytes())
+    # The weights, not the runtime that runs them: an ONNX Runtime model reports its source's fingerprint (an
+    # export from an older ovenet, without one, reports its file hash). Precision stays below: bf16 changes pixels.
+    weights = getattr(model, "weights_digest", None) or weights_digest(model)
     config = getattr(model, "config", None)
     settings = {
-        "weights": digest.hexdigest()[:16],
+        "weights": weights,
         "model": _short_hash(asdict(config.model)) if config is not None else None,  # e.g. sampling overrides
         **test.record(),
         "precision": precision,
@@ -358,10 +355,25 @@ def _check_same_settings(out_dir: Path, plan: list[tuple[Path, Path, bool]], kin
             recorded = _recorded_settings(path)
             differ = [key for key in settings if recorded is not None and recorded.get(key) != settings[key]]
             if differ:
+                why = _file_hash_note(str(recorded.get("weights")), settings["weights"])
                 raise OvenetError(
                     f"outputs in {out_dir} were made with other settings ({', '.join(differ)} differ), e.g. "
-                    f"{path}; pass --overwrite to redo them, or choose another --out"
+                    f"{path}{why}; pass --overwrite to redo them, or choose another --out"
                 )
+
+
+def _file_hash_note(recorded: str, current: str) -> str:
+    """Why the weights of one checkpoint can differ: one side ran an .onnx file exported by an older ovenet,
+    which is known by its file's hash, not by the checkpoint's fingerprint."""
+    if recorded == current or (recorded.startswith(ONNX_FILE_DIGEST) == current.startswith(ONNX_FILE_DIGEST)):
+        return ""
+    if current.startswith(ONNX_FILE_DIGEST):
+        return (" (this .onnx file, from an older `ovenet export`, is known by its file hash, not its weights: "
+                "predict with its checkpoint, whose --runtime torch and --runtime onnxruntime match, or export it "
+                "again)")
+    return (" (they were made by ONNX Runtime from an .onnx file of an older `ovenet export`, known by its file "
+            "hash, not its weights: predict with that .onnx file; --runtime torch or onnxruntime on its checkpoint "
+            "cannot match it)")
 
 
 def _check_outputs(plan: list[tuple[Path, Path, bool]], kinds: list[str]) -> None:

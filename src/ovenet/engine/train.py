@@ -39,6 +39,8 @@ from torch.utils.data import DataLoader
 from .. import checkpoint
 from ..config import Config, save_config
 from ..data import build_dataset, build_loader, check_splits_apart
+from ..data.factory import absolute_data_paths
+from ..data.identity import data_identity as identify_data
 from ..data.loader import SkipBadSamples, build_train_loader
 from ..data.training import ResumableSampler, epoch_batches, loader_error
 from ..device import resolve_device
@@ -59,6 +61,7 @@ from .guards import (
     TrainingInterrupted,
     check_free_space,
     check_run_folder,
+    check_same_data,
     on_main_rank,
     prepare_run_dir,
     resume_changes,
@@ -167,6 +170,7 @@ class Run:
     skipped: list[str] = field(default_factory=list)
     saved_iteration: int | None = None  # the iteration last.pth holds
     network: dict[str, str] = field(default_factory=dict)  # what a user's own network's checkpoints record
+    data_identity: dict | None = None  # what data this is, wherever it lies (ovenet.data.identity)
 
     def save(self, name: str, **extra: Any) -> None:
         if name == "last.pth" and self.info.is_main:
@@ -175,7 +179,7 @@ class Run:
                          optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
                          scaler=self.scaler.state_dict(), epoch=self.iteration // self.iters_per_epoch,
                          iteration=self.iteration, best_miou=self.best_miou, skipped=list(self.skipped),
-                         **self.network, **extra)
+                         data_identity=self.data_identity, **self.network, **extra)
         if name == "last.pth":
             self.saved_iteration = self.iteration
 
@@ -401,7 +405,7 @@ def setup(cfg: Config, resume: str | Path | None, run_dir: Path, info: D.DistInf
     t = cfg.train
     device = resolve_device(cfg.device, info.local_rank)
     on_cuda = device.type == "cuda"
-    cfg, precision = _recorded_precision(cfg, on_cuda)
+    cfg, precision = _recorded_config(cfg, on_cuda)
     cfg = custom_model_config(cfg, model, device) if model is not None else cfg
     t = cfg.train
     # On the CPU too: the CamVid pilot's step ran 1.15x faster at one thread, and only float rounding changes
@@ -414,12 +418,13 @@ def setup(cfg: Config, resume: str | Path | None, run_dir: Path, info: D.DistInf
     check_resume_network(ckpt, model)
     on_main_rank(info, lambda: check_run_folder(run_dir, resume, ckpt, overwrite))
     resume_diff = resume_changes(ckpt, cfg) if ckpt is not None else []
+    data_identity, data_notes = _identify_data(cfg, ckpt, resume_diff)  # checkpoints record it: data may move
 
     # Output folder next: an unwritable one must fail before anything slow happens.
     on_main_rank(info, lambda: prepare_run_dir(run_dir))
     log_start = (run_dir / "train.log").stat().st_size if (run_dir / "train.log").is_file() else 0
     log = setup_logger(run_dir, info.is_main)
-    _log_start(log, info, resume, ckpt, run_dir, resume_diff)
+    _log_start(log, info, resume, ckpt, run_dir, resume_diff, data_notes)
     tb = TensorBoard(run_dir / "tb", t.tensorboard and info.is_main, log)
 
     configure_determinism(t.deterministic)
@@ -446,14 +451,7 @@ def setup(cfg: Config, resume: str | Path | None, run_dir: Path, info: D.DistInf
     network = checkpoint.custom_network_marks(model) if model is not None else {}
     model = _initial_model(cfg, model, ckpt, log)
     on_main_rank(info, lambda: check_free_space(run_dir, model))
-    model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    if info.distributed and t.sync_bn:
-        if on_cuda:
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        else:
-            log.info("train.sync_bn: SyncBatchNorm needs CUDA; keeping per-process BatchNorm on the CPU")
+    model = _place_model(model, device, channels_last, info.distributed and t.sync_bn, log)
     criterion = build_loss(cfg.loss, cfg.model.num_classes, dataset.ignore_index, cfg.model.align_corners,
                            cfg.model.offset.sampling).to(device)
     optimizer = build_optimizer(model, t)
@@ -467,7 +465,7 @@ def setup(cfg: Config, resume: str | Path | None, run_dir: Path, info: D.DistInf
 
     run = Run(cfg, info, run_dir, device, log, tb, model, model, criterion, optimizer, scheduler, scaler, loader,
               sampler, val_loader, getattr(dataset, "palette", None), dataset.ignore_index, precision,
-              channels_last, iters_per_epoch, total_iters, network=network)
+              channels_last, iters_per_epoch, total_iters, network=network, data_identity=data_identity)
     if ckpt is not None:
         _restore(run, ckpt)
     if t.compile == "regional":
@@ -491,6 +489,18 @@ def setup(cfg: Config, resume: str | Path | None, run_dir: Path, info: D.DistInf
     return run
 
 
+def _place_model(model: nn.Module, device: torch.device, channels_last: bool, sync_bn: bool, log: Any) -> nn.Module:
+    """The network on its device, in its memory layout, with SyncBatchNorm where it applies (CUDA only)."""
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    if sync_bn:
+        if device.type == "cuda":
+            return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        log.info("train.sync_bn: SyncBatchNorm needs CUDA; keeping per-process BatchNorm on the CPU")
+    return model
+
+
 def _initial_model(cfg: Config, own: nn.Module | None, ckpt: dict | None, log: Any) -> nn.Module:
     """The network to train: ``cfg.model``'s or the user's own, with the checkpoint's weights when resuming; a
     fresh one starts from model.pretrained (ovenet's networks only), then model.init_from."""
@@ -504,18 +514,26 @@ def _initial_model(cfg: Config, own: nn.Module | None, ckpt: dict | None, log: A
     return model
 
 
-def _recorded_precision(cfg: Config, on_cuda: bool) -> tuple[Config, str]:
+def _recorded_config(cfg: Config, on_cuda: bool) -> tuple[Config, str]:
     """The autocast precision of the step (the CPU trains in fp32), and the config that records it: config.yaml
-    and the checkpoints say what ran, not what a GPU would have run."""
+    and the checkpoints say what ran, not what a GPU would have run, and name the data with absolute paths, so
+    that they mean the same data from any working directory."""
     precision = cfg.train.amp if on_cuda else "fp32"
-    if precision != cfg.train.amp:
-        cfg = copy.deepcopy(cfg)
-        cfg.train.amp = precision
+    cfg = copy.deepcopy(cfg)
+    cfg.train.amp = precision
+    cfg.data = absolute_data_paths(cfg.data)
     return cfg, precision
 
 
+def _identify_data(cfg: Config, ckpt: dict | None, resume_diff: list) -> tuple[dict, list[tuple[int, str]]]:
+    """The identity of the run's data (its checkpoints record it) and, on a resume, what the log should say
+    about it; raises when moved data is not the data the checkpoint trained on (guards.check_same_data)."""
+    identity, datasets = identify_data(cfg.data)
+    return identity, check_same_data(ckpt, resume_diff, identity, datasets) if ckpt is not None else []
+
+
 def _log_start(log: Any, info: D.DistInfo, resume: str | Path | None, ckpt: dict | None, run_dir: Path,
-               resume_diff: list) -> None:
+               resume_diff: list, data_notes: list[tuple[int, str]] = ()) -> None:
     if info.restart and info.is_main:
         log.warning(f"torchrun restarted the group (restart {info.restart} of at most {info.max_restarts}, the most "
                     "any node has counted) after a rank failed: every rank resumes from the last checkpoint")
@@ -525,6 +543,8 @@ def _log_start(log: Any, info: D.DistInfo, resume: str | Path | None, ckpt: dict
         log.info(f"--resume auto: no {run_dir / 'last.pth'} yet, starting from scratch")
     for key, old, new in resume_diff:
         log.info(f"resume changes {key}: {old} -> {new}")
+    for level, note in data_notes:
+        log.log(level, note)
 
 
 def _seed_everything(seed: int) -> None:
