@@ -139,7 +139,7 @@ class RunFacts:
         m, data = self.metrics or {}, self.cfg.data if self.cfg is not None else None
         return {"dataset": m.get("dataset") or (data.name if data else None),
                 "split": m.get("split") or (data.val_split if data else None),
-                "root": data.root if data else None, "num_images": m.get("num_images"),
+                "root": m.get("data_root") or (data.root if data else None), "num_images": m.get("num_images"),
                 "samples_digest": m.get("samples_digest")}
 
 
@@ -334,13 +334,18 @@ def _curves_section(plt: Any, run: RunFacts, other: RunFacts | None, out: Path, 
     axes[2].set(title="val mIoU (%)", xlabel="iteration")
     if val:
         axes[2].legend(fontsize=9)
+    from matplotlib.ticker import MaxNLocator
+
     for ax in axes:
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=DPI)
     plt.close(fig)
-    note = (" Learning rate: the scheduler rebuilt from config.yaml, the rate each iteration trained with."
-            if rates else " Learning rate: no config.yaml or planned iterations to rebuild the schedule from.")
+    note = ("Learning rate: the scheduler rebuilt from config.yaml, the rate each iteration trained with."
+            if rates else "Learning rate: no config.yaml or planned iterations to rebuild the schedule from.")
+    if other is not None and not other.curves["train"] and not other.curves["val"]:
+        note += f" {other.run_dir.name} has no train.log: no curves of it to overlay."
     return f'<h2>Training curves</h2><p>{note}</p><img src="curves.png" alt="training curves">'
 
 
@@ -351,7 +356,8 @@ def _metric_sections(plt: Any, run: RunFacts, other: RunFacts | None, out: Path,
                          "compare": other.metrics["iou"] if other else None,
                          "compare_source": str(other.source) if other else ""}
     sections = [_per_class_section(plt, names, metrics, other.metrics if other else None,
-                                   other.run_dir.name if other else "", out, data["header"]["figures_from"])]
+                                   (run.run_dir.name, other.run_dir.name if other else ""), out,
+                                   data["header"]["figures_from"])]
     if metrics.get("confusion"):
         matrix = normalised_confusion(metrics["confusion"])
         data["confusion_normalised"] = [[None if math.isnan(v) else v for v in row] for row in matrix.tolist()]
@@ -359,7 +365,7 @@ def _metric_sections(plt: Any, run: RunFacts, other: RunFacts | None, out: Path,
     return sections
 
 
-def _per_class_section(plt: Any, names: list[str], metrics: dict, other: dict | None, other_name: str,
+def _per_class_section(plt: Any, names: list[str], metrics: dict, other: dict | None, run_names: tuple[str, str],
                        out: Path, source: str | None) -> str:
     # Horizontal bars: the class names stay readable for 11 classes and for 150.
     iou = [math.nan if v is None else 100 * v for v in metrics["iou"]]
@@ -367,7 +373,8 @@ def _per_class_section(plt: Any, names: list[str], metrics: dict, other: dict | 
     fig, ax = plt.subplots(figsize=(10, max(3.0, per_class * len(names) + 1.3)))
     y = np.arange(len(names))
     height = 0.4 if other else 0.8
-    ax.barh(y - (height / 2 if other else 0), iou, height, label="this run")
+    this_name, other_name = run_names
+    ax.barh(y - (height / 2 if other else 0), iou, height, label=this_name)
     if other:
         theirs = [math.nan if v is None else 100 * v for v in other["iou"]][: len(names)]
         ax.barh(y[: len(theirs)] + height / 2, theirs, height, label=other_name)
@@ -382,7 +389,8 @@ def _per_class_section(plt: Any, names: list[str], metrics: dict, other: dict | 
     rows = "".join(
         f"<tr><td>{html.escape(n)}</td><td>{_fmt(a)}</td>" + (f"<td>{_fmt(b)}</td>" if other else "") + "</tr>"
         for n, a, b in zip(names, metrics["iou"], (other or {}).get("iou") or [None] * len(names)))
-    head = "<tr><th>class</th><th>IoU</th>" + (f"<th>{html.escape(other_name)}</th>" if other else "") + "</tr>"
+    head = ("<tr><th>class</th>" + (f"<th>{html.escape(this_name)}</th><th>{html.escape(other_name)}</th>"
+                                     if other else "<th>IoU</th>") + "</tr>")
     return (f'<h2>Per-class IoU</h2><p>mIoU {_fmt(metrics.get("miou"))}; from {html.escape(source or "?")}</p>'
             f'<img src="per_class_iou.png" alt="per-class IoU"><table>{head}{rows}</table>')
 
@@ -467,8 +475,11 @@ def _gallery_figure(plt: Any, sample: dict, result: Any, classes: dict, path: Pa
     handles = [Patch(facecolor=np.asarray(palette[c]) / 255, edgecolor="0.5",
                      label=names[c] if c < len(names) else f"class_{c}")
                for c in sorted(present) if palette and 0 <= c < len(palette) and c != ignore]
-    columns = 8
-    legend_in = 0.3 * math.ceil(len(handles) / columns) + 0.2 if handles else 0.01
+    rows = math.ceil(len(handles) / 8)
+    columns = math.ceil(len(handles) / rows) if handles else 1
+    # matplotlib fills a legend column by column: reorder so that it reads row by row, in class order
+    handles = [handles[r * columns + c] for c in range(columns) for r in range(rows) if r * columns + c < len(handles)]
+    legend_in = 0.3 * rows + 0.2 if handles else 0.01
     image_in = sample["image"].shape[0] / sample["image"].shape[1] * WIDTH_IN / len(panels) + 0.7  # + titles
     fig = plt.figure(figsize=(WIDTH_IN, image_in + legend_in))
     grid = fig.add_gridspec(2, len(panels), height_ratios=[image_in, legend_in])
@@ -491,8 +502,8 @@ def _gallery_figure(plt: Any, sample: dict, result: Any, classes: dict, path: Pa
 
 
 def _gallery_section(shown: list[dict], note: str) -> str:
-    images = "".join(f'<figure><img src="{html.escape(s["file"])}" alt="val image {s["index"]}">'
-                     f'<figcaption>{html.escape(str(s["name"]))} (val index {s["index"]})</figcaption></figure>'
+    images = "".join(f'<figure><figcaption>{html.escape(str(s["name"]))} (val index {s["index"]})</figcaption>'
+                     f'<img src="{html.escape(s["file"])}" alt="val image {s["index"]}"></figure>'
                      for s in shown if "file" in s)
     skipped = "".join(f"<p>val index {s['index']} skipped: {html.escape(s['skipped'])}</p>"
                       for s in shown if "skipped" in s)

@@ -296,8 +296,8 @@ def evaluate(
                             getattr(dataset, "ignore_index", 255), cityscapes=cityscapes,
                             distributed=distributed, precision=precision, progress=progress,
                             base_size=cfg.data.base_size)
-    result = {"checkpoint": str(checkpoint), "dataset": cfg.data.name, "split": split_name,
-              "samples_digest": samples_digest(dataset), **result}
+    result = {"checkpoint": str(checkpoint), "dataset": cfg.data.name, "data_root": cfg.data.root,
+              "split": split_name, "samples_digest": samples_digest(dataset), **result}
     result["eval"]["label_resolution"] = cfg.eval.label_resolution  # how the dataset above was built
     if not distributed or dist.get_rank() == 0:
         json_path, md_path = result_paths(out_dir, split_name)
