@@ -308,7 +308,7 @@ def _curves_section(plt: Any, run: RunFacts, other: RunFacts | None, out: Path, 
     train, val = run.curves["train"], run.curves["val"]
     total = run.curves["total_iters"]
     rates = lr_schedule(run.cfg.train, total) if run.cfg is not None and total else []
-    data["lr_schedule"] = {"iteration": list(range(1, len(rates) + 1)), "lr": rates}
+    data["lr_schedule"] = {"first_iteration": 1, "lr": rates}  # one rate per iteration: a list, not pairs
     if not train and not val:
         return "<h2>Training curves</h2><p>train.log has no iteration or validation lines yet.</p>"
     fig, axes = plt.subplots(1, 3, figsize=(WIDTH_IN, 4.2))
@@ -322,7 +322,7 @@ def _curves_section(plt: Any, run: RunFacts, other: RunFacts | None, out: Path, 
                      label=f"{other.run_dir.name}: loss")
     axes[0].set(title="loss (mean per log window)", xlabel="iteration")
     axes[0].legend(fontsize=9)
-    axes[1].plot(data["lr_schedule"]["iteration"], rates)
+    axes[1].plot(range(1, len(rates) + 1), rates)
     axes[1].set(title="learning rate (schedule)", xlabel="iteration", ylim=(0, None))
     axes[2].plot(list(val), [100 * v["miou"] for v in val.values()], "o-", label=run.run_dir.name)
     if other is not None and other.curves["val"]:
