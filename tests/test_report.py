@@ -120,7 +120,7 @@ def test_eval_into_the_run_folder_reports_its_own_figures(run_dir, tmp_path, cap
     assert data["per_class"]["iou"] == json.loads((copy / "eval_val.json").read_text())["iou"]
 
 
-def test_compare_puts_the_second_runs_ious_beside(run_dir, tmp_path):
+def test_compare_puts_the_second_runs_ious_beside(run_dir, tmp_path, capsys):
     other = tmp_path / "other"
     other.mkdir()
     names = [f"c{i}" for i in range(8)]
@@ -129,6 +129,9 @@ def test_compare_puts_the_second_runs_ious_beside(run_dir, tmp_path):
     assert main(["report", str(run_dir), "--compare", str(other), "--out", str(tmp_path / "r"), "--gallery", "0"]) == 0
     data = _data(tmp_path / "r")
     assert data["per_class"]["compare"] == ious
+    err = capsys.readouterr().err  # a val set it cannot check, and classes that are not this run's
+    assert "cannot tell whether both were scored on the same val images" in err
+    assert "its classes are not this run's (8 vs 8, first 'c0' vs 'sky')" in err
     assert data["per_class"]["iou"] == json.loads((run_dir / "val_last.json").read_text())["iou"]
 
 
@@ -193,6 +196,16 @@ def test_the_gallery_is_spread_over_the_val_set(run_dir):
     assert [g["index"] for g in gallery] == [0, 1, 3, 4]
     assert [g["name"] for g in gallery] == [f"synthetic/1_00000{i}" for i in (0, 1, 3, 4)]
     assert all((run_dir / "report" / g["file"]).stat().st_size > 1000 for g in gallery)
+    assert all(g["confidence_ticks"] == [0.0, 0.5, 1.0] for g in gallery)  # read back from the drawn colour bar
+
+
+def test_the_class_legend_is_the_val_sets_names_and_colours(run_dir):
+    from ovenet.data.synthetic import synthetic_class_info
+
+    names, palette = synthetic_class_info(8)
+    page = (run_dir / "report" / "index.html").read_text()
+    swatches = re.findall(r'<span class="swatch"><i style="background:rgb\((\d+),(\d+),(\d+)\)"></i>([^<]+)</span>', page)
+    assert [(name, tuple(map(int, rgb))) for *rgb, name in swatches] == [(n, tuple(c)) for n, c in zip(names, palette)]
 
 
 def test_validation_and_eval_record_the_val_set(run_dir, tmp_path):

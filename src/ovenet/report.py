@@ -173,7 +173,7 @@ def compare_val_sets(a: dict[str, Any], b: dict[str, Any]) -> tuple[str, str]:
                              f"{b['num_images']} (digest {b['samples_digest']})")
     if a["num_images"] is not None and b["num_images"] is not None and a["num_images"] != b["num_images"]:
         return "different", f"different val sets: {a['num_images']} vs {b['num_images']} images"
-    if (a["dataset"], a["split"]) != (b["dataset"], b["split"]):
+    if None not in (a["dataset"], b["dataset"]) and (a["dataset"], a["split"]) != (b["dataset"], b["split"]):
         return "different", (f"different val sets: {a['dataset']} {a['split']} vs {b['dataset']} {b['split']}")
     return "unknown", ("cannot tell whether both were scored on the same val images (one result was written "
                        "before ovenet recorded them): run `ovenet eval` on both")
@@ -209,19 +209,23 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, compare
         if verdict != "same":
             warnings_shown.append(f"--compare {other.run_dir}: {why}; its per-class IoUs are not comparable "
                                   "number for number" if verdict == "different" else f"--compare: {why}")
+        ours, theirs = (run.metrics or {}).get("class_names"), other.metrics.get("class_names")
+        if ours and theirs and ours != theirs:
+            warnings_shown.append(f"--compare {other.run_dir}: its classes are not this run's ({len(theirs)} vs "
+                                  f"{len(ours)}, first {theirs[0]!r} vs {ours[0]!r}); the bars pair them by index")
         sections.append(_compare_section(run, other, verdict, why))
     with plt.rc_context(STYLE):
         sections.append(_curves_section(plt, run, other, out, data))
         if run.metrics is not None:
             sections += _metric_sections(plt, run, other, out, data)
         if gallery > 0:
-            shown, note = _gallery(plt, run_dir, gallery, data_root, device, out)
+            shown, note, data["classes"] = _gallery(plt, run_dir, gallery, data_root, device, out)
             data["gallery"] = shown
             sections.append(_gallery_section(shown, note))
     data["warnings"] = warnings_shown
     (out / "data.json").write_text(json.dumps(data, indent=1) + "\n")
     page = out / "index.html"
-    page.write_text(_page(run, data["header"], warnings_shown, sections))
+    page.write_text(_page(run, data.get("classes"), data["header"], warnings_shown, sections))
     for message in warnings_shown:
         if warn is not None:
             warn(message)
@@ -415,16 +419,17 @@ def _confusion_section(plt: Any, names: list[str], matrix: np.ndarray, out: Path
 
 
 def _gallery(plt: Any, run_dir: Path, count: int, data_root: str | None, device: str, out: Path
-             ) -> tuple[list[dict], str]:
+             ) -> tuple[list[dict], str, dict | None]:
     """Up to ``count`` val images spread over the val set, through the run's best (else last) checkpoint; a
-    note instead when the checkpoint or the data cannot be read (the rest of the report stands)."""
+    note instead when the checkpoint or the data cannot be read (the rest of the report stands). Also returns
+    the val set's class names and palette (the page's class legend), None without a dataset."""
     from . import checkpoint
     from .data import build_dataset
     from .inference import predict
 
     ckpt = next((run_dir / n for n in ("best.pth", "last.pth") if (run_dir / n).is_file()), None)
     if ckpt is None:
-        return [], "no checkpoint in the run folder yet"
+        return [], "no checkpoint in the run folder yet", None
     try:
         model = checkpoint.load(ckpt, device)
         cfg = model.config
@@ -432,7 +437,7 @@ def _gallery(plt: Any, run_dir: Path, count: int, data_root: str | None, device:
             cfg.data.root = data_root
         dataset = build_dataset(cfg.data, train=False)
     except OvenetError as exc:
-        return [], f"gallery skipped: {exc}"
+        return [], f"gallery skipped: {exc}", None
     classes = {"palette": getattr(dataset, "palette", None), "ignore": getattr(dataset, "ignore_index", 255),
                "names": list(getattr(dataset, "class_names", None) or [])}
     indices = spread_indices(count, len(dataset))
@@ -445,17 +450,18 @@ def _gallery(plt: Any, run_dir: Path, count: int, data_root: str | None, device:
             continue
         result = predict(model, sample["image"], scales=[1.0], flip=False)
         name = f"gallery_{index}.png"
-        _gallery_figure(plt, sample, result, classes, out / name)
+        ticks = _gallery_figure(plt, sample, result, classes, out / name)
         shown.append({"index": index, "name": dataset.samples[index].name if hasattr(dataset, "samples") else str(index),
-                      "file": name})
+                      "file": name, "confidence_ticks": ticks})
     note = (f"{len(indices)} of {len(dataset)} val images, evenly spaced (indices {indices}); {ckpt.name}, one "
             "scale, no flip")
-    return shown, note
+    return shown, note, {"names": classes["names"], "palette": [list(map(int, c)) for c in classes["palette"] or []]}
 
 
-def _gallery_figure(plt: Any, sample: dict, result: Any, classes: dict, path: Path) -> None:
+def _gallery_figure(plt: Any, sample: dict, result: Any, classes: dict, path: Path) -> list[float] | None:
     """One val image in a row: image, ground truth, prediction, offsets (with their colour wheel), confidence
-    (with its colour bar), and a legend of the classes in the ground truth or the prediction."""
+    (with its colour bar), and a legend of the classes in the ground truth or the prediction. Returns the
+    ticks drawn on the confidence colour bar (None without one)."""
     from matplotlib.patches import Patch
 
     from .vis import colorize, flow_to_color, with_key
@@ -482,12 +488,14 @@ def _gallery_figure(plt: Any, sample: dict, result: Any, classes: dict, path: Pa
     legend_in = 0.3 * rows + 0.2 if handles else 0.01
     image_in = sample["image"].shape[0] / sample["image"].shape[1] * WIDTH_IN / len(panels) + 0.7  # + titles
     fig = plt.figure(figsize=(WIDTH_IN, image_in + legend_in))
+    ticks = None
     grid = fig.add_gridspec(2, len(panels), height_ratios=[image_in, legend_in])
     for column, (title, image) in enumerate(panels):
         ax = fig.add_subplot(grid[0, column])
         if image is None:
             conf = ax.imshow(np.asarray(result.confidence, dtype=np.float64), cmap="viridis", vmin=0, vmax=1)
-            fig.colorbar(conf, ax=ax, ticks=list(CONFIDENCE_TICKS), fraction=0.046, pad=0.03)
+            bar = fig.colorbar(conf, ax=ax, ticks=list(CONFIDENCE_TICKS), fraction=0.046, pad=0.03)
+            ticks = [float(t) for t in bar.get_ticks()]
         else:
             ax.imshow(image)
         ax.set_title(title)
@@ -499,6 +507,7 @@ def _gallery_figure(plt: Any, sample: dict, result: Any, classes: dict, path: Pa
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
+    return ticks
 
 
 def _gallery_section(shown: list[dict], note: str) -> str:
@@ -529,10 +538,14 @@ STYLE_SHEET = (
 )
 
 
-def _page(run: RunFacts, header: dict[str, Any], warnings_shown: list[str], sections: list[str]) -> str:
+def _page(run: RunFacts, classes: dict | None, header: dict[str, Any], warnings_shown: list[str],
+          sections: list[str]) -> str:
     legend = ""
     cfg = run.cfg
-    if cfg is not None:
+    if classes and classes["palette"]:  # the val set's own, as the gallery drew them
+        names = classes["names"] or [f"class_{i}" for i in range(len(classes["palette"]))]
+        legend = f"<h2>Classes</h2>{_class_legend(names, classes['palette'])}"
+    elif cfg is not None:
         try:
             from .data.factory import dataset_info
 
