@@ -118,6 +118,8 @@ def test_eval_into_the_run_folder_reports_its_own_figures(run_dir, tmp_path, cap
     data = _data(copy / "report")
     assert data["metrics_source"] == str(copy / "eval_val.json")
     assert data["per_class"]["iou"] == json.loads((copy / "eval_val.json").read_text())["iou"]
+    assert data["header"]["figures_from"] == ("eval_val.json: `ovenet eval` of last.pth on val, 5 images, mode whole, "
+                                              "scales [1.0], flip False")
 
 
 def test_compare_puts_the_second_runs_ious_beside(run_dir, tmp_path, capsys):
