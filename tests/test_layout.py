@@ -97,8 +97,8 @@ LAYERS = [
     {"models", "inference", "metrics", "vis"},  # models.predict uses inference, which needs only data and torch
     {"losses", "checkpoint"},
     {"official"},
-    {"weights", "export", "report"},
-    {"engine"},
+    {"weights", "export"},
+    {"engine", "report"},  # report draws the learning rate from engine.optim's scheduler; engine writes the report
     {"quickstart"},
     {"cli", "ovenet"},
 ]

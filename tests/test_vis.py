@@ -121,3 +121,21 @@ def test_keys_sit_in_the_top_right_corner_and_leave_the_rest():
     assert (bar[0] == confidence_to_color(np.ones((1, 1)))[0, 0]).all()  # 1 on top
     assert (bar[-1] == confidence_to_color(np.zeros((1, 1)))[0, 0]).all()  # 0 at the bottom
     assert (with_key(image[:5, :5], "offsets") == image[:5, :5]).all()  # no room: unchanged
+
+
+def test_the_confidence_key_has_ticks_and_labels_at_1_half_and_0():
+    from ovenet.vis import with_key
+
+    image = confidence_to_color(np.full((360, 480), 0.5))
+    keyed = with_key(image, "confidence").astype(int)
+    side = 360 // 5
+    bar_left = 480 - 1 - max(3, side // 4)  # the bar's first column (it ends one pixel from the right edge)
+    assert (keyed[1 : side + 1, bar_left] == confidence_to_color(np.linspace(1, 0, side)[:, None])[:, 0]).all()
+    tick_column = keyed[1 : side + 1, bar_left - 1]
+    black = np.flatnonzero((tick_column == 0).all(axis=1))
+    assert black.tolist() == [0, round(0.5 * (side - 1)), side - 1]  # ticks at the rows of 1, 0.5 and 0
+    labels = keyed[1 : side + 1, bar_left - 24 : bar_left - 4].min(axis=2) < 128  # dark text left of the ticks
+    for row in black:
+        assert labels[max(0, row - 6) : row + 7].any(), row
+    assert not labels[16:28].any()  # nothing between the labels of 1 and 0.5
+    assert (keyed[side + 2 :] == image[side + 2 :]).all() and (keyed[:, :420] == image[:, :420]).all()

@@ -125,7 +125,8 @@ def confidence_to_color(conf: Any, vmin: float = 0.0, vmax: float = 1.0) -> np.n
 def with_key(image: np.ndarray, kind: str) -> np.ndarray:
     """A copy of a ``flow_to_color`` (``kind="offsets"``) or ``confidence_to_color`` (``"confidence"``) image with
     its key in the top-right corner, framed in white: the colour wheel (hue = direction, saturation = length
-    relative to the image's longest offset) or a colour bar from 1 (top) to 0."""
+    relative to the image's longest offset) or a colour bar from 1 (top) to 0 with ticks at 1, 0.5 and 0
+    (labelled when the bar is tall enough for the text)."""
     out = np.array(image, copy=True)
     h, w = out.shape[:2]
     side = max(8, min(h, w) // 5)
@@ -134,7 +135,7 @@ def with_key(image: np.ndarray, kind: str) -> np.ndarray:
         key = flow_to_color(np.stack([xs, ys]), max_norm=1.0)
         key[np.sqrt(xs**2 + ys**2) > 1] = 255
     elif kind == "confidence":
-        key = confidence_to_color(np.repeat(np.linspace(1, 0, side)[:, None], max(3, side // 4), axis=1))
+        key = _ticked_bar(confidence_to_color(np.repeat(np.linspace(1, 0, side)[:, None], max(3, side // 4), axis=1)))
     else:
         raise ValueError(f"kind must be 'offsets' or 'confidence', got {kind!r}")
     kh, kw = key.shape[:2]
@@ -143,6 +144,33 @@ def with_key(image: np.ndarray, kind: str) -> np.ndarray:
     out[: kh + 2, w - kw - 2:] = 255
     out[1 : kh + 1, w - kw - 1 : w - 1] = key
     return out
+
+
+CONFIDENCE_TICKS = (1.0, 0.5, 0.0)
+
+
+def _ticked_bar(bar: np.ndarray) -> np.ndarray:
+    """``bar`` (values 1 at the top row to 0 at the bottom) on white with black tick marks at 1, 0.5 and 0 to its
+    left and, from 36 px up, their labels (PIL's built-in font, about 11 px high)."""
+    from PIL import ImageDraw, ImageFont
+
+    side = bar.shape[0]
+    tick = max(2, side // 12)
+    labels = side >= 36
+    font = ImageFont.load_default() if labels else None
+    label_width = 22 if labels else 0
+    canvas = Image.new("RGB", (label_width + tick + bar.shape[1], side), (255, 255, 255))
+    canvas.paste(Image.fromarray(bar), (label_width + tick, 0))
+    draw = ImageDraw.Draw(canvas)
+    for value in CONFIDENCE_TICKS:
+        row = round((1 - value) * (side - 1))
+        draw.line([(label_width, row), (label_width + tick - 1, row)], fill=(0, 0, 0))
+        if font is not None:
+            text = f"{value:g}"
+            left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+            y = min(max(row - (bottom + top) // 2, 0), side - bottom)
+            draw.text((label_width - 2 - (right - left), y), text, fill=(0, 0, 0), font=font)
+    return np.asarray(canvas)
 
 
 def save_png(path: str | Path, array: Any) -> Path:

@@ -743,15 +743,18 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 def add_report_parser(command: AddCommand) -> None:
     p = command(
         "report", "an HTML page of a run: curves, per-class IoU, confusion matrix, val gallery",
-        "Write RUN_DIR/report/index.html and its PNGs: every loss term, the learning rate and val mIoU over the\n"
-        "iterations of train.log; per-class IoU (beside --compare's run); the row-normalised confusion matrix\n"
-        "(eval_val.json when `ovenet eval` wrote one there, else the last validation of training); val images with\n"
-        "ground truth, prediction, offsets and confidence. data.json holds every number plotted. Needs matplotlib:\n"
-        "pip install 'ovenet[report]'. train and eval write it at their end when matplotlib is installed.",
+        "Write RUN_DIR/report/index.html and its PNGs: what the run is (model, data, val set size, iterations,\n"
+        "best and last val mIoU), every loss term and val mIoU of train.log, the learning rate of every iteration\n"
+        "(the run's schedule); per-class IoU (beside --compare's run); the row-normalised confusion matrix\n"
+        "(eval_val.json when `ovenet eval` wrote one there, else the last validation of training); val images\n"
+        "spread over the val set with ground truth, prediction, offsets and confidence. data.json holds every\n"
+        "number plotted. Needs matplotlib: pip install 'ovenet[report]'. train and eval write it at their end\n"
+        "when matplotlib is installed.",
         "  ovenet report runs/camvid_ovenet\n  ovenet report runs/camvid_ovenet --compare runs/camvid_baseline",
     )
     p.add_argument("run_dir", metavar="RUN_DIR", type=Path, help="a folder `ovenet train` wrote")
-    p.add_argument("--compare", type=Path, metavar="RUN_DIR", help="a second run for the per-class bars")
+    p.add_argument("--compare", type=Path, metavar="RUN_DIR",
+                   help="a second run: its curves overlaid, its per-class IoUs beside; warns when its val set differs")
     p.add_argument("--gallery", type=int, default=4, metavar="N", help="val images in the gallery (0: none)")
     p.add_argument("--data-root", help="where the val data is, if not where the run's config says")
     p.add_argument("--out", type=Path, help="output folder (default RUN_DIR/report)")
@@ -762,6 +765,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from ovenet.report import build_report
 
     page = build_report(args.run_dir, args.out, compare=args.compare, gallery=args.gallery,
-                        data_root=args.data_root, device=str(resolve_device(args.device)))
+                        data_root=args.data_root, device=str(resolve_device(args.device)),
+                        warn=lambda message: print(f"warning: {message}", file=sys.stderr))
     print(f"wrote {page}")
     return 0

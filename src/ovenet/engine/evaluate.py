@@ -8,6 +8,7 @@ every rank returns the same result.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -176,6 +177,16 @@ def evaluate_model(
 
 # --- evaluate a checkpoint and write result files -----------------------------------------------------------------
 
+def samples_digest(dataset: Any) -> str | None:
+    """12 hex digits of the SHA-1 of a split's sample names (sorted): two results with the same digest were
+    scored on the same images, whatever folder they were read from (``ovenet report --compare`` checks it)."""
+    samples = getattr(dataset, "samples", None)
+    if samples is None:
+        return None
+    names = "\n".join(sorted(str(s.name) for s in samples))
+    return hashlib.sha1(names.encode("utf-8")).hexdigest()[:12]
+
+
 def json_safe(value: Any) -> Any:
     """NaN/inf -> null (strict JSON); tuples -> lists."""
     if isinstance(value, float):
@@ -285,7 +296,8 @@ def evaluate(
                             getattr(dataset, "ignore_index", 255), cityscapes=cityscapes,
                             distributed=distributed, precision=precision, progress=progress,
                             base_size=cfg.data.base_size)
-    result = {"checkpoint": str(checkpoint), "dataset": cfg.data.name, "split": split_name, **result}
+    result = {"checkpoint": str(checkpoint), "dataset": cfg.data.name, "data_root": cfg.data.root,
+              "split": split_name, "samples_digest": samples_digest(dataset), **result}
     result["eval"]["label_resolution"] = cfg.eval.label_resolution  # how the dataset above was built
     if not distributed or dist.get_rank() == 0:
         json_path, md_path = result_paths(out_dir, split_name)

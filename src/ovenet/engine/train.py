@@ -52,7 +52,7 @@ from ..threads import take_note
 from ..weights import load_initial_weights
 from . import distributed as D
 from .custom_model import check_data_classes, check_resume_network, custom_model_config
-from .evaluate import json_safe
+from .evaluate import json_safe, samples_digest
 from .guards import (
     DeferredWorkerCheck,
     NonFiniteWatch,
@@ -261,8 +261,11 @@ def validate_and_save_best(run: Run) -> float:
         for name, image in images.items():
             run.tb.image(f"val/{name}", image, run.iteration)
     if run.info.is_main:  # the figures behind `ovenet report`'s per-class bars and confusion matrix
-        names = list(getattr(run.val_loader.dataset, "class_names", None) or [])
-        record = {"iteration": run.iteration, "class_names": names,
+        val_set = run.val_loader.dataset
+        names = list(getattr(val_set, "class_names", None) or [])
+        record = {"iteration": run.iteration, "dataset": run.cfg.data.name, "split": run.cfg.data.val_split,
+                  "num_images": len(val_set) - len(metrics["skipped"]), "samples_digest": samples_digest(val_set),
+                  "class_names": names,
                   **{k: metrics[k] for k in ("miou", "pixel_acc", "mean_acc", "iou", "confusion")}}
         (run.run_dir / "val_last.json").write_text(json.dumps(json_safe(record)) + "\n")
     if improved:
