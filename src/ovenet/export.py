@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ovenet.errors import OvenetError
+from ovenet.errors import OvenetError, install_command
 from ovenet.models import SegOutput
 
 OUTPUT_NAMES = ("logits", "offsets", "confidence", "logits_initial", "logits_seed")
@@ -145,8 +145,8 @@ def export_onnx(
     try:
         import onnx  # noqa: F401  (torch.onnx.export writes the file with it)
     except ImportError:
-        raise OvenetError("ONNX export needs the onnx package, which is not installed: pip install 'ovenet[export]' "
-                          "(or --format torch-export, which needs nothing more)") from None
+        raise OvenetError("ONNX export needs the onnx package, which is not installed: "
+                          f"{install_command('export')} (or --format torch-export, which needs nothing more)") from None
     if opset < MIN_OPSET:
         raise OvenetError(f"ONNX opset {opset} is too old: the model needs opset >= {MIN_OPSET} (integer Clip in "
                           f"the seed sampler); use --opset 17")
@@ -228,7 +228,7 @@ def read_onnx_metadata(path: str | Path) -> dict[str, str]:
     try:
         import onnx
     except ImportError:
-        raise OvenetError("reading an ONNX file needs the onnx package: pip install 'ovenet[export]'") from None
+        raise OvenetError("reading an ONNX file needs the onnx package: " + install_command("export")) from None
     try:
         graph = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # noqa: BLE001  (onnx raises DecodeError, OSError, ...)
@@ -242,7 +242,7 @@ def onnx_max_abs_diff(onnx_path: str | Path, model: nn.Module, image: Tensor,
     try:
         import onnxruntime as ort
     except ImportError:
-        raise OvenetError("checking an ONNX export needs onnxruntime: pip install 'ovenet[export]'") from None
+        raise OvenetError("checking an ONNX export needs onnxruntime: " + install_command("export")) from None
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     got = session.run(None, {"image": image.detach().cpu().float().numpy()})
@@ -310,7 +310,7 @@ class OnnxRuntimeModel(nn.Module):
         try:
             import onnxruntime as ort
         except ImportError:
-            raise OvenetError("--runtime onnxruntime needs onnxruntime: pip install 'ovenet[export]'") from None
+            raise OvenetError("--runtime onnxruntime needs onnxruntime: " + install_command("export")) from None
         self.source = model.eval()  # kept for its weights' identity (predict records it) and its settings
         self.config = getattr(model, "config", None)
         self.num_classes = getattr(model, "num_classes", None)
@@ -359,7 +359,7 @@ class OnnxFileModel(OnnxRuntimeModel):
         try:
             import onnxruntime as ort
         except ImportError:
-            raise OvenetError("running an ONNX file needs onnxruntime: pip install 'ovenet[export]'") from None
+            raise OvenetError("running an ONNX file needs onnxruntime: " + install_command("export")) from None
         from .config import from_dict
 
         path = Path(path)

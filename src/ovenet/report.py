@@ -5,7 +5,7 @@ The page shows the training curves (every loss term, the learning rate, val mIoU
 ``eval_val.json`` when ``ovenet eval`` wrote one into the run folder, else from the last validation during
 training, ``val_last.json``) and a gallery of val images with ground truth, prediction, offset field and
 confidence. ``data.json`` beside the page holds every number the figures plot. Plotting needs matplotlib
-(``pip install 'ovenet[report]'``); everything else is the run's own files.
+(the ``report`` extra); everything else is the run's own files.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import DataError, OvenetError
+from .errors import DataError, OvenetError, install_command
 
 ITER_LINE = re.compile(r"\biter (\d+)/\d+ epoch [0-9.]+ \| (.*?) \| lr ([0-9.eE+-]+) \|")
 VAL_LINE = re.compile(r"\bval iter (\d+) \([^)]*\): mIoU ([0-9.]+) pixel acc ([0-9.]+)")
@@ -31,7 +31,7 @@ def require_matplotlib() -> Any:
         import matplotlib
     except ImportError:
         raise OvenetError("the run report plots with matplotlib, which is not installed: "
-                          "pip install 'ovenet[report]'") from None
+                          + install_command("report")) from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -251,7 +251,7 @@ def report_if_possible(run_dir: Path, **options: Any) -> str:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        return f"no report page: pip install 'ovenet[report]', then ovenet report {run_dir}"
+        return f"no report page: {install_command('report')}, then ovenet report {run_dir}"
     try:
         return f"report: {build_report(run_dir, **options)}"
     except OvenetError as exc:

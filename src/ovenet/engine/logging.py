@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from ovenet.errors import install_command
+
 LOGGER_NAME = "ovenet.train"
 _tensorboard_notice_shown = False
 
@@ -177,7 +179,7 @@ class TensorBoard:
             global _tensorboard_notice_shown
             if not _tensorboard_notice_shown and logger is not None:
                 logger.info(
-                    "tensorboard is not installed: TensorBoard logging is off (pip install tensorboard, "
+                    f"tensorboard is not installed: TensorBoard logging is off ({install_command('tensorboard')}, "
                     "or set train.tensorboard=false to silence this)"
                 )
             _tensorboard_notice_shown = True

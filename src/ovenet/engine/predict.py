@@ -37,7 +37,7 @@ from torch import nn
 from ovenet import vis
 from ovenet.data.base import IMAGE_EXTENSIONS, read_image
 from ovenet.engine.logging import Progress
-from ovenet.errors import DataError, OvenetError
+from ovenet.errors import DataError, OvenetError, install_command
 from ovenet.inference import InferenceSettings, predict
 from ovenet.threads import take_note
 
@@ -123,7 +123,8 @@ def _require_av(path: Path):
     try:
         import av  # optional dependency
     except ImportError:
-        raise OvenetError(f"reading video {path} needs PyAV: pip install av (or extract the frames as images)") from None
+        raise OvenetError(f"reading video {path} needs PyAV: {install_command('video')} (or extract the frames as "
+                          "images)") from None
     return av
 
 

@@ -1,0 +1,152 @@
+"""One line, exit code 2, nothing lost: a checkpoint given as a config, a label_map written without a space, a disk
+that fills during predict or train, Ctrl-C in predict; install hints that work for a source checkout; `ovenet
+configs` showing whole descriptions."""
+
+from __future__ import annotations
+
+import json
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+from helpers import save_tiny_checkpoint
+
+from ovenet import errors
+from ovenet.cli.main import main
+from ovenet.config import CONFIG_DIR
+
+TINY = ["data.num_samples=8", "data.image_size=[48,64]", "data.crop_size=[48,64]", "eval.crop_size=[48,64]",
+        "train.report=false"]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(err: str, *fragments: str) -> None:
+    assert err.startswith("ovenet: error: ") and err.count("\n") == 1, err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+# --- a checkpoint or a binary file given as the config ----------------------------------------------------------
+
+def test_a_checkpoint_given_to_train_says_how_to_resume_or_start_from_it(capsys, tmp_path):
+    run_dir = tmp_path / "runs" / "x"
+    best = save_tiny_checkpoint(run_dir / "best.pth", TINY)
+    (run_dir / "config.yaml").write_text("name: x\n")
+    code, _, err = run(capsys, "train", str(best), "--resume", "auto")
+    assert code == 2
+    assert_one_line_error(err, f"'{best}' is a checkpoint", f"ovenet train {run_dir} --resume auto",
+                          f"model.init_from={best}")
+    assert sorted(p.name for p in run_dir.iterdir()) == ["best.pth", "config.yaml"]  # nothing written
+
+
+def test_a_config_that_is_not_text_names_the_file(capsys, tmp_path):
+    config = tmp_path / "recipe.yaml"
+    config.write_bytes(b"name: x\n\xff\xfe\x00binary")
+    code, _, err = run(capsys, "configs", str(config))
+    assert code == 2
+    assert_one_line_error(err, f"config '{config}' is not a text file", "byte 8")
+
+
+# --- label_map written without a space: {11:255} ------------------------------------------------------------------
+
+def test_label_map_without_a_space_names_the_key_and_the_fix(capsys):
+    code, _, err = run(capsys, "configs", "quickstart", "data.label_map={11:255}")
+    assert code == 2
+    assert_one_line_error(err, "'data.label_map'", "'11:255' has no value", "write {11: 255}, with a space")
+    code, _, err = run(capsys, "configs", "quickstart", "data.label_map={1:30}")  # YAML 1.1: base 60, {90: null}
+    assert code == 2
+    assert_one_line_error(err, "'data.label_map'", "entry '90' has no value", "with a space after the colon")
+    code, out, _ = run(capsys, "configs", "quickstart", "data.label_map={11: 255}")
+    assert code == 0 and "label_map:\n    11: 255\n" in out
+
+
+@pytest.mark.parametrize("value, entry", [("{a: 1}", "'a': 1"), ("{3: 2.5}", "3: 2.5"), ("{3: road}", "3: 'road'")])
+def test_label_map_entries_of_the_wrong_type_are_named(capsys, value, entry):
+    code, _, err = run(capsys, "configs", "quickstart", f"data.label_map={value}")
+    assert code == 2
+    assert_one_line_error(err, "'data.label_map'", f"entry {entry} must be int: int")
+
+
+# --- install hints ------------------------------------------------------------------------------------------------
+
+class _Installed:
+    version = "0.0"
+
+    def __init__(self, direct_url: dict | None):
+        self.direct_url = direct_url
+
+    def read_text(self, name: str) -> str | None:
+        return json.dumps(self.direct_url) if self.direct_url is not None and name == "direct_url.json" else None
+
+
+@pytest.mark.parametrize("direct_url, expected", [
+    ({"url": "file:///home/me/ovenet", "dir_info": {"editable": True}}, 'pip install -e "/home/me/ovenet[report]"'),
+    ({"url": "file:///home/me/my%20ovenet", "dir_info": {}}, 'pip install "/home/me/my ovenet[report]"'),
+    (None, 'pip install "ovenet[report]"'),  # from the package index: no direct_url.json
+    ({"url": "https://example.org/ovenet-1.0.tar.gz", "archive_info": {}}, 'pip install "ovenet[report]"'),
+])
+def test_install_command_fits_how_ovenet_was_installed(monkeypatch, direct_url, expected):
+    monkeypatch.setattr(metadata, "distribution", lambda name: _Installed(direct_url))
+    assert errors.install_command("report") == expected
+
+
+def test_install_command_without_an_installation_names_the_checkout(monkeypatch):
+    def not_installed(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "distribution", not_installed)
+    checkout = Path(errors.__file__).resolve().parents[2]
+    assert errors.install_command("export") == f'pip install -e "{checkout}[export]"'
+
+
+def test_no_hint_in_src_hard_codes_an_install_from_the_package_index():
+    source = Path(errors.__file__).parent
+    hard_coded = [f"{p.relative_to(source)}:{n}" for p in source.rglob("*.py") if p.name != "errors.py"
+                  for n, line in enumerate(p.read_text().splitlines(), 1) if "pip install 'ovenet[" in line
+                  or "pip install ovenet[" in line or "pip install av" in line]
+    assert hard_coded == []
+
+
+def test_missing_extra_hint_is_the_install_command(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(metadata, "distribution", lambda name: _Installed(
+        {"url": "file:///src/ovenet", "dir_info": {"editable": True}}))
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # as if not installed
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("name: x\n")
+    (run_dir / "train.log").write_text("")
+    code, _, err = run(capsys, "report", str(run_dir))
+    assert code == 2
+    assert_one_line_error(err, 'pip install -e "/src/ovenet[report]"')
+
+
+# --- ovenet configs ---------------------------------------------------------------------------------------------
+
+def _description(path: Path) -> str:
+    lines = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("#").strip())
+    return " ".join(lines)
+
+
+@pytest.mark.parametrize("columns", ["120", "80"])  # beside the names; under them
+def test_configs_shows_every_description_whole(capsys, monkeypatch, columns):
+    monkeypatch.setenv("COLUMNS", columns)
+    code, out, _ = run(capsys, "configs")
+    assert code == 0
+    assert max((len(line), line) for line in out.splitlines() if not line.startswith("files under"))[0] < int(columns), out
+    text = " ".join(out.split())  # the wrapping undone
+    recipes = [p for p in CONFIG_DIR.rglob("*.yaml") if not p.name.startswith("_")]
+    long = CONFIG_DIR / "camvid" / "camvid_efficientnet_lite0_ovenet.yaml"
+    assert long in recipes and _description(long).count("\n") == 0 and len(_description(long)) > 300
+    for path in recipes:
+        assert f"{path.stem} {' '.join(_description(path).split())}" in text, path.stem
