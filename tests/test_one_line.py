@@ -5,11 +5,18 @@ configs` showing whole descriptions."""
 from __future__ import annotations
 
 import json
+import re
+import signal
+import subprocess
+import sys
+import time
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import save_tiny_checkpoint
+from PIL import Image
 
 from ovenet import errors
 from ovenet.cli.main import main
@@ -117,7 +124,7 @@ def test_no_hint_in_src_hard_codes_an_install_from_the_package_index():
 def test_missing_extra_hint_is_the_install_command(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(metadata, "distribution", lambda name: _Installed(
         {"url": "file:///src/ovenet", "dir_info": {"editable": True}}))
-    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # as if not installed
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "config.yaml").write_text("name: x\n")
@@ -150,3 +157,47 @@ def test_configs_shows_every_description_whole(capsys, monkeypatch, columns):
     assert long in recipes and _description(long).count("\n") == 0 and len(_description(long)) > 300
     for path in recipes:
         assert f"{path.stem} {' '.join(_description(path).split())}" in text, path.stem
+
+
+# --- Ctrl-C in predict --------------------------------------------------------------------------------------------
+
+def _images(folder: Path, count: int, size: tuple[int, int] = (192, 256)) -> list[Path]:
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True)
+    paths = [folder / f"im{i:02d}.png" for i in range(count)]
+    for path in paths:
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(path)
+    return paths
+
+
+def test_ctrl_c_in_predict_says_how_far_it_got_and_a_rerun_continues(tmp_path, capsys):
+    ckpt = save_tiny_checkpoint(tmp_path / "tiny.pth", TINY)
+    images = _images(tmp_path / "in", 6, (96, 128))
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "ovenet.cli", "--threads", "1", "predict", str(ckpt), str(tmp_path / "in"),
+               "--out", str(out), "--runtime", "torch", "--device", "cpu"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(out.glob("*_color.png")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err and lines, err
+    done = re.fullmatch(rf"ovenet: interrupted after (\d+) of 6 input\(s\); the outputs written to {re.escape(str(out))}"
+                        r" are complete; rerun the same command to continue", lines[-1])
+    assert done, err
+    assert not [p for p in out.rglob("*") if p.name.startswith(".")]  # no temporary file left
+    written = sorted(out.glob("*.png"))
+    assert written and len(written) < 6 * 5  # stopped part-way
+    assert len(written) >= 5 * int(done.group(1))
+    for path in written:
+        with Image.open(path) as png:
+            png.load()  # a whole PNG (a cut one raises)
+
+    code, rerun_out, rerun_err = run(capsys, *command[3:])  # the same command, in-process
+    assert code == 0, rerun_err
+    kinds = {p.name.split("_", 1)[1] for p in out.glob("*.png")}
+    assert {f"{i.stem}_{kind}" for i in images for kind in kinds} == {p.name for p in out.glob("*.png")}
+    assert f"wrote {len(images) * len(kinds) - len(written)} file(s)" in rerun_out  # only what was missing

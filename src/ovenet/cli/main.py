@@ -126,7 +126,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return int(args.func(args) or 0)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # e.g. predict's PredictionInterrupted: how far it got, how to continue
+        if e.args:
+            print(f"{PROG}: {e.args[0]}", file=sys.stderr)
         return 130
     except SystemExit as e:  # TrainingInterrupted (SIGINT/SIGTERM): the engine has already said where last.pth is
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)

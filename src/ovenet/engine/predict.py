@@ -58,6 +58,16 @@ class PredictionResult(list):
         super().__init__()
         self.already_done = 0
         self.skipped: list[tuple[Path, str]] = []
+        self.inputs_done = 0  # inputs (images, videos) finished or skipped so far
+
+
+class PredictionInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`predict_files`: its message says how far it got and that a rerun continues (every file
+    written is whole: PNGs and videos are renamed into place only once complete)."""
+
+    def __init__(self, done: int, total: int, out_dir: Path):
+        super().__init__(f"interrupted after {done} of {total} input(s); the outputs written to {out_dir} are "
+                         "complete; rerun the same command to continue")
 
 
 def _image_files(folder: Path, exclude: Path) -> list[Path]:
@@ -198,35 +208,40 @@ def predict_files(
     frames_known = not any(is_video for _, _, is_video in plan)  # a video's frame count is known only at its end
     meter = Progress(len(plan) if frames_known else None, "predict", enabled=progress,
                      note=take_note() if progress else None)
-    for source, prefix, is_video in plan:
-        try:
-            frames = _video_frames(source) if is_video else iter([None])
-            for index, image in enumerate(frames):
-                stem = f"{prefix}_{index:06d}" if is_video else str(prefix)
-                paths = {kind: Path(f"{stem}_{_suffix(kind)}.png") for kind in kinds}
-                todo = [k for k in kinds if overwrite or not paths[k].exists()]
-                if not todo:
-                    result.already_done += 1
+    try:
+        for source, prefix, is_video in plan:
+            try:
+                frames = _video_frames(source) if is_video else iter([None])
+                for index, image in enumerate(frames):
+                    stem = f"{prefix}_{index:06d}" if is_video else str(prefix)
+                    paths = {kind: Path(f"{stem}_{_suffix(kind)}.png") for kind in kinds}
+                    todo = [k for k in kinds if overwrite or not paths[k].exists()]
+                    if not todo:
+                        result.already_done += 1
+                        meter.update()
+                        continue
+                    if image is None:
+                        image = read_image(source)
+                    prediction = predict(model, image, device=device, precision=precision, scales=test.scales,
+                                         flip=test.flip, mode=test.mode, crop_size=test.crop_size,
+                                         native_size=native_size)
+                    color = vis.colorize(prediction.labels, palette) if {"color", "overlay"} & set(todo) else None
+                    for kind in todo:
+                        array = _rendered(kind, image, prediction, color, num_classes, alpha)
+                        result.append(_save_png_atomic(paths[kind], array, tag))
                     meter.update()
-                    continue
-                if image is None:
-                    image = read_image(source)
-                prediction = predict(model, image, device=device, precision=precision, scales=test.scales,
-                                     flip=test.flip, mode=test.mode, crop_size=test.crop_size,
-                                     native_size=native_size)
-                color = vis.colorize(prediction.labels, palette) if {"color", "overlay"} & set(todo) else None
-                for kind in todo:
-                    array = _rendered(kind, image, prediction, color, num_classes, alpha)
-                    result.append(_save_png_atomic(paths[kind], array, tag))
-                meter.update()
-            if is_video and {"overlay", "color"} & set(kinds):
-                video_out = _write_video(source, prefix, "overlay" if "overlay" in kinds else "color", overwrite)
-                if video_out is not None:
-                    result.append(video_out)
-        except DataError as e:
-            if not skip_bad:
-                raise DataError(f"{e}; or pass --skip-bad to skip unreadable inputs") from None
-            result.skipped.append((source, str(e)))
+                if is_video and {"overlay", "color"} & set(kinds):
+                    video_out = _write_video(source, prefix, "overlay" if "overlay" in kinds else "color", overwrite)
+                    if video_out is not None:
+                        result.append(video_out)
+            except DataError as e:
+                if not skip_bad:
+                    raise DataError(f"{e}; or pass --skip-bad to skip unreadable inputs") from None
+                result.skipped.append((source, str(e)))
+            result.inputs_done += 1
+    except KeyboardInterrupt:
+        meter.close()
+        raise PredictionInterrupted(result.inputs_done, len(plan), out_dir) from None
     meter.close()
     return result
 
