@@ -4,7 +4,10 @@ configs` showing whole descriptions."""
 
 from __future__ import annotations
 
+import builtins
+import errno
 import json
+import os
 import re
 import signal
 import subprocess
@@ -35,9 +38,12 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
 
 
 def assert_one_line_error(err: str, *fragments: str) -> None:
-    assert err.startswith("ovenet: error: ") and err.count("\n") == 1, err
+    """The error is one line, the last one (progress lines of a command that ran before it may precede it)."""
+    assert "Traceback" not in err and err.endswith("\n"), err
+    last = err.splitlines()[-1]
+    assert last.startswith("ovenet: error: ") and not [line for line in err.splitlines()[:-1] if "error" in line], err
     for fragment in fragments:
-        assert fragment in err, err
+        assert fragment in last, err
 
 
 # --- a checkpoint or a binary file given as the config ----------------------------------------------------------
@@ -201,3 +207,130 @@ def test_ctrl_c_in_predict_says_how_far_it_got_and_a_rerun_continues(tmp_path, c
     kinds = {p.name.split("_", 1)[1] for p in out.glob("*.png")}
     assert {f"{i.stem}_{kind}" for i in images for kind in kinds} == {p.name for p in out.glob("*.png")}
     assert f"wrote {len(images) * len(kinds) - len(written)} file(s)" in rerun_out  # only what was missing
+
+
+# --- a full disk --------------------------------------------------------------------------------------------------
+
+def _disk_full() -> OSError:
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as write() raises it: no file name
+
+
+def _assert_only_whole_files(folder: Path) -> None:
+    assert not [p for p in folder.rglob("*") if p.name.startswith(".")], "a temporary file was left"
+    for path in folder.rglob("*.png"):
+        with Image.open(path) as png:
+            png.load()  # a cut PNG raises
+    for path in folder.rglob("*.json"):
+        json.loads(path.read_text())
+
+
+@pytest.fixture(scope="module")
+def predict_setup(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("predict")
+    ckpt = save_tiny_checkpoint(folder / "tiny.pth", TINY)
+    _images(folder / "in", 4, (48, 64))
+    return ckpt, folder / "in"
+
+
+def test_disk_full_during_predict_leaves_whole_files_and_names_the_folder(capsys, tmp_path, monkeypatch,
+                                                                           predict_setup):
+    ckpt, images = predict_setup
+    original, calls = Image.Image.save, []
+
+    def fills_up(self, fp, *args, **kwargs):
+        calls.append(fp)
+        if len(calls) < 7:
+            return original(self, fp, *args, **kwargs)
+        with open(fp, "wb") as file:  # the first bytes land, then the disk is full
+            file.write(b"\x89PNG\r\n\x1a\n")
+        raise _disk_full()
+
+    monkeypatch.setattr(Image.Image, "save", fills_up)
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "predict", str(ckpt), str(images), "--out", str(out), "--runtime", "torch")
+    assert code == 2
+    assert_one_line_error(err, f"disk full: no space left in {out} (", "free space there or choose another --out",
+                          "rerunning the same command continues")
+    _assert_only_whole_files(out)
+    assert len(list(out.glob("*.png"))) == 6  # the six written before the disk filled
+    monkeypatch.setattr(Image.Image, "save", original)
+    code, out_text, _ = run(capsys, "predict", str(ckpt), str(images), "--out", str(out), "--runtime", "torch")
+    assert code == 0 and f"wrote {4 * 5 - 6} file(s)" in out_text  # the rerun finishes the rest
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 192 KiB tmpfs: a real ENOSPC (needs the right to mount, e.g. root in a container)."""
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=192k", "tmpfs", str(mount_point)],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.strip() or done.returncode}")
+    yield mount_point
+    subprocess.run(["umount", str(mount_point)], check=False)
+
+
+def test_a_real_full_disk_during_predict(capsys, small_disk, predict_setup, tmp_path):
+    ckpt, images = predict_setup
+    many = tmp_path / "many"
+    many.mkdir()
+    for i in range(40):  # enough outputs to fill 192 KiB
+        (many / f"im{i:02d}.png").write_bytes((images / f"im{i % 4:02d}.png").read_bytes())
+    out = small_disk / "out"
+    code, _, err = run(capsys, "predict", str(ckpt), str(many), "--out", str(out), "--runtime", "torch")
+    assert code == 2
+    assert_one_line_error(err, f"disk full: no space left in {out} (No space left on device)")
+    _assert_only_whole_files(out)
+    assert list(out.glob("*.png"))
+
+
+@pytest.mark.parametrize("name", ["config.yaml", "val_last.json"])
+def test_disk_full_while_training_writes_a_small_file(capsys, tmp_path, monkeypatch, name):
+    original = Path.write_text
+
+    def fills_up(self, text, *args, **kwargs):
+        if self.name in (name, f".{name}.part"):  # written in place, or under a temporary name
+            original(self, text[: len(text) // 2], *args, **kwargs)
+            raise _disk_full()
+        return original(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", fills_up)
+    run_dir = tmp_path / "run"
+    code, _, err = run(capsys, "train", "quickstart", *TINY, "train.iters=1", "--device", "cpu", "--run-dir",
+                       str(run_dir))
+    assert code == 2
+    assert_one_line_error(err, f"disk full: no space left in {run_dir} (", "--resume auto")
+    assert not (run_dir / name).exists()
+    if run_dir.exists():
+        _assert_only_whole_files(run_dir)
+
+
+def test_disk_full_while_writing_train_log_cuts_no_line(capsys, tmp_path, monkeypatch):
+    class FillsAfterALine:
+        def __init__(self, file):
+            self.file, self.writes = file, 0
+
+        def write(self, data):
+            self.writes += 1
+            if self.writes < 3:
+                return self.file.write(data)
+            self.file.write(data[:5])  # part of the line lands
+            raise _disk_full()
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+    def opens(file, *args, **kwargs):
+        opened = real_open(file, *args, **kwargs)
+        return FillsAfterALine(opened) if Path(str(file)).name == "train.log" else opened
+
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", opens)
+    run_dir = tmp_path / "run"
+    code, _, err = run(capsys, "train", "quickstart", *TINY, "train.iters=2", "--device", "cpu", "--run-dir",
+                       str(run_dir))
+    assert code == 2
+    assert_one_line_error(err, f"disk full: no space left in {run_dir} (")
+    log = (run_dir / "train.log").read_bytes()
+    assert log.endswith(b"\n") and log.count(b"\n") == 2  # the two lines written whole, nothing of the third

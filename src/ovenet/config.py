@@ -21,6 +21,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from .errors import ConfigError
+from .files import write_text
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -466,4 +467,4 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from .errors import DataError, OvenetError, install_command
+from .files import write_text
 
 ITER_LINE = re.compile(r"\biter (\d+)/\d+ epoch [0-9.]+ \| (.*?) \| lr ([0-9.eE+-]+) \|")
 VAL_LINE = re.compile(r"\bval iter (\d+) \([^)]*\): mIoU ([0-9.]+) pixel acc ([0-9.]+)")
@@ -108,9 +109,8 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, compare
         shown, note = _gallery(plt, run_dir, gallery, data_root, device, out)
         data["gallery"] = shown
         sections.append(_gallery_section(shown, note))
-    (out / "data.json").write_text(json.dumps(data, indent=1) + "\n")
-    page = out / "index.html"
-    page.write_text(_page(run_dir, source, sections))
+    write_text(out / "data.json", json.dumps(data, indent=1) + "\n")
+    page = write_text(out / "index.html", _page(run_dir, source, sections))
     return page
 
 

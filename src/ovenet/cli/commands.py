@@ -31,6 +31,7 @@ from ovenet.device import resolve_device
 from ovenet.engine.evaluate import percent
 from ovenet.engine.predict import SAVE_KINDS
 from ovenet.errors import CheckpointError, DataError, OvenetError, install_command
+from ovenet.files import write_text
 from ovenet.inference import PAPER_SCALES
 from ovenet.threads import configure_threads
 
@@ -239,7 +240,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"wrote {json_path} and {md_path}")
     print(shown.getvalue(), end="")
     log = json_path.with_suffix(".log")  # what eval printed, beside its results
-    log.write_text(f"ovenet eval {' '.join(args.paths)}\n{shown.getvalue()}")
+    write_text(log, f"ovenet eval {' '.join(args.paths)}\n{shown.getvalue()}")
     if cfg.train.report and result.get("split", args.split) == "val":
         from ovenet.report import report_if_possible
 

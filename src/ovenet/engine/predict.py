@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -38,6 +37,7 @@ from ovenet import vis
 from ovenet.data.base import IMAGE_EXTENSIONS, read_image
 from ovenet.engine.logging import Progress
 from ovenet.errors import DataError, OvenetError, install_command
+from ovenet.files import replaced
 from ovenet.inference import InferenceSettings, predict
 from ovenet.threads import take_note
 
@@ -279,22 +279,16 @@ def _write_video(source: Path, prefix: Path, kind: str, overwrite: bool) -> Path
 
     first = np.asarray(Image.open(frames[0]).convert("RGB"))
     height, width = first.shape[0] // 2 * 2, first.shape[1] // 2 * 2  # yuv420p needs even sizes
-    tmp = out.with_name(f".{out.name}.part")
-    try:
-        with av.open(str(tmp), "w", format="mp4") as container:
-            codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
-            stream = container.add_stream(codec, rate=rate)
-            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-            for path in frames:
-                rgb = np.asarray(Image.open(path).convert("RGB"))[:height, :width]
-                for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")):
-                    container.mux(packet)
-            for packet in stream.encode():
+    with replaced(out) as tmp, av.open(str(tmp), "w", format="mp4") as container:
+        codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+        stream = container.add_stream(codec, rate=rate)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for path in frames:
+            rgb = np.asarray(Image.open(path).convert("RGB"))[:height, :width]
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")):
                 container.mux(packet)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        for packet in stream.encode():
+            container.mux(packet)
     return out
 
 
@@ -305,14 +299,8 @@ def _save_png_atomic(path: Path, array: Any, tag: str) -> Path:
 
     info = PngImagePlugin.PngInfo()
     info.add_text(SETTINGS_KEY, tag)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.part")
-    try:
+    with replaced(path) as tmp:
         Image.fromarray(np.ascontiguousarray(array)).save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 
