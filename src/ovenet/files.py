@@ -2,8 +2,8 @@
 so that a full disk, a crash or Ctrl-C never leaves a half-written file under a name a rerun would trust.
 
 An ``OSError`` raised while writing carries the final file's name (``filename``) even when the failing call (a
-``write`` into an open file, PIL's or matplotlib's save) did not give it, so that the command line can say which
-folder filled up (:func:`is_disk_full`).
+``write`` into an open file, PIL's save) did not give it, so that the command line can say which folder filled
+up (:func:`is_disk_full`, :func:`disk_full_message`).
 """
 
 from __future__ import annotations
