@@ -156,7 +156,8 @@ def test_configs_shows_every_description_whole(capsys, monkeypatch, columns):
     monkeypatch.setenv("COLUMNS", columns)
     code, out, _ = run(capsys, "configs")
     assert code == 0
-    assert max((len(line), line) for line in out.splitlines() if not line.startswith("files under"))[0] < int(columns), out
+    listed = [line for line in out.splitlines() if not line.startswith("files under")]
+    assert max(len(line) for line in listed) < int(columns), out
     text = " ".join(out.split())  # the wrapping undone
     recipes = [p for p in CONFIG_DIR.rglob("*.yaml") if not p.name.startswith("_")]
     long = CONFIG_DIR / "camvid" / "camvid_efficientnet_lite0_ovenet.yaml"
@@ -191,8 +192,8 @@ def test_ctrl_c_in_predict_says_how_far_it_got_and_a_rerun_continues(tmp_path, c
     assert process.returncode == 130, err
     lines = err.strip().splitlines()
     assert "Traceback" not in err and lines, err
-    done = re.fullmatch(rf"ovenet: interrupted after (\d+) of 6 input\(s\); the outputs written to {re.escape(str(out))}"
-                        r" are complete; rerun the same command to continue", lines[-1])
+    done = re.fullmatch(rf"ovenet: interrupted after (\d+) of 6 input\(s\); the outputs written to "
+                        rf"{re.escape(str(out))} are complete; rerun the same command to continue", lines[-1])
     assert done, err
     assert not [p for p in out.rglob("*") if p.name.startswith(".")]  # no temporary file left
     written = sorted(out.glob("*.png"))
@@ -334,3 +335,18 @@ def test_disk_full_while_writing_train_log_cuts_no_line(capsys, tmp_path, monkey
     assert_one_line_error(err, f"disk full: no space left in {run_dir} (")
     log = (run_dir / "train.log").read_bytes()
     assert log.endswith(b"\n") and log.count(b"\n") == 2  # the two lines written whole, nothing of the third
+
+
+def test_disk_full_during_export_leaves_no_cut_file(capsys, tmp_path, monkeypatch, predict_setup):
+    import torch
+
+    def fills_up(model, args, path, **kwargs):
+        Path(path).write_bytes(b"\x08\x07")  # the first bytes of a model, then the disk is full
+        raise _disk_full()
+
+    monkeypatch.setattr(torch.onnx, "export", fills_up)
+    out = tmp_path / "exports" / "model.onnx"
+    code, _, err = run(capsys, "export", str(predict_setup[0]), "--out", str(out))
+    assert code == 2
+    assert_one_line_error(err, f"disk full: no space left in {out.parent} (", "choose another --out")
+    assert list(out.parent.iterdir()) == []

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ovenet.errors import OvenetError, install_command
+from ovenet.files import replaced
 from ovenet.models import SegOutput
 
 OUTPUT_NAMES = ("logits", "offsets", "confidence", "logits_initial", "logits_seed")
@@ -115,11 +116,11 @@ def export_program(
     example = torch.zeros(2, 3, 96, 160)
     dims = {0: torch.export.Dim("batch", min=1, max=1024), 2: torch.export.Dim("height", min=33, max=16384),
             3: torch.export.Dim("width", min=33, max=16384)}
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with torch.no_grad():
             program = torch.export.export(wrapper, (example,), dynamic_shapes={"image": dims})
-        torch.export.save(program, str(out_path))
+        with replaced(out_path) as tmp:  # whole or absent, also on a full disk
+            torch.export.save(program, str(tmp))
     finally:
         model.to(device).train(was_training)
     return out_path
@@ -160,24 +161,25 @@ def export_onnx(
     example = torch.zeros(1, 3, int(height), int(width))
     out_axes = {0: "batch", 2: "height", 3: "width"} if full_resolution else \
         {0: "batch", 2: "out_height", 3: "out_width"}
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer warnings
-            torch.onnx.export(
-                wrapper,
-                (example,),
-                str(out_path),
-                opset_version=int(opset),
-                input_names=["image"],
-                output_names=list(outputs),
-                dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"}, **{o: out_axes for o in outputs}},
-                do_constant_folding=True,
-                dynamo=False,
-            )
-    finally:
-        model.to(device).train(was_training)
-    _write_metadata(out_path, model, outputs, full_resolution)
+    with replaced(out_path) as tmp:  # whole, its metadata included, or absent (also on a full disk)
+        try:
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer warnings
+                torch.onnx.export(
+                    wrapper,
+                    (example,),
+                    str(tmp),
+                    opset_version=int(opset),
+                    input_names=["image"],
+                    output_names=list(outputs),
+                    dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"},
+                                  **{o: out_axes for o in outputs}},
+                    do_constant_folding=True,
+                    dynamo=False,
+                )
+        finally:
+            model.to(device).train(was_training)
+        _write_metadata(tmp, model, outputs, full_resolution)
     return out_path
 
 
