@@ -16,6 +16,7 @@ from test_cli import TINY, assert_one_line_error, run
 
 from ovenet import checkpoint
 from ovenet.engine import logging as train_logging
+from ovenet.errors import install_command
 
 TRAIN = ["train", "quickstart", *TINY, "train.batch_size=2", "--device", "cpu"]
 
@@ -26,7 +27,7 @@ def test_export_without_onnx_is_one_line_naming_the_extra(capsys, tmp_path, monk
     monkeypatch.setitem(sys.modules, "onnx", None)  # as on a plain install
     code, _, err = run(capsys, "export", str(tmp_path / "run" / "last.pth"), "--out", str(tmp_path / "m.onnx"))
     assert code == 2
-    assert_one_line_error(err, "needs the onnx package", "pip install 'ovenet[export]'")
+    assert_one_line_error(err, "needs the onnx package", install_command("export"))
     assert not (tmp_path / "m.onnx").exists()
 
 

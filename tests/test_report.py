@@ -29,6 +29,7 @@ from ovenet.config import load_config
 from ovenet.data import build_dataset
 from ovenet.engine.evaluate import evaluate, samples_digest
 from ovenet.engine.train import train
+from ovenet.errors import install_command
 from ovenet.report import DPI, STYLE, build_report, spread_indices
 
 pytest.importorskip("matplotlib", reason="ovenet report needs matplotlib (pip install 'ovenet[report]')")
@@ -143,7 +144,7 @@ def test_bad_input_is_one_line(run_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
     assert main(["report", str(run_dir), "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "pip install 'ovenet[report]'" in err[0]
+    assert len(err) == 1 and install_command("report") in err[0]
     assert not (tmp_path / "r").exists()
 
 

@@ -21,6 +21,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from .errors import ConfigError
+from .files import write_text
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -161,7 +162,7 @@ class TrainConfig:
     val_every: int = 0  # iterations between validations (0: once per epoch, or at the end for iters runs)
     log_every: int = 20
     bad_sample: Literal["stop", "skip"] = "stop"  # when a training or validation sample cannot be read
-    tensorboard: bool = False  # TensorBoard scalars/images; needs `pip install ovenet[tensorboard]`
+    tensorboard: bool = False  # TensorBoard scalars/images; needs the tensorboard extra
     report: bool = True  # at the end, RUN_DIR/report/index.html (`ovenet report`) when matplotlib is installed
     activation_checkpointing: bool = False  # recompute HRNet modules in backward instead of keeping their activations
 
@@ -266,7 +267,8 @@ def _type_ok(value: Any, tp: Any) -> bool:
         (item_tp,) = typing.get_args(tp) or (Any,)
         return isinstance(value, list) and all(_type_ok(v, item_tp) for v in value)
     if origin is dict or tp is dict:
-        return isinstance(value, dict)
+        key_tp, value_tp = typing.get_args(tp) or (Any, Any)
+        return isinstance(value, dict) and all(_type_ok(k, key_tp) and _type_ok(v, value_tp) for k, v in value.items())
     if tp is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if tp is int:
@@ -303,10 +305,33 @@ def _build(cls: type, data: dict, path: str = "") -> Any:
         choices = _choices(tp)
         if choices and not _type_ok(value, tp):
             raise ConfigError(f"config key '{full}': {value!r} is not one of {list(choices)}")
+        if isinstance(value, dict) and not _type_ok(value, tp):
+            _reject_entry(full, value, tp)
         if not _type_ok(value, tp):
             raise ConfigError(f"config key '{full}' has the wrong type: got {value!r}, expected {_type_name(tp)}")
         kwargs[key] = value
     return cls(**kwargs)
+
+
+def _reject_entry(key: str, value: dict, tp: Any) -> None:
+    """Name the first entry of mapping ``value`` that ``tp`` (e.g. ``dict[int, int] | None``) does not admit.
+
+    YAML reads ``{11:255}`` (no space after the colon) as the single key "11:255" with no value, and ``{1:30}``
+    as {90: null} (base 60). Such an entry is refused with the fix rather than re-read as 11 -> 255: the same
+    text in a config file means what YAML says, and guessing would turn ``{1:30}`` into a silently wrong map."""
+    options = typing.get_args(tp) if typing.get_origin(tp) in (Union, types.UnionType) else (tp,)
+    mapping = next((t for t in options if typing.get_origin(t) is dict and typing.get_args(t)), None)
+    if mapping is None:
+        return
+    key_tp, value_tp = typing.get_args(mapping)
+    for k, v in value.items():
+        if v is None:
+            shown = str(k).replace(":", ": ", 1) if ":" in str(k) else "11: 255"
+            raise ConfigError(f"config key '{key}': entry '{k}' has no value (YAML reads KEY:VALUE without a space "
+                              f"as one key); write {{{shown}}}, with a space after the colon")
+        if not _type_ok(k, key_tp) or not _type_ok(v, value_tp):
+            raise ConfigError(f"config key '{key}': entry {k!r}: {v!r} must be {_type_name(key_tp)}: "
+                              f"{_type_name(value_tp)}, e.g. {{11: 255}}")
 
 
 # Values older configs and checkpoints hold, read as their current spelling.
@@ -384,8 +409,17 @@ def resolve_config_path(name: str | Path, relative_to: Path | None = None) -> Pa
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     if path.resolve() in seen:
         raise ConfigError(f"config '{path}' includes itself through _base_")
+    raw = path.read_bytes()
+    if raw.startswith(b"PK\x03\x04") or path.suffix in (".pth", ".pt"):  # torch.save writes a zip archive
+        run = path.parent if (path.parent / "config.yaml").is_file() else "RUN_DIR"
+        raise ConfigError(f"'{path}' is a checkpoint, not a YAML config: to continue its run, `ovenet train {run} "
+                          f"--resume auto`; to start a new run from its weights, give a config and "
+                          f"model.init_from={path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(raw.decode("utf-8-sig")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config '{path}' is not a text file (byte {e.start} is not UTF-8); give a YAML config "
+                          "(`ovenet configs` lists the shipped ones)") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"config '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
@@ -443,4 +477,4 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ovenet.checkpoint import weights_digest
-from ovenet.errors import OvenetError
+from ovenet.errors import OvenetError, install_command
+from ovenet.files import replaced
 from ovenet.models import SegOutput
 
 OUTPUT_NAMES = ("logits", "offsets", "confidence", "logits_initial", "logits_seed")
@@ -116,11 +117,11 @@ def export_program(
     example = torch.zeros(2, 3, 96, 160)
     dims = {0: torch.export.Dim("batch", min=1, max=1024), 2: torch.export.Dim("height", min=33, max=16384),
             3: torch.export.Dim("width", min=33, max=16384)}
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with torch.no_grad():
             program = torch.export.export(wrapper, (example,), dynamic_shapes={"image": dims})
-        torch.export.save(program, str(out_path))
+        with replaced(out_path) as tmp:  # whole or absent, also on a full disk
+            torch.export.save(program, str(tmp))
     finally:
         model.to(device).train(was_training)
     return out_path
@@ -146,8 +147,8 @@ def export_onnx(
     try:
         import onnx  # noqa: F401  (torch.onnx.export writes the file with it)
     except ImportError:
-        raise OvenetError("ONNX export needs the onnx package, which is not installed: pip install 'ovenet[export]' "
-                          "(or --format torch-export, which needs nothing more)") from None
+        raise OvenetError("ONNX export needs the onnx package, which is not installed: "
+                          f"{install_command('export')} (or --format torch-export, which needs nothing more)") from None
     if opset < MIN_OPSET:
         raise OvenetError(f"ONNX opset {opset} is too old: the model needs opset >= {MIN_OPSET} (integer Clip in "
                           f"the seed sampler); use --opset 17")
@@ -161,24 +162,25 @@ def export_onnx(
     example = torch.zeros(1, 3, int(height), int(width))
     out_axes = {0: "batch", 2: "height", 3: "width"} if full_resolution else \
         {0: "batch", 2: "out_height", 3: "out_width"}
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer warnings
-            torch.onnx.export(
-                wrapper,
-                (example,),
-                str(out_path),
-                opset_version=int(opset),
-                input_names=["image"],
-                output_names=list(outputs),
-                dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"}, **{o: out_axes for o in outputs}},
-                do_constant_folding=True,
-                dynamo=False,
-            )
-    finally:
-        model.to(device).train(was_training)
-    _write_metadata(out_path, model, outputs, full_resolution)
+    with replaced(out_path) as tmp:  # whole, its metadata included, or absent (also on a full disk)
+        try:
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer warnings
+                torch.onnx.export(
+                    wrapper,
+                    (example,),
+                    str(tmp),
+                    opset_version=int(opset),
+                    input_names=["image"],
+                    output_names=list(outputs),
+                    dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"},
+                                  **{o: out_axes for o in outputs}},
+                    do_constant_folding=True,
+                    dynamo=False,
+                )
+        finally:
+            model.to(device).train(was_training)
+        _write_metadata(tmp, model, outputs, full_resolution)
     return out_path
 
 
@@ -231,7 +233,7 @@ def read_onnx_metadata(path: str | Path) -> dict[str, str]:
     try:
         import onnx
     except ImportError:
-        raise OvenetError("reading an ONNX file needs the onnx package: pip install 'ovenet[export]'") from None
+        raise OvenetError("reading an ONNX file needs the onnx package: " + install_command("export")) from None
     try:
         graph = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # noqa: BLE001  (onnx raises DecodeError, OSError, ...)
@@ -245,7 +247,7 @@ def onnx_max_abs_diff(onnx_path: str | Path, model: nn.Module, image: Tensor,
     try:
         import onnxruntime as ort
     except ImportError:
-        raise OvenetError("checking an ONNX export needs onnxruntime: pip install 'ovenet[export]'") from None
+        raise OvenetError("checking an ONNX export needs onnxruntime: " + install_command("export")) from None
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     got = session.run(None, {"image": image.detach().cpu().float().numpy()})
@@ -317,7 +319,7 @@ class OnnxRuntimeModel(nn.Module):
         try:
             import onnxruntime as ort
         except ImportError:
-            raise OvenetError("--runtime onnxruntime needs onnxruntime: pip install 'ovenet[export]'") from None
+            raise OvenetError("--runtime onnxruntime needs onnxruntime: " + install_command("export")) from None
         self.weights_digest = weights_digest(model)  # the checkpoint's: predict records the weights, not the runtime
         self.config = getattr(model, "config", None)
         self.num_classes = getattr(model, "num_classes", None)
@@ -367,7 +369,7 @@ class OnnxFileModel(OnnxRuntimeModel):
         try:
             import onnxruntime as ort
         except ImportError:
-            raise OvenetError("running an ONNX file needs onnxruntime: pip install 'ovenet[export]'") from None
+            raise OvenetError("running an ONNX file needs onnxruntime: " + install_command("export")) from None
         from .config import from_dict
 
         path = Path(path)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ovenet.config import Config, load_config
 from ovenet.errors import OvenetError
+from ovenet.files import write_text
 from ovenet.threads import ThreadChoice, configure_threads, faster_of_one_and, restore_threads, take_note
 
 CONFIG_NAME = "quickstart"
@@ -138,7 +139,7 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
                               "refusing to delete it, choose another --out")
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / MARKER).write_text(json.dumps({"status": "running"}) + "\n")
+    write_text(out_dir / MARKER, json.dumps({"status": "running"}) + "\n")
 
 
 def write_scenes(cfg: Config, folder: Path, count: int) -> list[tuple[Path, object]]:
@@ -254,7 +255,7 @@ def _run(out_dir: Path, iters: int, device: str, overrides: Sequence[str], num_p
         "eval_table": str(eval_md),
         "predictions": sorted(str(p) for p in written),
     }
-    (out_dir / MARKER).write_text(json.dumps(summary, indent=2) + "\n")
+    write_text(out_dir / MARKER, json.dumps(summary, indent=2) + "\n")
     log("")
     log(f"quickstart done in {summary['seconds']:.0f} s: mIoU {100 * result['miou']:.1f}, boundary mIoU "
         f"{100 * result['boundary_miou']:.1f} ({result['boundary_width']} px band), pixel accuracy "

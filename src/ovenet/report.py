@@ -8,7 +8,7 @@ scheduler, rebuilt from its config), per-class IoU bars, the row-normalised conf
 training, ``val_last.json``) and a gallery of val images spread over the val set with ground truth, prediction,
 offset field and confidence. ``--compare`` overlays a second run's curves, sets its IoUs beside, and says whether
 both were scored on the same val images. ``data.json`` beside the page holds every number the figures plot.
-Plotting needs matplotlib (``pip install 'ovenet[report]'``); everything else is the run's own files.
+Plotting needs matplotlib (the ``report`` extra); everything else is the run's own files.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 
 from .config import Config, TrainConfig, load_config
-from .errors import DataError, OvenetError
+from .errors import DataError, OvenetError, install_command
+from .files import replaced, write_text
 
 ITER_LINE = re.compile(r"\biter (\d+)/(\d+) epoch [0-9.]+ \| (.*?) \| lr ([0-9.eE+-]+) \|")
 VAL_LINE = re.compile(r"\bval iter (\d+) \([^)]*\): mIoU ([0-9.]+) pixel acc ([0-9.]+)")
@@ -50,7 +51,7 @@ def require_matplotlib() -> Any:
         import matplotlib
     except ImportError:
         raise OvenetError("the run report plots with matplotlib, which is not installed: "
-                          "pip install 'ovenet[report]'") from None
+                          + install_command("report")) from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -226,9 +227,8 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, compare
             data["gallery"] = shown
             sections.append(_gallery_section(shown, note))
     data["warnings"] = warnings_shown
-    (out / "data.json").write_text(json.dumps(data, indent=1) + "\n")
-    page = out / "index.html"
-    page.write_text(_page(run, data.get("classes"), data["header"], warnings_shown, sections))
+    write_text(out / "data.json", json.dumps(data, indent=1) + "\n")
+    page = write_text(out / "index.html", _page(run, data.get("classes"), data["header"], warnings_shown, sections))
     for message in warnings_shown:
         if warn is not None:
             warn(message)
@@ -347,7 +347,8 @@ def _curves_section(plt: Any, run: RunFacts, other: RunFacts | None, out: Path, 
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=DPI)
+    with replaced(out / "curves.png") as tmp:  # whole or not at all, like every output
+        fig.savefig(tmp, dpi=DPI, format="png")
     plt.close(fig)
     note = ("Learning rate: the scheduler rebuilt from config.yaml, the rate each iteration trained with."
             if rates else "Learning rate: no config.yaml or planned iterations to rebuild the schedule from.")
@@ -391,7 +392,8 @@ def _per_class_section(plt: Any, names: list[str], metrics: dict, other: dict | 
     ax.set(xlabel="IoU (%)", xlim=(0, 100), title="per-class IoU")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out / "per_class_iou.png", dpi=DPI)
+    with replaced(out / "per_class_iou.png") as tmp:  # whole or not at all, like every output
+        fig.savefig(tmp, dpi=DPI, format="png")
     plt.close(fig)
     rows = "".join(
         f"<tr><td>{html.escape(n)}</td><td>{_fmt(a)}</td>" + (f"<td>{_fmt(b)}</td>" if other else "") + "</tr>"
@@ -416,7 +418,8 @@ def _confusion_section(plt: Any, names: list[str], matrix: np.ndarray, out: Path
     ax.set(xlabel="predicted", ylabel="ground truth", title="confusion matrix (rows sum to 1)")
     fig.colorbar(shown, ax=ax, fraction=0.046)
     fig.tight_layout()
-    fig.savefig(out / "confusion.png", dpi=DPI)
+    with replaced(out / "confusion.png") as tmp:  # whole or not at all, like every output
+        fig.savefig(tmp, dpi=DPI, format="png")
     plt.close(fig)
     return '<h2>Confusion matrix</h2><img src="confusion.png" alt="normalised confusion matrix">'
 
@@ -509,7 +512,8 @@ def _gallery_figure(plt: Any, sample: dict, result: Any, classes: dict, path: Pa
     if handles:
         key.legend(handles=handles, loc="center", ncol=min(len(handles), columns), frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    with replaced(path) as tmp:  # whole or not at all, like every output
+        fig.savefig(tmp, dpi=DPI, format="png")
     plt.close(fig)
     return ticks
 
@@ -570,7 +574,7 @@ def report_if_possible(run_dir: Path, **options: Any) -> str:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        return f"no report page: pip install 'ovenet[report]', then ovenet report {run_dir}"
+        return f"no report page: {install_command('report')}, then ovenet report {run_dir}"
     try:
         return f"report: {build_report(run_dir, **options)}"
     except OvenetError as exc:

@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from ovenet.data.base import to_numpy
+from ovenet.files import replaced
 
 # viridis (the CC0 matplotlib colormap: perceptually uniform, readable in greyscale and when colour-blind)
 # sampled at 17 evenly spaced points; linear interpolation stays within ~5/255 of the full map.
@@ -182,6 +183,6 @@ def save_png(path: str | Path, array: Any) -> Path:
     if not valid:
         raise ValueError(f"save_png needs uint8 HxW/HxWx3/HxWx4 or uint16 HxW, got {data.dtype} {data.shape}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.ascontiguousarray(data)).save(path, format="PNG")
+    with replaced(path) as tmp:
+        Image.fromarray(np.ascontiguousarray(data)).save(tmp, format="PNG")
     return path

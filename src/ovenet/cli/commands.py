@@ -9,8 +9,10 @@ import argparse
 import contextlib
 import io
 import os
+import shutil
 import sys
 import tempfile
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,8 @@ from ovenet.config import CONFIG_DIR, Config, apply_overrides, from_dict, is_ove
 from ovenet.device import resolve_device
 from ovenet.engine.evaluate import percent
 from ovenet.engine.predict import SAVE_KINDS
-from ovenet.errors import CheckpointError, DataError, OvenetError
+from ovenet.errors import CheckpointError, DataError, OvenetError, install_command
+from ovenet.files import write_text
 from ovenet.inference import PAPER_SCALES
 from ovenet.threads import configure_threads
 
@@ -239,7 +242,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"wrote {json_path} and {md_path}")
     print(shown.getvalue(), end="")
     log = json_path.with_suffix(".log")  # what eval printed, beside its results
-    log.write_text(f"ovenet eval {' '.join(args.paths)}\n{shown.getvalue()}")
+    write_text(log, f"ovenet eval {' '.join(args.paths)}\n{shown.getvalue()}")
     if cfg.train.report and result.get("split", args.split) == "val":
         from ovenet.report import report_if_possible
 
@@ -273,7 +276,7 @@ def _predict_runtime(requested: str, device: Any, precision: str | None, model: 
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
-        return "torch", "onnxruntime is not installed (pip install 'ovenet[export]': 1.5x faster per image on the CPU)"
+        return "torch", f"onnxruntime is not installed ({install_command('export')}: 1.5x faster per image on the CPU)"
     from ovenet.export import cached_onnx_path
 
     cached = cached_onnx_path(model).is_file()
@@ -598,11 +601,27 @@ def shipped_configs() -> list[Path]:
     return sorted(p for p in CONFIG_DIR.rglob("*.yaml") if not p.name.startswith("_"))
 
 
-def _first_comment(path: Path) -> str:
+def _description(path: Path) -> str:
+    """A recipe's description: the comment lines it starts with, joined into one paragraph."""
+    lines = []
     for line in path.read_text().splitlines():
-        if line.startswith("#"):
-            return line.lstrip("# ").strip()
-    return ""
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("#").strip())
+    return " ".join(filter(None, lines))
+
+
+def _described(name: str, description: str, name_width: int) -> list[str]:
+    """``name`` and its whole description wrapped to the terminal beside it; on a narrow terminal the
+    description goes under the name."""
+    columns = shutil.get_terminal_size().columns
+    indent = 2 + name_width + 2
+    wrap = {"break_on_hyphens": False, "break_long_words": False}  # paths and names stay whole
+    if columns - indent < 40:  # too narrow beside the names: under them, indented
+        return [f"  {name}", *textwrap.wrap(description, columns - 1, initial_indent=" " * 6,
+                                             subsequent_indent=" " * 6, **wrap)]
+    lines = textwrap.wrap(description, columns - 1 - indent, **wrap) or [""]
+    return [f"  {name:<{name_width}}  {lines[0]}".rstrip(), *(" " * indent + line for line in lines[1:])]
 
 
 def add_configs_parser(command: AddCommand) -> None:
@@ -633,7 +652,7 @@ def cmd_configs(args: argparse.Namespace) -> int:
     for group, paths in groups.items():
         print(f"{group}:")
         for p in paths:
-            print(f"  {p.stem:<{width}}  {_first_comment(p)}")
+            print("\n".join(_described(p.stem, _description(p), width)))
     print(f"\nfiles under {CONFIG_DIR}; `ovenet configs NAME` prints one fully resolved")
     return 0
 
@@ -748,7 +767,7 @@ def add_report_parser(command: AddCommand) -> None:
         "(the run's schedule); per-class IoU (beside --compare's run); the row-normalised confusion matrix\n"
         "(eval_val.json when `ovenet eval` wrote one there, else the last validation of training); val images\n"
         "spread over the val set with ground truth, prediction, offsets and confidence. data.json holds every\n"
-        "number plotted. Needs matplotlib: pip install 'ovenet[report]'. train and eval write it at their end\n"
+        "number plotted. Needs matplotlib (ovenet's report extra). train and eval write it at their end\n"
         "when matplotlib is installed.",
         "  ovenet report runs/camvid_ovenet\n  ovenet report runs/camvid_ovenet --compare runs/camvid_baseline",
     )

@@ -17,6 +17,7 @@ from ovenet.cli import commands
 from ovenet.cli.options import THREADS_HELP, Formatter, thread_count
 from ovenet.config import is_override
 from ovenet.errors import OvenetError
+from ovenet.files import disk_full_message, is_disk_full
 
 PROG = "ovenet"
 COMMANDS_TAKING_OVERRIDES = ("train", "eval", "predict", "check-data", "configs", "quickstart")
@@ -113,6 +114,17 @@ def _oom_message(args: argparse.Namespace) -> str:
     return "CUDA out of memory: free GPU memory or use --device cpu"
 
 
+def _disk_full_message(args: argparse.Namespace, error: OSError) -> str:
+    """The folder that filled and where to write instead."""
+    if args.command == "train":
+        from ovenet.engine.guards import DISK_FULL_FIX
+
+        return disk_full_message(error, DISK_FULL_FIX)
+    fix = f"free space there or choose another {'OUT' if args.command == 'convert-official' else '--out'}"
+    return disk_full_message(error, fix + ("; rerunning the same command continues" if args.command == "predict"
+                                           else ""))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ovenet`` console script; returns the exit code."""
     parser = build_parser()
@@ -127,7 +139,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return int(args.func(args) or 0)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # e.g. predict's PredictionInterrupted: how far it got, how to continue
+        if e.args:
+            print(f"{PROG}: {e.args[0]}", file=sys.stderr)
         return 130
     except SystemExit as e:  # TrainingInterrupted (SIGINT/SIGTERM): the engine has already said where last.pth is
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
@@ -146,6 +160,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         where = f"'{e.filename}'" if e.filename else "a file"
         return _error(f"cannot open {where}: {e.strerror or e}")
+    except OSError as e:
+        if not is_disk_full(e):
+            raise
+        if args.debug:
+            traceback.print_exc()
+        return _error(_disk_full_message(args, e))
     except Exception as e:
         if type(e).__name__ == "OutOfMemoryError" and "torch" in type(e).__module__:
             if args.debug:

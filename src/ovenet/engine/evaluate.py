@@ -25,6 +25,7 @@ from ovenet.device import resolve_device
 from ovenet.engine.distributed import rank_and_world
 from ovenet.engine.logging import Progress
 from ovenet.errors import ConfigError, DataError, OvenetError
+from ovenet.files import write_text
 from ovenet.inference import infer_logits
 from ovenet.metrics import BoundaryConfusion, CityscapesMetric, ConfusionMatrix
 from ovenet.threads import take_note
@@ -302,8 +303,8 @@ def evaluate(
     if not distributed or dist.get_rank() == 0:
         json_path, md_path = result_paths(out_dir, split_name)
         out_dir.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(json_safe(result), indent=2) + "\n")
-        md_path.write_text(results_markdown(result, f"{cfg.name}: {cfg.data.name} {split_name}"))
+        write_text(json_path, json.dumps(json_safe(result), indent=2) + "\n")
+        write_text(md_path, results_markdown(result, f"{cfg.name}: {cfg.data.name} {split_name}"))
     return result
 
 

@@ -32,9 +32,13 @@ from torch import Tensor, nn
 
 from ..config import Config
 from ..errors import CheckpointError, ConfigError, OvenetError
+from ..files import disk_full_message, is_disk_full
 from . import distributed as D
 
 RUN_CHECKPOINTS = ("last.pth", "best.pth")
+# What a full disk during training asks of the user (ovenet.files.disk_full_message).
+DISK_FULL_FIX = ("free space there or train into another folder (--run-dir, or output_dir=...); `--resume auto` "
+                 "continues from the last checkpoint")
 
 
 def run_checkpoints(run_dir: Path) -> list[Path]:
@@ -333,7 +337,7 @@ def on_main_rank(info: D.DistInfo, check: Any) -> None:
         except OvenetError as exc:
             problem = str(exc)
         except OSError as exc:
-            problem = (
+            problem = disk_full_message(exc, DISK_FULL_FIX) if is_disk_full(exc) else (
                 f"cannot write to the output folder ({exc.strerror or exc}); check its permissions and space"
             )
     problem = D.broadcast_object(info, problem)

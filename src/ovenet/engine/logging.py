@@ -6,7 +6,9 @@ Only rank 0 writes anything; the other ranks get loggers that drop everything bu
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -15,6 +17,9 @@ from typing import Any
 
 import numpy as np
 from tqdm import tqdm
+
+from ovenet.errors import install_command
+from ovenet.files import is_disk_full
 
 LOGGER_NAME = "ovenet.train"
 _tensorboard_notice_shown = False
@@ -30,6 +35,36 @@ class _TqdmHandler(logging.Handler):
             self.handleError(record)
 
 
+class _RunLog(logging.Handler):
+    """Appends each record to ``train.log`` as one whole line. On a full disk the part written is cut back off and
+    the error raised, not printed and passed over as logging does by default: training on would lose its log and
+    then fail at the next checkpoint anyway. Other write errors are logging's usual notice."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.path = path
+        self.file = open(path, "ab", buffering=0)  # noqa: SIM115  (unbuffered: nothing is left to flush at close)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        line = (self.format(record) + "\n").encode("utf-8")
+        end = self.file.seek(0, os.SEEK_END)
+        try:
+            view = memoryview(line)
+            while view:
+                view = view[self.file.write(view):]
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                self.file.truncate(end)
+            if not is_disk_full(exc):
+                self.handleError(record)
+                return
+            raise OSError(exc.errno, exc.strerror, str(self.path)) from exc
+
+    def close(self) -> None:
+        self.file.close()
+        super().close()
+
+
 def setup_logger(run_dir: Path | None, is_main: bool = True) -> logging.Logger:
     """The ``ovenet.train`` logger, writing to the console and (rank 0) appending to ``run_dir/train.log``.
 
@@ -43,7 +78,7 @@ def setup_logger(run_dir: Path | None, is_main: bool = True) -> logging.Logger:
     console.setFormatter(logging.Formatter("%(message)s" if is_main else "[rank warning] %(message)s"))
     logger.addHandler(console)
     if is_main and run_dir is not None:
-        file = logging.FileHandler(Path(run_dir) / "train.log", mode="a", encoding="utf-8")
+        file = _RunLog(Path(run_dir) / "train.log")
         file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
         logger.addHandler(file)
     return logger
@@ -177,7 +212,7 @@ class TensorBoard:
             global _tensorboard_notice_shown
             if not _tensorboard_notice_shown and logger is not None:
                 logger.info(
-                    "tensorboard is not installed: TensorBoard logging is off (pip install tensorboard, "
+                    f"tensorboard is not installed: TensorBoard logging is off ({install_command('tensorboard')}, "
                     "or set train.tensorboard=false to silence this)"
                 )
             _tensorboard_notice_shown = True

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -38,8 +37,9 @@ from ovenet import vis
 from ovenet.checkpoint import weights_digest
 from ovenet.data.base import IMAGE_EXTENSIONS, read_image
 from ovenet.engine.logging import Progress
-from ovenet.errors import DataError, OvenetError
+from ovenet.errors import DataError, OvenetError, install_command
 from ovenet.export import ONNX_FILE_DIGEST
+from ovenet.files import replaced
 from ovenet.inference import InferenceSettings, predict
 from ovenet.threads import take_note
 
@@ -60,6 +60,16 @@ class PredictionResult(list):
         super().__init__()
         self.already_done = 0
         self.skipped: list[tuple[Path, str]] = []
+        self.inputs_done = 0  # inputs (images, videos) finished or skipped so far
+
+
+class PredictionInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`predict_files`: its message says how far it got and that a rerun continues (every file
+    written is whole: PNGs and videos are renamed into place only once complete)."""
+
+    def __init__(self, done: int, total: int, out_dir: Path):
+        super().__init__(f"interrupted after {done} of {total} input(s); the outputs written to {out_dir} are "
+                         "complete; rerun the same command to continue")
 
 
 def _image_files(folder: Path, exclude: Path) -> list[Path]:
@@ -125,7 +135,8 @@ def _require_av(path: Path):
     try:
         import av  # optional dependency
     except ImportError:
-        raise OvenetError(f"reading video {path} needs PyAV: pip install av (or extract the frames as images)") from None
+        raise OvenetError(f"reading video {path} needs PyAV: {install_command('video')} (or extract the frames as "
+                          "images)") from None
     return av
 
 
@@ -202,35 +213,40 @@ def predict_files(
     frames_known = not any(is_video for _, _, is_video in plan)  # a video's frame count is known only at its end
     meter = Progress(len(plan) if frames_known else None, "predict", enabled=progress,
                      note=take_note() if progress else None)
-    for source, prefix, is_video in plan:
-        try:
-            frames = _video_frames(source) if is_video else iter([None])
-            for index, image in enumerate(frames):
-                stem = f"{prefix}_{index:06d}" if is_video else str(prefix)
-                paths = {kind: Path(f"{stem}_{_suffix(kind)}.png") for kind in kinds}
-                todo = [k for k in kinds if overwrite or not paths[k].exists()]
-                if not todo:
-                    result.already_done += 1
+    try:
+        for source, prefix, is_video in plan:
+            try:
+                frames = _video_frames(source) if is_video else iter([None])
+                for index, image in enumerate(frames):
+                    stem = f"{prefix}_{index:06d}" if is_video else str(prefix)
+                    paths = {kind: Path(f"{stem}_{_suffix(kind)}.png") for kind in kinds}
+                    todo = [k for k in kinds if overwrite or not paths[k].exists()]
+                    if not todo:
+                        result.already_done += 1
+                        meter.update()
+                        continue
+                    if image is None:
+                        image = read_image(source)
+                    prediction = predict(model, image, device=device, precision=precision, scales=test.scales,
+                                         flip=test.flip, mode=test.mode, crop_size=test.crop_size,
+                                         native_size=native_size)
+                    color = vis.colorize(prediction.labels, palette) if {"color", "overlay"} & set(todo) else None
+                    for kind in todo:
+                        array = _rendered(kind, image, prediction, color, num_classes, alpha)
+                        result.append(_save_png_atomic(paths[kind], array, tag))
                     meter.update()
-                    continue
-                if image is None:
-                    image = read_image(source)
-                prediction = predict(model, image, device=device, precision=precision, scales=test.scales,
-                                     flip=test.flip, mode=test.mode, crop_size=test.crop_size,
-                                     native_size=native_size)
-                color = vis.colorize(prediction.labels, palette) if {"color", "overlay"} & set(todo) else None
-                for kind in todo:
-                    array = _rendered(kind, image, prediction, color, num_classes, alpha)
-                    result.append(_save_png_atomic(paths[kind], array, tag))
-                meter.update()
-            if is_video and {"overlay", "color"} & set(kinds):
-                video_out = _write_video(source, prefix, "overlay" if "overlay" in kinds else "color", overwrite)
-                if video_out is not None:
-                    result.append(video_out)
-        except DataError as e:
-            if not skip_bad:
-                raise DataError(f"{e}; or pass --skip-bad to skip unreadable inputs") from None
-            result.skipped.append((source, str(e)))
+                if is_video and {"overlay", "color"} & set(kinds):
+                    video_out = _write_video(source, prefix, "overlay" if "overlay" in kinds else "color", overwrite)
+                    if video_out is not None:
+                        result.append(video_out)
+            except DataError as e:
+                if not skip_bad:
+                    raise DataError(f"{e}; or pass --skip-bad to skip unreadable inputs") from None
+                result.skipped.append((source, str(e)))
+            result.inputs_done += 1
+    except KeyboardInterrupt:
+        meter.close()
+        raise PredictionInterrupted(result.inputs_done, len(plan), out_dir) from None
     meter.close()
     return result
 
@@ -268,22 +284,16 @@ def _write_video(source: Path, prefix: Path, kind: str, overwrite: bool) -> Path
 
     first = np.asarray(Image.open(frames[0]).convert("RGB"))
     height, width = first.shape[0] // 2 * 2, first.shape[1] // 2 * 2  # yuv420p needs even sizes
-    tmp = out.with_name(f".{out.name}.part")
-    try:
-        with av.open(str(tmp), "w", format="mp4") as container:
-            codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
-            stream = container.add_stream(codec, rate=rate)
-            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-            for path in frames:
-                rgb = np.asarray(Image.open(path).convert("RGB"))[:height, :width]
-                for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")):
-                    container.mux(packet)
-            for packet in stream.encode():
+    with replaced(out) as tmp, av.open(str(tmp), "w", format="mp4") as container:
+        codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+        stream = container.add_stream(codec, rate=rate)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for path in frames:
+            rgb = np.asarray(Image.open(path).convert("RGB"))[:height, :width]
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")):
                 container.mux(packet)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        for packet in stream.encode():
+            container.mux(packet)
     return out
 
 
@@ -294,14 +304,8 @@ def _save_png_atomic(path: Path, array: Any, tag: str) -> Path:
 
     info = PngImagePlugin.PngInfo()
     info.add_text(SETTINGS_KEY, tag)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.part")
-    try:
+    with replaced(path) as tmp:
         Image.fromarray(np.ascontiguousarray(array)).save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 

