@@ -333,14 +333,22 @@ def _describe(obj: Any) -> str:
 
 
 def to_pixels(image: ImageInput) -> Tensor:
-    """Any supported single image -> ``[3, H, W]`` RGB pixel values 0-255 (not yet normalised): uint8 for 8-bit
-    sources (files, PIL images, uint8 arrays and tensors), float32 for float images in [0, 1]."""
-    if isinstance(image, (str, Path)):
-        from ovenet.data.base import read_image  # DataError naming the file when missing or corrupt
+    """Any supported single image -> ``[3, H, W]`` RGB pixel values 0-255 (not yet normalised).
 
+    Files and PIL images are read as :func:`ovenet.data.base.image_to_rgb` reads them (EXIF orientation applied,
+    16-bit grey scaled by 1/257 and rounded, modes without a known range refused). Arrays and tensors are scaled
+    by their type's full range, like files: uint8 as is; uint16 (numpy, or torch.uint16) to ``round(v / 257)``,
+    uint8 values, exactly as a 16-bit file; float in [0, 1] times 255 (float32, not rounded); any other type
+    (signed integers, bool) is refused, since its range is unknown.
+    """
+    from ovenet.data.base import image_to_rgb, read_image  # DataError naming the file when missing or corrupt
+
+    if isinstance(image, (str, Path)):
         image = read_image(image)
     if isinstance(image, Image.Image):
-        image = np.asarray(image.convert("RGB"))
+        image = image_to_rgb(image)
+    if isinstance(image, Tensor) and image.dtype == getattr(torch, "uint16", None) and image.dim() == 3:
+        image = image.detach().cpu().to(torch.int32).numpy().astype(np.uint16).transpose(1, 2, 0)
     if isinstance(image, np.ndarray):
         array = image
         if array.ndim == 2:
@@ -348,13 +356,16 @@ def to_pixels(image: ImageInput) -> Tensor:
         if array.ndim != 3 or array.shape[2] not in (3, 4):
             raise OvenetError(f"numpy images must be HxWx3 (RGB) or HxW, got {_describe(image)}")
         array = np.ascontiguousarray(array[..., :3])
+        if array.dtype == np.uint16:  # the 16-bit files' scale: round(v / 257), never exactly k + 0.5
+            array = ((array.astype(np.int32) * 2 + 257) // 514).astype(np.uint8)
         if not array.flags.writeable:  # PIL-backed arrays are read-only; torch.from_numpy wants writable memory
             array = array.copy()
         if array.dtype == np.uint8:
             return torch.from_numpy(array).permute(2, 0, 1)
         if array.dtype.kind == "f":
             return _checked_unit_range(torch.from_numpy(array).permute(2, 0, 1).float(), image).mul_(255.0)
-        raise OvenetError(f"numpy images must be uint8 (0-255) or float (0-1), got {_describe(image)}")
+        raise OvenetError(f"numpy images must be uint8 (0-255), uint16 (0-65535) or float (0-1), got "
+                          f"{_describe(image)}")
     if isinstance(image, Tensor):
         tensor = image.detach()
         if tensor.dim() != 3 or tensor.shape[0] != 3:
@@ -363,7 +374,8 @@ def to_pixels(image: ImageInput) -> Tensor:
             return tensor
         if tensor.is_floating_point():
             return _checked_unit_range(tensor.float(), image).mul(255.0)
-        raise OvenetError(f"tensor images must be uint8 (0-255) or float (0-1), got {_describe(image)}")
+        raise OvenetError(f"tensor images must be uint8 (0-255), uint16 (0-65535) or float (0-1), got "
+                          f"{_describe(image)}")
     raise OvenetError(f"cannot read an image from {_describe(image)}; pass a path, PIL image, HxWx3 uint8 array "
                       "or a [3, H, W] tensor")
 
