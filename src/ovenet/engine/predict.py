@@ -155,6 +155,7 @@ def predict_files(
     progress: bool = False,
     skip_bad: bool = False,
     native_size: bool = False,
+    max_size: int | None = None,
 ) -> PredictionResult:
     """Predict every input (image files, folders of images, videos) and write the chosen PNGs.
 
@@ -164,7 +165,8 @@ def predict_files(
     (default: every kind that applies to the model); asking for one that does not apply is an error. ``progress``:
     a bar on a terminal, otherwise a line every few seconds with images/s and the ETA. ``scales``, ``flip``,
     ``mode``, ``crop_size`` default to the checkpoint's eval settings, and images are resized as eval resizes
-    them unless ``native_size`` (see :func:`ovenet.inference.predict`).
+    them unless ``native_size``; ``max_size`` shrinks longer images to that long side first, and images beyond
+    the pixel budget run in windows (see :func:`ovenet.inference.predict`).
     """
     from ovenet.data import dataset_info
     from ovenet.data.base import generic_palette
@@ -187,7 +189,8 @@ def predict_files(
 
     plan = plan_inputs(inputs, out_dir)
     _check_outputs(plan, kinds)
-    test = InferenceSettings.for_model(model, native_size, mode=mode, scales=scales, flip=flip, crop_size=crop_size)
+    test = InferenceSettings.for_model(model, native_size, mode=mode, scales=scales, flip=flip, crop_size=crop_size,
+                                       max_size=max_size)
     settings = _settings(model, palette[:num_classes], dataset_name, test, precision, alpha)
     if not overwrite:
         _check_same_settings(out_dir, plan, kinds, settings)
@@ -212,7 +215,7 @@ def predict_files(
                     image = read_image(source)
                 prediction = predict(model, image, device=device, precision=precision, scales=test.scales,
                                      flip=test.flip, mode=test.mode, crop_size=test.crop_size,
-                                     native_size=native_size)
+                                     native_size=native_size, max_size=test.max_size)
                 color = vis.colorize(prediction.labels, palette) if {"color", "overlay"} & set(todo) else None
                 for kind in todo:
                     array = _rendered(kind, image, prediction, color, num_classes, alpha)
