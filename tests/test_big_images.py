@@ -91,11 +91,11 @@ def test_a_warning_when_far_from_the_training_scale(caplog, monkeypatch):
 
 def test_max_size_runs_the_shrunk_image_and_returns_the_input_size():
     model = tiny()
-    out = predict(model, IMAGE, max_size=28, return_logits=True)
+    out = predict(model, IMAGE, max_size=32, return_logits=True)
     assert out.labels.shape == (45, 70) and out.logits.shape[-2:] == (45, 70)
-    # Defined as: the image resized as eval resizes (long side 70 -> 28, short 45 * 0.4 = 18, bilinear, rounded),
-    # through the network, and the output resized once, bilinearly, to the input's size.
-    shrunk = resize_image(torch.from_numpy(IMAGE).permute(2, 0, 1)[None], (18, 28))
+    # Defined as: the image resized as eval resizes (long side 70 -> 32, short 45 * 32 / 70 = 20.57 -> 21, bilinear,
+    # values rounded), through the network, and the output resized once, bilinearly, to the input's size.
+    shrunk = resize_image(torch.from_numpy(IMAGE).permute(2, 0, 1)[None], (21, 32))
     expected = infer_logits(model, normalize_pixels(shrunk), size=(45, 70))["logits"][0]
     assert_close_scaled(torch.from_numpy(out.logits), expected, rel=1e-5)
     assert not np.array_equal(out.labels, predict(model, IMAGE).labels)  # it did change what the network saw
