@@ -129,3 +129,26 @@ def test_the_runtime_choice_counts_a_videos_frames(tmp_path):
             container.mux(packet)
     assert _megapixels([(path, tmp_path / "clip", True)]) == pytest.approx(6 * 64 * 48 / 1e6)
     assert "inf" not in _megapixels_text(float("inf")) and "unknown" in _megapixels_text(float("inf"))
+
+
+def test_pictures_rendered_in_bands_equal_the_whole_picture(monkeypatch):
+    from types import SimpleNamespace
+
+    from ovenet import vis
+    from ovenet.engine import predict as predict_module
+
+    monkeypatch.setattr(predict_module, "RENDER_ROWS", 16)  # 45 rows: bands of 16, 16 and 13
+    rng = np.random.default_rng(1)
+    offsets = rng.normal(size=(2, 45, 70)).astype(np.float32)
+    offsets[:, 40, 3] = 5.0  # the longest offset lies in the last band: it sets the saturation of every band
+    offsets[0, 2, 2] = np.nan
+    prediction = SimpleNamespace(offsets=offsets, confidence=rng.random((45, 70)).astype(np.float32))
+    color = vis.colorize(rng.integers(0, 4, (45, 70)), [(200, 0, 0), (0, 200, 0), (0, 0, 200), (90, 90, 90)])
+
+    def rendered(kind):
+        return predict_module._rendered(kind, IMAGE, prediction, color, 4, 0.3)
+
+    np.testing.assert_array_equal(rendered("offsets"), vis.with_key(vis.flow_to_color(offsets), "offsets"))
+    np.testing.assert_array_equal(rendered("confidence"),
+                                  vis.with_key(vis.confidence_to_color(prediction.confidence), "confidence"))
+    np.testing.assert_array_equal(rendered("overlay"), vis.overlay(IMAGE, color, 0.3))

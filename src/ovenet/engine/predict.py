@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -239,7 +239,7 @@ def _rendered(kind: str, image: np.ndarray, prediction: Any, color: np.ndarray |
     if kind == "color":
         return color
     if kind == "overlay":
-        return vis.overlay(image, color, alpha)
+        return _in_bands(lambda rows: vis.overlay(image[rows], color[rows], alpha), len(image))
     if kind == "labels":
         return prediction.labels.astype(np.uint8 if num_classes <= 256 else np.uint16)
     if kind == "labelids":
@@ -247,8 +247,25 @@ def _rendered(kind: str, image: np.ndarray, prediction: Any, color: np.ndarray |
 
         return trainid_to_labelid(prediction.labels).astype(np.uint8)
     if kind == "offsets":
-        return vis.with_key(vis.flow_to_color(prediction.offsets), "offsets")
-    return vis.with_key(vis.confidence_to_color(prediction.confidence), "confidence")
+        offsets = prediction.offsets
+        # flow_to_color's own saturation scale (the longest offset), by its arithmetic, over the whole image.
+        longest = max(float(np.sqrt(np.nan_to_num(band[0].astype(np.float64)) ** 2
+                                    + np.nan_to_num(band[1].astype(np.float64)) ** 2).max())
+                      for band in (offsets[:, top:top + RENDER_ROWS] for top in range(0, offsets.shape[1], RENDER_ROWS)))
+        return vis.with_key(_in_bands(lambda rows: vis.flow_to_color(offsets[:, rows], longest), offsets.shape[1]),
+                            "offsets")
+    confidence = prediction.confidence
+    return vis.with_key(_in_bands(lambda rows: vis.confidence_to_color(confidence[rows]), len(confidence)),
+                        "confidence")
+
+
+# Rows rendered at a time: the float64 temporaries of a 6000-pixel-wide picture stay near 100 MB each, where a
+# whole 6000x4500 picture's took gigabytes. Every rendering is per pixel, so the bands join seamlessly.
+RENDER_ROWS = 512
+
+
+def _in_bands(render: Callable[[slice], np.ndarray], height: int) -> np.ndarray:
+    return np.concatenate([render(slice(top, top + RENDER_ROWS)) for top in range(0, height, RENDER_ROWS)], axis=0)
 
 
 def _write_video(source: Path, prefix: Path, kind: str, overwrite: bool) -> Path | None:
