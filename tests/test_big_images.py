@@ -55,6 +55,7 @@ def test_an_image_beyond_the_budget_runs_in_windows_with_the_whole_images_labels
     assert windowed.labels.shape == (45, 70)
     assert_close_scaled(torch.from_numpy(windowed.logits), torch.from_numpy(whole.logits), rel=1e-5)
     np.testing.assert_array_equal(windowed.labels, whole.labels)
+    np.testing.assert_array_equal(predict(model, IMAGE, pixel_budget=40 * 40).labels, whole.labels)  # in bands
 
 
 def test_the_default_budget_leaves_standard_images_whole():
@@ -152,3 +153,16 @@ def test_pictures_rendered_in_bands_equal_the_whole_picture(monkeypatch):
     np.testing.assert_array_equal(rendered("confidence"),
                                   vis.with_key(vis.confidence_to_color(prediction.confidence), "confidence"))
     np.testing.assert_array_equal(rendered("overlay"), vis.overlay(IMAGE, color, 0.3))
+
+
+def test_labels_only_keep_a_band_of_scores_and_equal_the_full_windows():
+    model = tiny()
+    image = np.random.default_rng(2).integers(0, 256, (70, 45, 3), dtype=np.uint8)
+    # 40x40 budget: 20x20 windows, rows start at 0, 13, 26, 39, 50 (the last band shorter than the stride).
+    full = predict(model, image, pixel_budget=40 * 40, return_logits=True)  # the whole image's scores kept
+    banded = predict(model, image, pixel_budget=40 * 40)
+    np.testing.assert_array_equal(banded.labels, full.labels)
+    assert banded.labels.dtype == full.labels.dtype and banded.logits is None
+    assert_close_scaled(torch.from_numpy(banded.offsets), torch.from_numpy(full.offsets), rel=1e-6)
+    assert_close_scaled(torch.from_numpy(banded.confidence), torch.from_numpy(full.confidence), rel=1e-6)
+    assert not np.array_equal(banded.labels, predict(model, image, pixel_budget=None).labels)  # windows indeed

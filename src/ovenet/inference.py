@@ -626,18 +626,65 @@ def segment(model: nn.Module, pixels: Tensor, settings: InferenceSettings | None
     height, width = pixels.shape[-2:]
     image = preprocess(pixels, settings)
     options = settings.infer_options(tuple(image.shape[-2:]))
+    align = bool(getattr(model, "align_corners", True))
+    if options["mode"] != settings.mode and options["scales"] == (1.0,) and not options["flip"] \
+            and not (return_probs or return_logits) and tuple(image.shape[-2:]) == (height, width):
+        # Beyond the pixel budget, one pass, labels only: no need for the class scores of the whole image.
+        return _labels_in_bands(model, image, options["crop_size"], output, precision, align)
     if not settings.pad_multiple:
         # One resize from the network's output to the image's size, as eval does to the label's size.
         out = infer_logits(model, image, output=output, precision=precision, size=(height, width), **options)
     else:
         # The official ADE20K padding: drop the padded part, then resize to the image's size.
         out = _unpad(infer_logits(model, image, output=output, precision=precision, **options),
-                     _resized_size(pixels, settings), (height, width), bool(getattr(model, "align_corners", True)))
+                     _resized_size(pixels, settings), (height, width), align)
     logits = out["logits"]
     labels = logits.argmax(dim=1).to(torch.uint8 if logits.shape[1] <= 256 else torch.int64)
     return {"labels": labels, "probs": torch.softmax(logits, dim=1) if return_probs else None,
             "logits": logits if return_logits else None, "offsets": out["offsets"],
             "confidence": None if out["confidence"] is None else out["confidence"][:, 0]}
+
+
+def _labels_in_bands(model: nn.Module, image: Tensor, window: tuple[int, int], output: str, precision: str,
+                     align: bool) -> dict[str, Tensor | None]:
+    """:func:`_slide`'s windows (stride 2/3) over an image at least a window large, with the class scores kept only
+    for the rows that windows still to come overlap: the rows above the next row of windows are final and become
+    labels, offsets and confidence at once. The same sums in the same order as :func:`_slide`, so the same labels,
+    with scores for a band of the window's height instead of the whole image."""
+    batch, _, height, width = image.shape
+    stride = (max(1, window[0] * 2 // 3), max(1, window[1] * 2 // 3))
+    run = _plain_window(model, output, precision, align)
+    tops = window_starts(height, window[0], stride[0])
+    band: list[Tensor] | None = None  # scores, count[, offsets, confidence] of rows top .. top + window height
+    outputs: list[Tensor] = []  # labels[, offsets, confidence] of the whole image
+    for index, top in enumerate(tops):
+        for left in window_starts(width, window[1], stride[1]):
+            scores, offsets, confidence = run(image[:, :, top:top + window[0], left:left + window[1]])
+            if band is None:
+                extra = [] if offsets is None else [image.new_zeros((batch, 2, window[0], width)),
+                                                     image.new_zeros((batch, 1, window[0], width))]
+                band = [scores.new_zeros((batch, scores.shape[1], window[0], width)),
+                        image.new_zeros((1, 1, window[0], width)), *extra]
+                outputs = [torch.empty((batch, height, width), dtype=torch.int64, device=image.device)] + \
+                    [image.new_empty((batch, t.shape[1], height, width)) for t in extra]
+            columns = slice(left, left + window[1])
+            band[0][..., columns] += scores
+            band[1][..., columns] += 1
+            if offsets is not None:
+                ratio = offsets.new_tensor([(window[1] - 1) / max(width - 1, 1), (window[0] - 1) / max(height - 1, 1)])
+                band[2][..., columns] += offsets * ratio.view(1, 2, 1, 1)
+                band[3][..., columns] += confidence
+        done = (tops[index + 1] if index + 1 < len(tops) else height) - top  # rows no later window covers
+        count = band[1][:, :, :done]
+        outputs[0][:, top:top + done] = band[0][:, :, :done].div_(count).argmax(dim=1)
+        for out, summed in zip(outputs[1:], band[2:]):
+            out[:, :, top:top + done] = summed[:, :, :done].div_(count)
+        for tensor in band:  # the open rows move up to the band's top; the rows below start empty
+            tensor[:, :, :window[0] - done] = tensor[:, :, done:].clone()
+            tensor[:, :, window[0] - done:] = 0
+    labels = outputs[0].to(torch.uint8 if band[0].shape[1] <= 256 else torch.int64)
+    return {"labels": labels, "probs": None, "logits": None, "offsets": outputs[1] if len(outputs) > 1 else None,
+            "confidence": outputs[2][:, 0] if len(outputs) > 1 else None}
 
 
 def _resized_size(pixels: Tensor, settings: InferenceSettings) -> tuple[int, int]:
