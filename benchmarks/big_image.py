@@ -65,6 +65,7 @@ def measure(checkpoint: Path, photo: Path, out: Path, runtime: str) -> dict:
     result["max_rss_gib"] = round(result.pop("max_rss_kib") / 2**20, 2)
     result["seconds"] = round(result["seconds"], 1)
     result["command"] = " ".join(["ovenet", *command[3:]])
+    result["runtime"] = runtime
     return result
 
 
@@ -83,11 +84,15 @@ def main() -> None:
             result = measure(checkpoint, photo, folder / f"out_{runtime}", runtime)
             print(json.dumps(result, indent=1), flush=True)
             results.append(result)
+    path = HERE / "big_image.json"
+    # Runs of other runtimes already recorded (e.g. from a run with --runtimes torch) are kept.
+    earlier = json.loads(path.read_text())["runs"] if path.is_file() else []
+    kept = [run for run in earlier if run["runtime"] not in args.runtimes]
     record = {"image": f"{args.size[0]}x{args.size[1]} (HxW) JPEG", "model": "camvid_efficientnet_lite0_ovenet, "
               "random weights", "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores "
-              "shared with other jobs, nice, one thread", "torch_threads": 1, "runs": results,
+              "shared with other jobs, nice, one thread", "torch_threads": 1, "runs": kept + results,
               "before": "issue 25 (main before the pixel budget): 11.1 GB, 3 minutes, default settings"}
-    (HERE / "big_image.json").write_text(json.dumps(record, indent=1) + "\n")
+    path.write_text(json.dumps(record, indent=1) + "\n")
 
 
 if __name__ == "__main__":
