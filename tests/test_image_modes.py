@@ -6,6 +6,7 @@ exact, saves the file, reads it back through ``read_image`` (datasets, ``ovenet 
 """
 
 import struct
+import warnings
 import zlib
 
 import numpy as np
@@ -112,16 +113,19 @@ def test_1bit(tmp_path):
     np.testing.assert_array_equal(_read_both_ways(path), _grey_rgb(black_white))
 
 
-@pytest.mark.parametrize("transparent", [False, True])
-def test_palette(tmp_path, transparent):
+@pytest.mark.parametrize("transparency", [None, 3, bytes(range(0, 256, 16))])  # none, one entry, alpha per entry
+def test_palette(tmp_path, transparency):
     colours = RNG.integers(0, 256, (16, 3), dtype=np.uint8)
     indices = GREY % 16
     image = Image.fromarray(indices, "P")
     image.putpalette(colours.flatten().tolist())
     path = tmp_path / "palette.png"
-    image.save(path, **({"transparency": 3} if transparent else {}))
-    assert Image.open(path).mode == "P" and ("transparency" in Image.open(path).info) == transparent
-    np.testing.assert_array_equal(_read_both_ways(path), colours[indices])  # a transparent entry keeps its colour
+    image.save(path, **({} if transparency is None else {"transparency": transparency}))
+    assert Image.open(path).mode == "P" and ("transparency" in Image.open(path).info) == (transparency is not None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Pillow's "should be converted to RGBA" warning is not for users to see
+        read = _read_both_ways(path)
+    np.testing.assert_array_equal(read, colours[indices])  # a transparent entry keeps its colour
 
 
 def test_grey_alpha_and_rgba_drop_the_alpha(tmp_path):

@@ -82,6 +82,8 @@ def image_to_rgb(img: Image.Image, source: str | Path | None = None) -> np.ndarr
     if img.mode not in _CONVERTIBLE_MODES:
         kind = "floating-point pixels, whose brightness scale is unknown" if img.mode == "F" else "an unusual mode"
         raise DataError(f"{name} has image mode {img.mode} ({kind}); save it as an 8-bit or 16-bit RGB or grey image")
+    if img.mode in ("P", "PA") and "transparency" in img.info:  # via RGBA: Pillow warns on P -> RGB with alpha
+        return np.ascontiguousarray(np.asarray(img.convert("RGBA"))[..., :3])
     return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
 
 
