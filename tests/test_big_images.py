@@ -27,10 +27,11 @@ class Pointwise(nn.Module):
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 1)
-        self.sizes = []
+        self.sizes, self.batches = [], []
 
     def forward(self, x):
         self.sizes.append(tuple(x.shape[-2:]))
+        self.batches.append(x.shape[0])
         logits = self.conv(x)
         return SegOutput(logits_initial=logits, logits_final=logits)
 
@@ -166,3 +167,21 @@ def test_labels_only_keep_a_band_of_scores_and_equal_the_full_windows():
     assert_close_scaled(torch.from_numpy(banded.offsets), torch.from_numpy(full.offsets), rel=1e-6)
     assert_close_scaled(torch.from_numpy(banded.confidence), torch.from_numpy(full.confidence), rel=1e-6)
     assert not np.array_equal(banded.labels, predict(model, image, pixel_budget=None).labels)  # windows indeed
+
+
+def test_the_slide_mode_keeps_a_band_of_scores_too():
+    model = tiny()
+    image = np.random.default_rng(3).integers(0, 256, (50, 40, 3), dtype=np.uint8)
+    options = dict(mode="slide", crop_size=(24, 32), stride=(10, 7))
+    full = predict(model, image, return_logits=True, **options)
+    banded = predict(model, image, **options)
+    np.testing.assert_array_equal(banded.labels, full.labels)
+    assert_close_scaled(torch.from_numpy(banded.offsets), torch.from_numpy(full.offsets), rel=1e-6)
+    assert_close_scaled(torch.from_numpy(banded.confidence), torch.from_numpy(full.confidence), rel=1e-6)
+
+
+def test_images_beyond_the_budget_run_one_at_a_time():
+    model = Pointwise().eval()
+    predict(model, [IMAGE, IMAGE], pixel_budget=40 * 40)  # 15 windows each, one image at a time
+    predict(model, [IMAGE, IMAGE])  # within the default budget: one batch of two, whole
+    assert model.batches == [1] * 30 + [2]

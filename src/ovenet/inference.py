@@ -525,16 +525,16 @@ def predict(
     network's output is resized once, bilinearly, to it, as eval resizes it to a label's size.
 
     Big images: in the whole mode an image of more than ``pixel_budget`` pixels (after the resizes; default
-    :data:`PIXEL_BUDGET`, None: no limit) runs in overlapping windows of a quarter of the budget (1024x1024 by
-    default: :func:`budget_window`, stride 2/3 of the window), so that
-    the network's memory stays bounded; the outputs at the input's size remain (labels, and float32 offsets,
-    confidence and, when asked, probabilities/logits). An image whose long side is more than
-    :data:`FAR_FROM_TRAINING` times beyond the sizes the model was trained at (``data.base_size`` times
-    ``data.scale_range``) draws a one-line warning (logger ``ovenet.inference``, once per size) suggesting
-    ``max_size``.
+    :data:`PIXEL_BUDGET`, None: no limit) runs alone, in overlapping windows of a quarter of the budget (1024x1024
+    by default: :func:`budget_window`, stride 2/3 of the window), so that the network's memory stays bounded.
+    Without ``return_probs``/``return_logits``, sliding windows of one pass keep the class scores of one band of
+    rows only (:func:`_labels_in_bands`); the outputs at the input's size remain (labels, float32 offsets and
+    confidence). An image whose long side is more than :data:`FAR_FROM_TRAINING` times beyond the sizes the model
+    was trained at (``data.base_size`` times ``data.scale_range``) draws a one-line warning (logger
+    ``ovenet.inference``, once per size) suggesting ``max_size``.
 
-    Images may be paths, PIL images, HxWx3 uint8 arrays or ``[3, H, W]`` tensors (uint8, or float in [0, 1]);
-    the ImageNet normalisation is done here. Same-size images run ``batch_size`` at a time. ``device`` moves the
+    Images may be paths, PIL images, HxWx3 uint8 (or uint16) arrays or ``[3, H, W]`` tensors (uint8, or float in
+    [0, 1]); modes and scales as :func:`to_pixels`; the ImageNet normalisation is done here. Same-size images run ``batch_size`` at a time. ``device`` moves the
     model there (``auto``, ``cpu``, ``cuda``, ``cuda:N``; default: where the model is). The model's train/eval
     mode is restored afterwards. ``as_tensors`` keeps the results as tensors on the device (no copy to the host,
     for GPU pipelines); by default they are numpy arrays.
@@ -558,9 +558,11 @@ def predict(
             images = [to_pixels(item) for item in items]
             start = 0
             while start < len(images):
-                # Group consecutive same-size images into one batch.
+                # Group consecutive same-size images into one batch; images beyond the budget run one at a time.
+                size = settings.resized_size(*images[start].shape[-2:])
+                group = 1 if settings.pixel_budget and size[0] * size[1] > settings.pixel_budget else batch_size
                 end = start + 1
-                while end < len(images) and end - start < batch_size and images[end].shape == images[start].shape \
+                while end < len(images) and end - start < group and images[end].shape == images[start].shape \
                         and images[end].dtype == images[start].dtype:
                     end += 1
                 warn_if_far_from_training(model, images[start].shape[-2:], settings)
@@ -627,10 +629,12 @@ def segment(model: nn.Module, pixels: Tensor, settings: InferenceSettings | None
     image = preprocess(pixels, settings)
     options = settings.infer_options(tuple(image.shape[-2:]))
     align = bool(getattr(model, "align_corners", True))
-    if options["mode"] != settings.mode and options["scales"] == (1.0,) and not options["flip"] \
-            and not (return_probs or return_logits) and tuple(image.shape[-2:]) == (height, width):
-        # Beyond the pixel budget, one pass, labels only: no need for the class scores of the whole image.
-        return _labels_in_bands(model, image, options["crop_size"], output, precision, align)
+    if _bands_suffice(options, tuple(image.shape[-2:]), (height, width), return_probs or return_logits):
+        # Windows of one pass, labels only: no need for the class scores of the whole image at once.
+        window = _pair(options["crop_size"], "crop_size")
+        stride = (max(1, window[0] * 2 // 3), max(1, window[1] * 2 // 3)) if options["stride"] is None \
+            else _pair(options["stride"], "stride")
+        return _labels_in_bands(model, image, window, stride, output, precision, align)
     if not settings.pad_multiple:
         # One resize from the network's output to the image's size, as eval does to the label's size.
         out = infer_logits(model, image, output=output, precision=precision, size=(height, width), **options)
@@ -645,14 +649,24 @@ def segment(model: nn.Module, pixels: Tensor, settings: InferenceSettings | None
             "confidence": None if out["confidence"] is None else out["confidence"][:, 0]}
 
 
-def _labels_in_bands(model: nn.Module, image: Tensor, window: tuple[int, int], output: str, precision: str,
-                     align: bool) -> dict[str, Tensor | None]:
-    """:func:`_slide`'s windows (stride 2/3) over an image at least a window large, with the class scores kept only
+def _bands_suffice(options: dict[str, Any], network_size: tuple[int, int], size: tuple[int, int],
+                   scores_asked: bool) -> bool:
+    """Whether :func:`_labels_in_bands` gives what :func:`infer_logits` would: sliding windows that fit the image
+    (no padding) in one pass, with no resize after the network and only labels wanted."""
+    if options["mode"] != "slide" or scores_asked or network_size != size:
+        return False
+    window = _pair(options["crop_size"], "crop_size") if options["crop_size"] is not None else None
+    return (window is not None and window[0] <= size[0] and window[1] <= size[1]
+            and tuple(options["scales"]) == (1.0,) and not options["flip"])
+
+
+def _labels_in_bands(model: nn.Module, image: Tensor, window: tuple[int, int], stride: tuple[int, int],
+                     output: str, precision: str, align: bool) -> dict[str, Tensor | None]:
+    """:func:`_slide`'s windows over an image at least a window large, with the class scores kept only
     for the rows that windows still to come overlap: the rows above the next row of windows are final and become
     labels, offsets and confidence at once. The same sums in the same order as :func:`_slide`, so the same labels,
     with scores for a band of the window's height instead of the whole image."""
     batch, _, height, width = image.shape
-    stride = (max(1, window[0] * 2 // 3), max(1, window[1] * 2 // 3))
     run = _plain_window(model, output, precision, align)
     tops = window_starts(height, window[0], stride[0])
     band: list[Tensor] | None = None  # scores, count[, offsets, confidence] of rows top .. top + window height
