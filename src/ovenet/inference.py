@@ -536,8 +536,8 @@ def predict(
     Images may be paths, PIL images, HxWx3 uint8 (or uint16) arrays or ``[3, H, W]`` tensors (uint8, or float in
     [0, 1]); modes and scales as :func:`to_pixels`; the ImageNet normalisation is done here. Same-size images run
     ``batch_size`` at a time. ``device`` moves the model there (``auto``, ``cpu``, ``cuda``, ``cuda:N``; default:
-    where the model is). The model's train/eval mode is restored afterwards. ``as_tensors`` keeps the results as tensors on the device (no copy to the host,
-    for GPU pipelines); by default they are numpy arrays.
+    where the model is). The model's train/eval mode is restored afterwards. ``as_tensors`` keeps the results as
+    tensors on the device (no copy to the host, for GPU pipelines); by default they are numpy arrays.
     """
     batched = isinstance(image, (list, tuple)) or (isinstance(image, Tensor) and image.dim() == 4)
     items = list(image) if batched else [image]
