@@ -32,6 +32,7 @@ returned offsets/confidence are the plain means over passes, meant for visualisa
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -52,6 +53,16 @@ from ovenet.errors import OvenetError
 PAPER_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 OUTPUTS = ("final", "initial", "seed")
 MODES = ("whole", "slide", "official")
+# Whole-mode images beyond this many pixels (after the test-time resizes) run in windows: above every standard
+# evaluation image (Cityscapes 1024x2048, ACDC 1080x1920), so predict still writes the labels eval scores there,
+# and a 6000x4500 photo stays below 4 GiB with the EfficientNet-Lite0 recipes (benchmarks/big_image.py).
+PIXEL_BUDGET = 2048 * 2048
+# Windows hold a quarter of the budget (1024x1024 by default): ONNX Runtime needs ~0.8 GiB for a 1024x1024
+# EfficientNet-Lite0 OVeNet pass, over 4 GiB at 2048x2048.
+WINDOW_SHARE = 4
+# An image whose long side is this many times beyond the training scale's range draws a warning.
+FAR_FROM_TRAINING = 3.0
+_warned: set[str] = set()  # each distinct warning once per process
 
 
 def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
@@ -67,6 +78,13 @@ def window_starts(size: int, crop: int, stride: int) -> list[int]:
     if size <= crop:
         return [0]
     return list(range(0, size - crop, stride)) + [size - crop]
+
+
+def budget_window(height: int, width: int, budget: int) -> tuple[int, int]:
+    """The sliding window for an image beyond the pixel budget: as square as the image allows, at most
+    ``budget`` pixels (a side as long as the image's when the other side is short)."""
+    window_h = min(height, max(1, math.isqrt(budget)))
+    return window_h, min(width, max(1, budget // window_h))
 
 
 def _forward(model: nn.Module, x: Tensor, output: str, precision: str) -> tuple[Tensor, Tensor | None,
@@ -170,14 +188,15 @@ def _slide(image: Tensor, crop: tuple[int, int], stride: tuple[int, int], run: W
                 confidence_sum[region] += confidence
             count[region] += 1
     crop_back = (slice(None), slice(None), slice(0, height), slice(0, width))
-    scores = (scores_sum / count)[crop_back]
+    # In place: at a big image's full size, a second copy of the class scores would double the peak memory.
+    scores = scores_sum.div_(count)[crop_back]
     if offsets_sum is None:
         return scores, None, None
-    offsets = (offsets_sum / count)[crop_back]
+    offsets = offsets_sum.div_(count)[crop_back]
     if pad_h or pad_w:  # back from the padded image's normalisation to the real image's
         offsets = offsets * offsets.new_tensor([(full_w - 1) / max(width - 1, 1),
                                                 (full_h - 1) / max(height - 1, 1)]).view(1, 2, 1, 1)
-    return scores, offsets, (confidence_sum / count)[crop_back]
+    return scores, offsets, confidence_sum.div_(count)[crop_back]
 
 
 @torch.no_grad()
@@ -333,14 +352,22 @@ def _describe(obj: Any) -> str:
 
 
 def to_pixels(image: ImageInput) -> Tensor:
-    """Any supported single image -> ``[3, H, W]`` RGB pixel values 0-255 (not yet normalised): uint8 for 8-bit
-    sources (files, PIL images, uint8 arrays and tensors), float32 for float images in [0, 1]."""
-    if isinstance(image, (str, Path)):
-        from ovenet.data.base import read_image  # DataError naming the file when missing or corrupt
+    """Any supported single image -> ``[3, H, W]`` RGB pixel values 0-255 (not yet normalised).
 
+    Files and PIL images are read as :func:`ovenet.data.base.image_to_rgb` reads them (EXIF orientation applied,
+    16-bit grey scaled by 1/257 and rounded, modes without a known range refused). Arrays and tensors are scaled
+    by their type's full range, like files: uint8 as is; uint16 (numpy, or torch.uint16) to ``round(v / 257)``,
+    uint8 values, exactly as a 16-bit file; float in [0, 1] times 255 (float32, not rounded); any other type
+    (signed integers, bool) is refused, since its range is unknown.
+    """
+    from ovenet.data.base import image_to_rgb, read_image  # DataError naming the file when missing or corrupt
+
+    if isinstance(image, (str, Path)):
         image = read_image(image)
     if isinstance(image, Image.Image):
-        image = np.asarray(image.convert("RGB"))
+        image = image_to_rgb(image)
+    if isinstance(image, Tensor) and image.dtype == getattr(torch, "uint16", None) and image.dim() == 3:
+        image = image.detach().cpu().to(torch.int32).numpy().astype(np.uint16).transpose(1, 2, 0)
     if isinstance(image, np.ndarray):
         array = image
         if array.ndim == 2:
@@ -348,13 +375,16 @@ def to_pixels(image: ImageInput) -> Tensor:
         if array.ndim != 3 or array.shape[2] not in (3, 4):
             raise OvenetError(f"numpy images must be HxWx3 (RGB) or HxW, got {_describe(image)}")
         array = np.ascontiguousarray(array[..., :3])
+        if array.dtype == np.uint16:  # the 16-bit files' scale: round(v / 257), never exactly k + 0.5
+            array = ((array.astype(np.int32) * 2 + 257) // 514).astype(np.uint8)
         if not array.flags.writeable:  # PIL-backed arrays are read-only; torch.from_numpy wants writable memory
             array = array.copy()
         if array.dtype == np.uint8:
             return torch.from_numpy(array).permute(2, 0, 1)
         if array.dtype.kind == "f":
             return _checked_unit_range(torch.from_numpy(array).permute(2, 0, 1).float(), image).mul_(255.0)
-        raise OvenetError(f"numpy images must be uint8 (0-255) or float (0-1), got {_describe(image)}")
+        raise OvenetError(f"numpy images must be uint8 (0-255), uint16 (0-65535) or float (0-1), got "
+                          f"{_describe(image)}")
     if isinstance(image, Tensor):
         tensor = image.detach()
         if tensor.dim() != 3 or tensor.shape[0] != 3:
@@ -363,7 +393,8 @@ def to_pixels(image: ImageInput) -> Tensor:
             return tensor
         if tensor.is_floating_point():
             return _checked_unit_range(tensor.float(), image).mul(255.0)
-        raise OvenetError(f"tensor images must be uint8 (0-255) or float (0-1), got {_describe(image)}")
+        raise OvenetError(f"tensor images must be uint8 (0-255), uint16 (0-65535) or float (0-1), got "
+                          f"{_describe(image)}")
     raise OvenetError(f"cannot read an image from {_describe(image)}; pass a path, PIL image, HxWx3 uint8 array "
                       "or a [3, H, W] tensor")
 
@@ -389,7 +420,10 @@ class InferenceSettings:
     ``resize_short`` (``data.eval_resize_short``, ADE20K's 520) resizes the image before inference; with
     ``pad_multiple`` (``eval.label_resolution: official`` with such a resize) the resized image is padded at the
     bottom/right to a multiple of it, as the official ADE20K val loader; ``base_size`` (``data.base_size``,
-    official mode only) is the long side at scale 1.
+    official mode only) is the long side at scale 1. ``max_size`` shrinks an image whose long side exceeds it to
+    that long side (after ``resize_short``), by the same arithmetic. ``pixel_budget``: in the whole mode, an image
+    (after those resizes) of more pixels runs in sliding windows of a quarter of that many pixels
+    (:func:`budget_window`), so that memory stays bounded; None runs every image whole.
     """
 
     mode: str = "whole"
@@ -400,6 +434,8 @@ class InferenceSettings:
     base_size: int | None = None
     resize_short: int | None = None
     pad_multiple: int | None = None
+    max_size: int | None = None
+    pixel_budget: int | None = PIXEL_BUDGET
 
     @classmethod
     def for_model(cls, model: nn.Module, native_size: bool = False, **chosen: Any) -> InferenceSettings:
@@ -418,6 +454,8 @@ class InferenceSettings:
                            resize_short=resize,
                            pad_multiple=8 if resize and ev.label_resolution == "official" else None)
         values = {k: v for k, v in chosen.items() if v is not None}
+        if values.get("max_size") is not None and int(values["max_size"]) < 1:
+            raise OvenetError(f"max_size must be a positive number of pixels, got {values['max_size']}")
         for key in ("crop_size", "stride", "scales"):
             if key in values:
                 values[key] = tuple(values[key])
@@ -426,8 +464,13 @@ class InferenceSettings:
             settings = replace(settings, base_size=None, resize_short=None, pad_multiple=None)
         return settings
 
-    def infer_options(self) -> dict[str, Any]:
-        """The keyword arguments of :func:`infer_logits` these settings amount to."""
+    def infer_options(self, size: tuple[int, int] | None = None) -> dict[str, Any]:
+        """The keyword arguments of :func:`infer_logits` these settings amount to for a network input of ``size``
+        (after the test-time resizes): beyond the pixel budget, the whole mode becomes windows."""
+        if self.mode == "whole" and self.pixel_budget and size is not None and size[0] * size[1] > self.pixel_budget:
+            window = budget_window(*size, max(1, self.pixel_budget // WINDOW_SHARE))
+            return {"mode": "slide", "crop_size": window, "stride": None,
+                    "scales": self.scales, "flip": self.flip, "base_size": None}
         return {"mode": self.mode, "crop_size": self.crop_size, "stride": self.stride, "scales": self.scales,
                 "flip": self.flip, "base_size": self.base_size if self.mode == "official" else None}
 
@@ -437,7 +480,18 @@ class InferenceSettings:
                 "crop_size": list(self.crop_size) if self.crop_size and self.mode != "whole" else None,
                 "stride": list(self.stride) if self.stride and self.mode == "slide" else None,
                 "base_size": self.base_size if self.mode == "official" else None,
-                "resize_short": self.resize_short, "pad_multiple": self.pad_multiple}
+                "resize_short": self.resize_short, "pad_multiple": self.pad_multiple, "max_size": self.max_size,
+                # Recorded when not the default: outputs written before the budget existed stay comparable.
+                **({} if self.pixel_budget == PIXEL_BUDGET else {"pixel_budget": self.pixel_budget})}
+
+    def resized_size(self, height: int, width: int) -> tuple[int, int]:
+        """An image's size after the test-time resizes (``resize_short``, then ``max_size``), before any padding:
+        sides ``int(side * factor + 0.5)``, the arithmetic of :class:`ovenet.data.transforms.EvalTransform`."""
+        height, width = EvalTransform(self.resize_short).output_size(height, width)
+        if self.max_size and max(height, width) > self.max_size:
+            factor = self.max_size / max(height, width)
+            height, width = max(1, int(height * factor + 0.5)), max(1, int(width * factor + 0.5))
+        return height, width
 
 
 def predict(
@@ -456,6 +510,8 @@ def predict(
     return_logits: bool = False,
     as_tensors: bool = False,
     native_size: bool = False,
+    max_size: int | None = None,
+    pixel_budget: int | None = PIXEL_BUDGET,
 ) -> Prediction | list[Prediction]:
     """Segment one image (-> :class:`Prediction`) or a list of images / a ``[B, 3, H, W]`` tensor (-> list).
 
@@ -463,14 +519,25 @@ def predict(
     ``eval.mode``, ``eval.scales``, ``eval.flip``, crop and stride, the resize to ``data.eval_resize_short`` and,
     in the official mode, the scales relative to ``data.base_size``: :class:`InferenceSettings`), so the labels are
     the ones eval scores; the arguments given replace the config's values. ``native_size=True`` runs the image at
-    its own size instead (no test-time resize; official-mode scales relative to the image's long side). Results
-    are always at the input image's size.
+    its own size instead (no test-time resize; official-mode scales relative to the image's long side).
+    ``max_size`` shrinks an image whose long side is longer to that long side first (the arithmetic and the
+    bilinear resize of eval's ``data.eval_resize_short``). Results are always at the input image's size: the
+    network's output is resized once, bilinearly, to it, as eval resizes it to a label's size.
 
-    Images may be paths, PIL images, HxWx3 uint8 arrays or ``[3, H, W]`` tensors (uint8, or float in [0, 1]);
-    the ImageNet normalisation is done here. Same-size images run ``batch_size`` at a time. ``device`` moves the
-    model there (``auto``, ``cpu``, ``cuda``, ``cuda:N``; default: where the model is). The model's train/eval
-    mode is restored afterwards. ``as_tensors`` keeps the results as tensors on the device (no copy to the host,
-    for GPU pipelines); by default they are numpy arrays.
+    Big images: in the whole mode an image of more than ``pixel_budget`` pixels (after the resizes; default
+    :data:`PIXEL_BUDGET`, None: no limit) runs alone, in overlapping windows of a quarter of the budget (1024x1024
+    by default: :func:`budget_window`, stride 2/3 of the window), so that the network's memory stays bounded.
+    Without ``return_probs``/``return_logits``, sliding windows of one pass keep the class scores of one band of
+    rows only (:func:`_labels_in_bands`); the outputs at the input's size remain (labels, float32 offsets and
+    confidence). An image whose long side is more than :data:`FAR_FROM_TRAINING` times beyond the sizes the model
+    was trained at (``data.base_size`` times ``data.scale_range``) draws a one-line warning (logger
+    ``ovenet.inference``, once per size) suggesting ``max_size``.
+
+    Images may be paths, PIL images, HxWx3 uint8 (or uint16) arrays or ``[3, H, W]`` tensors (uint8, or float in
+    [0, 1]); modes and scales as :func:`to_pixels`; the ImageNet normalisation is done here. Same-size images run
+    ``batch_size`` at a time. ``device`` moves the model there (``auto``, ``cpu``, ``cuda``, ``cuda:N``; default:
+    where the model is). The model's train/eval mode is restored afterwards. ``as_tensors`` keeps the results as
+    tensors on the device (no copy to the host, for GPU pipelines); by default they are numpy arrays.
     """
     batched = isinstance(image, (list, tuple)) or (isinstance(image, Tensor) and image.dim() == 4)
     items = list(image) if batched else [image]
@@ -480,7 +547,8 @@ def predict(
         model.to(resolve_device(device))
     device = _model_device(model)
     settings = InferenceSettings.for_model(model, native_size, mode=mode, scales=scales, flip=flip,
-                                      crop_size=crop_size, stride=stride)
+                                           crop_size=crop_size, stride=stride, max_size=max_size)
+    settings = replace(settings, pixel_budget=pixel_budget)
 
     was_training = model.training
     model.eval()
@@ -490,11 +558,14 @@ def predict(
             images = [to_pixels(item) for item in items]
             start = 0
             while start < len(images):
-                # Group consecutive same-size images into one batch.
+                # Group consecutive same-size images into one batch; images beyond the budget run one at a time.
+                size = settings.resized_size(*images[start].shape[-2:])
+                group = 1 if settings.pixel_budget and size[0] * size[1] > settings.pixel_budget else batch_size
                 end = start + 1
-                while end < len(images) and end - start < batch_size and images[end].shape == images[start].shape \
+                while end < len(images) and end - start < group and images[end].shape == images[start].shape \
                         and images[end].dtype == images[start].dtype:
                     end += 1
+                warn_if_far_from_training(model, images[start].shape[-2:], settings)
                 out = segment(model, torch.stack(images[start:end]).to(device), settings, return_probs,
                               return_logits, output=output, precision=precision)
                 results += _predictions(out, end - start, as_tensors)
@@ -502,6 +573,37 @@ def predict(
     finally:
         model.train(was_training)
     return results if batched else results[0]
+
+
+def warn_if_far_from_training(model: nn.Module, size: Sequence[int], settings: InferenceSettings) -> None:
+    """One line (once per image size and model config) when an image of ``size`` (H, W) runs at a long side
+    more than :data:`FAR_FROM_TRAINING` times outside the range the model was trained at: ``data.base_size``
+    (or, without it, the crop's long side) times ``data.scale_range``."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or settings.mode == "official" and settings.base_size:  # official scales are of base_size
+        return
+    reference = cfg.data.base_size or max(cfg.data.crop_size or [0])
+    if not reference:
+        return
+    low, high = (float(v) for v in cfg.data.scale_range)
+    height, width = (int(v) for v in size)
+    long_side = max(settings.resized_size(height, width))
+    trained = f"data.base_size {reference}" if cfg.data.base_size else f"crops of long side {reference}"
+    trained += f" x data.scale_range {low:g}-{high:g}"
+    if long_side > FAR_FROM_TRAINING * reference * high:
+        factor = long_side / (reference * high)
+        message = (f"a {height}x{width} (HxW) image runs at long side {long_side}, {factor:.1f}x "
+                   f"the largest the model was trained at ({trained}); objects far larger than in training are often "
+                   f"segmented poorly: --max-size {reference} (max_size= in Python) runs it at the training scale")
+    elif long_side * FAR_FROM_TRAINING < reference * low:
+        message = (f"a {height}x{width} (HxW) image runs at long side {long_side}, {reference * low / long_side:.1f}x "
+                   f"below the smallest the model was trained at ({trained}); objects far smaller than in training "
+                   "are often segmented poorly: upscale the image")
+    else:
+        return
+    if message not in _warned:
+        _warned.add(message)
+        logging.getLogger("ovenet.inference").warning(message)
 
 
 def preprocess(pixels: Tensor, settings: InferenceSettings) -> Tensor:
@@ -525,14 +627,21 @@ def segment(model: nn.Module, pixels: Tensor, settings: InferenceSettings | None
     settings = settings or InferenceSettings.for_model(model)
     height, width = pixels.shape[-2:]
     image = preprocess(pixels, settings)
-    options = settings.infer_options()
+    options = settings.infer_options(tuple(image.shape[-2:]))
+    align = bool(getattr(model, "align_corners", True))
+    if _bands_suffice(options, tuple(image.shape[-2:]), (height, width), return_probs or return_logits):
+        # Windows of one pass, labels only: no need for the class scores of the whole image at once.
+        window = _pair(options["crop_size"], "crop_size")
+        stride = (max(1, window[0] * 2 // 3), max(1, window[1] * 2 // 3)) if options["stride"] is None \
+            else _pair(options["stride"], "stride")
+        return _labels_in_bands(model, image, window, stride, output, precision, align)
     if not settings.pad_multiple:
         # One resize from the network's output to the image's size, as eval does to the label's size.
         out = infer_logits(model, image, output=output, precision=precision, size=(height, width), **options)
     else:
         # The official ADE20K padding: drop the padded part, then resize to the image's size.
         out = _unpad(infer_logits(model, image, output=output, precision=precision, **options),
-                     _resized_size(pixels, settings), (height, width), bool(getattr(model, "align_corners", True)))
+                     _resized_size(pixels, settings), (height, width), align)
     logits = out["logits"]
     labels = logits.argmax(dim=1).to(torch.uint8 if logits.shape[1] <= 256 else torch.int64)
     return {"labels": labels, "probs": torch.softmax(logits, dim=1) if return_probs else None,
@@ -540,9 +649,61 @@ def segment(model: nn.Module, pixels: Tensor, settings: InferenceSettings | None
             "confidence": None if out["confidence"] is None else out["confidence"][:, 0]}
 
 
+def _bands_suffice(options: dict[str, Any], network_size: tuple[int, int], size: tuple[int, int],
+                   scores_asked: bool) -> bool:
+    """Whether :func:`_labels_in_bands` gives what :func:`infer_logits` would: sliding windows that fit the image
+    (no padding) in one pass, with no resize after the network and only labels wanted."""
+    if options["mode"] != "slide" or scores_asked or network_size != size:
+        return False
+    window = _pair(options["crop_size"], "crop_size") if options["crop_size"] is not None else None
+    return (window is not None and window[0] <= size[0] and window[1] <= size[1]
+            and tuple(options["scales"]) == (1.0,) and not options["flip"])
+
+
+def _labels_in_bands(model: nn.Module, image: Tensor, window: tuple[int, int], stride: tuple[int, int],
+                     output: str, precision: str, align: bool) -> dict[str, Tensor | None]:
+    """:func:`_slide`'s windows over an image at least a window large, with the class scores kept only
+    for the rows that windows still to come overlap: the rows above the next row of windows are final and become
+    labels, offsets and confidence at once. The same sums in the same order as :func:`_slide`, so the same labels,
+    with scores for a band of the window's height instead of the whole image."""
+    batch, _, height, width = image.shape
+    run = _plain_window(model, output, precision, align)
+    tops = window_starts(height, window[0], stride[0])
+    band: list[Tensor] | None = None  # scores, count[, offsets, confidence] of rows top .. top + window height
+    outputs: list[Tensor] = []  # labels[, offsets, confidence] of the whole image
+    for index, top in enumerate(tops):
+        for left in window_starts(width, window[1], stride[1]):
+            scores, offsets, confidence = run(image[:, :, top:top + window[0], left:left + window[1]])
+            if band is None:
+                extra = [] if offsets is None else [image.new_zeros((batch, 2, window[0], width)),
+                                                     image.new_zeros((batch, 1, window[0], width))]
+                band = [scores.new_zeros((batch, scores.shape[1], window[0], width)),
+                        image.new_zeros((1, 1, window[0], width)), *extra]
+                outputs = [torch.empty((batch, height, width), dtype=torch.int64, device=image.device)] + \
+                    [image.new_empty((batch, t.shape[1], height, width)) for t in extra]
+            columns = slice(left, left + window[1])
+            band[0][..., columns] += scores
+            band[1][..., columns] += 1
+            if offsets is not None:
+                ratio = offsets.new_tensor([(window[1] - 1) / max(width - 1, 1), (window[0] - 1) / max(height - 1, 1)])
+                band[2][..., columns] += offsets * ratio.view(1, 2, 1, 1)
+                band[3][..., columns] += confidence
+        done = (tops[index + 1] if index + 1 < len(tops) else height) - top  # rows no later window covers
+        count = band[1][:, :, :done]
+        outputs[0][:, top:top + done] = band[0][:, :, :done].div_(count).argmax(dim=1)
+        for out, summed in zip(outputs[1:], band[2:]):
+            out[:, :, top:top + done] = summed[:, :, :done].div_(count)
+        for tensor in band:  # the open rows move up to the band's top; the rows below start empty
+            tensor[:, :, :window[0] - done] = tensor[:, :, done:].clone()
+            tensor[:, :, window[0] - done:] = 0
+    labels = outputs[0].to(torch.uint8 if band[0].shape[1] <= 256 else torch.int64)
+    return {"labels": labels, "probs": None, "logits": None, "offsets": outputs[1] if len(outputs) > 1 else None,
+            "confidence": outputs[2][:, 0] if len(outputs) > 1 else None}
+
+
 def _resized_size(pixels: Tensor, settings: InferenceSettings) -> tuple[int, int]:
-    """The image's size after the test-time resize (before any padding)."""
-    return EvalTransform(settings.resize_short).output_size(*pixels.shape[-2:])
+    """The image's size after the test-time resizes (before any padding)."""
+    return settings.resized_size(*pixels.shape[-2:])
 
 
 def _unpad(out: dict[str, Tensor | None], real: tuple[int, int], size: tuple[int, int], align: bool

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import math
 import os
 import shutil
 import sys
@@ -282,28 +283,47 @@ def _predict_runtime(requested: str, device: Any, precision: str | None, model: 
     cached = cached_onnx_path(model).is_file()
     needed = ORT_SESSION_PAYS_MPX if cached else ORT_EXPORT_PAYS_MPX
     if megapixels >= needed:
-        return "onnxruntime", (f"{megapixels:.1f} Mpx to segment pay for " + ("the cached ONNX export's session"
-                               if cached else "the one-time ONNX export (then cached)") + "; --runtime torch to "
-                               "use PyTorch")
-    return "torch", (f"{megapixels:.1f} Mpx to segment: ONNX Runtime pays from {needed} Mpx "
+        return "onnxruntime", (f"{_megapixels_text(megapixels)} to segment pay for "
+                               + ("the cached ONNX export's session" if cached
+                                  else "the one-time ONNX export (then cached)") + "; --runtime torch to use PyTorch")
+    return "torch", (f"{_megapixels_text(megapixels)} to segment: ONNX Runtime pays from {needed} Mpx "
                      + ("(export cached)" if cached else "with its one-time export") + "; --runtime onnxruntime "
                      "to use it anyway")
 
 
 def _megapixels(plan: list[tuple[Path, Path, bool]]) -> float:
-    """Pixels to segment, from the image headers (nothing decoded); a video counts as enough for any runtime."""
+    """Pixels to segment, from the image headers and the video containers (nothing decoded); infinite for a video
+    whose container does not state its frame count (a video is then taken as enough for any runtime)."""
     from PIL import Image
 
     total = 0.0
     for source, _, is_video in plan:
         if is_video:
-            return float("inf")
+            frames, size = _video_extent(source)
+            total += frames * size / 1e6 if frames else float("inf")
+            continue
         try:
             with Image.open(source) as image:
                 total += image.width * image.height / 1e6
         except OSError:
             pass  # unreadable: predict names it (or skips it with --skip-bad)
     return total
+
+
+def _megapixels_text(megapixels: float) -> str:
+    return f"{megapixels:.1f} Mpx" if math.isfinite(megapixels) else "a video of unknown length (no frame count)"
+
+
+def _video_extent(path: Path) -> tuple[int, int]:
+    """(frame count, pixels per frame) from a video's container header; 0 frames when it does not say."""
+    try:
+        import av
+
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            return int(stream.frames or 0), int(stream.width or 0) * int(stream.height or 0)
+    except Exception:  # noqa: BLE001 (no PyAV, or an unreadable file: predict reports it)
+        return 0, 0
 
 
 def add_predict_parser(command: AddCommand) -> None:
@@ -313,12 +333,15 @@ def add_predict_parser(command: AddCommand) -> None:
         "overlay, the label-index PNG (raw), Cityscapes label ids (labelids) and, for OVeNet models, the offset\n"
         "field (optical-flow colour wheel) and the confidence map. Extra key=value words are model.* overrides.\n"
         "Images are run as `ovenet eval` runs this checkpoint (its eval mode, scales, flip and test-time resize),\n"
-        "so the labels written are the ones eval scores; flags change that, --native-size skips the resize.",
+        "so the labels written are the ones eval scores; flags change that, --native-size skips the resize.\n"
+        "Whole-mode images beyond 2048x2048 pixels run in overlapping 1024x1024 windows, in bounded memory; a\n"
+        "warning says when an image is far larger than the model's training images (--max-size shrinks it).",
         "  ovenet predict runs/cs/best.pth street.jpg --out preds/\n"
         "  ovenet predict runs/cs/best.pth frames/ --out preds/ --flip --scales 0.75 1.0 1.25 --device cuda\n"
         "  ovenet predict converted.pth img.png --out preds/ model.offset.sampling=exact\n"
         "  ovenet predict runs/cs/best.pth frames/ --out preds/ --skip-bad\n"
         "  ovenet predict runs/ade/best.pth photo.jpg --out preds/ --native-size   # no resize to short side 520\n"
+        "  ovenet predict runs/camvid/best.pth big_photo.jpg --out preds/ --max-size 480\n"
         "\n"
         "Rerunning into the same --out continues where the last run stopped: inputs whose outputs are already done\n"
         "are kept and skipped (outputs are written whole or not at all); --overwrite redoes them. Outputs made\n"
@@ -332,6 +355,10 @@ def add_predict_parser(command: AddCommand) -> None:
                    help="run each image at its own size (default: resize it as `ovenet eval` does for this "
                         "checkpoint, data.eval_resize_short and, in the official mode, scales of data.base_size, "
                         "so the labels are the ones eval scores); outputs are at the input's size either way")
+    p.add_argument("--max-size", type=int, metavar="N",
+                   help="shrink images whose long side is longer than N pixels to N before inference, as eval "
+                        "resizes (bilinear); outputs are at the input's size. For photos far larger than the "
+                        "training images: the model segments best near the scale it was trained at")
     p.add_argument("--save", type=save_kinds, metavar="KIND[,KIND...]",
                    help=f"what to write, comma-separated: {', '.join(SAVE_KINDS)} (default: all that apply to the "
                         "model: labelids for Cityscapes/ACDC, offsets and confidence for OVeNet)")
@@ -402,6 +429,7 @@ def _predict(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
         "flip": True if (args.flip or args.paper_scales) else None,
         "mode": args.mode,
         "native_size": args.native_size,
+        "max_size": args.max_size,
         "device": device,
         "progress": True,  # a bar on a terminal, a line every few seconds otherwise
     }

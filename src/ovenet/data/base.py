@@ -39,19 +39,73 @@ class SampleFiles:
     condition: str | None = None
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Decode an image file to an HxWx3 uint8 RGB array, or raise DataError naming the file."""
+# Modes whose RGB conversion in Pillow is what a viewer shows, alpha aside (dropped: the colours as stored, not
+# composited over a background). Multi-byte ones are handled by ``image_to_rgb`` itself.
+_CONVERTIBLE_MODES = ("RGB", "RGBA", "RGBX", "RGBa", "L", "LA", "1", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV")
+# EXIF orientation -> the transposition that turns the stored pixels into what a viewer shows.
+_ORIENTATIONS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+                 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+                 8: Image.Transpose.ROTATE_90}
+SWAPPING_ORIENTATIONS = (5, 6, 7, 8)  # those turn the image by 90 degrees: height and width trade places
+
+
+def exif_orientation(img: Image.Image) -> int:
+    """The image's EXIF orientation (1 = as stored; 2-8 as the EXIF standard), 1 when absent or unreadable."""
+    try:
+        orientation = int(img.getexif().get(0x0112, 1))
+    except (OSError, ValueError, TypeError, SyntaxError):  # a broken EXIF block is not a broken image
+        return 1
+    return orientation if orientation in _ORIENTATIONS else 1
+
+
+def image_to_rgb(img: Image.Image, source: str | Path | None = None) -> np.ndarray:
+    """A PIL image -> HxWx3 uint8 RGB of what a viewer shows, or DataError naming ``source`` and the fix.
+
+    The EXIF orientation is applied. 16-bit grey (``I;16*``, and ``I`` holding values 0-65535) becomes
+    ``round(value / 257)`` (65535 -> 255, 257*k -> k); Pillow itself decodes 16-bit colour PNGs to the high
+    byte (``value // 256``), which equals that for every 8-bit value scaled by 257 and is within 1 otherwise.
+    1-bit, palette (its colours; a transparent entry keeps its colour), grey, CMYK (Pillow's conversion, no
+    colour profile) and YCbCr convert as Pillow converts them; alpha is dropped. Modes with no known value range
+    (float ``F``, ``I`` beyond 0-65535) are refused.
+    """
+    name = "image" if source is None else f"image {source}"
+    orientation = exif_orientation(img)
+    if orientation != 1:
+        img = img.transpose(_ORIENTATIONS[orientation])
+    if img.mode == "I" or img.mode.startswith("I;16"):
+        values = np.asarray(img).astype(np.int64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise DataError(f"{name} has 32-bit integer pixels ({values.min()}..{values.max()}), whose brightness "
+                            "scale is unknown; save it as an 8-bit or 16-bit (0-65535) image")
+        grey = ((values * 2 + 257) // 514).astype(np.uint8)  # round(v / 257); v / 257 is never exactly k + 0.5
+        return np.repeat(grey[..., None], 3, axis=2)
+    if img.mode not in _CONVERTIBLE_MODES:
+        kind = "floating-point pixels, whose brightness scale is unknown" if img.mode == "F" else "an unusual mode"
+        raise DataError(f"{name} has image mode {img.mode} ({kind}); save it as an 8-bit or 16-bit RGB or grey image")
+    if img.mode in ("P", "PA") and "transparency" in img.info:  # via RGBA: Pillow warns on P -> RGB with alpha
+        return np.ascontiguousarray(np.asarray(img.convert("RGBA"))[..., :3])
+    return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
+
+
+def decode_image(path: str | Path) -> tuple[np.ndarray, int]:
+    """An image file -> (HxWx3 uint8 RGB as a viewer shows it, its EXIF orientation), or DataError naming it.
+    See :func:`image_to_rgb` for the modes read and refused."""
     try:
         with Image.open(path) as img:
             img.load()  # forces the full decode, so truncation surfaces here
-            rgb = img if img.mode == "RGB" else img.convert("RGB")
+            return image_to_rgb(img, path), exif_orientation(img)
     except FileNotFoundError:
         raise DataError(f"image file {path} does not exist; check the dataset root") from None
     except _DECODE_ERRORS as exc:
         raise DataError(
             f"cannot decode image {path} ({exc}); the file is corrupt or truncated, replace it"
         ) from None
-    return np.asarray(rgb)
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Decode an image file to an HxWx3 uint8 RGB array as a viewer shows it (EXIF orientation applied; modes:
+    :func:`image_to_rgb`), or raise DataError naming the file."""
+    return decode_image(path)[0]
 
 
 # JPEG's lossy compression blurs region edges into values between the ids (a 3 next to a 7 becomes 4, 5, 6).
@@ -236,10 +290,12 @@ class SegmentationDataset(Dataset):
     def load(self, index: int) -> dict[str, np.ndarray]:
         """Decode and validate one sample, before any transform: uint8 image HxWx3, uint8 train-id label HxW."""
         files = self.samples[index]
-        sample = {"image": read_image(files.image)}
+        image, orientation = decode_image(files.image)
+        sample = {"image": image}
         if files.label is not None:
             raw_label = read_label_map(files.label)
-            check_same_size(files.image, sample["image"], files.label, raw_label)
+            check_label_orientation(files.image, image, orientation, files.label, raw_label)
+            check_same_size(files.image, image, files.label, raw_label)
             sample["label"] = self.label_table(raw_label, files.label)
             self._load_extras(files, raw_label, sample)
         return sample
@@ -257,6 +313,31 @@ class SegmentationDataset(Dataset):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({len(self)} samples, {self.num_classes} classes)"
+
+
+def check_label_orientation(image_path: Path, image: np.ndarray, orientation: int, label_path: Path,
+                            label: np.ndarray) -> None:
+    """Refuse a label that may belong to the image's other orientation.
+
+    Images are read as a viewer shows them (EXIF orientation applied) and labels as stored, so a label must
+    have been drawn on the image as shown. A 90-degree orientation on a non-square image tells which it was
+    from the label's size (the stored size is refused here, with the fix); a mirror, a 180-degree turn or a
+    square image cannot tell, so those are refused rather than risk a label paired upside down.
+    """
+    if orientation == 1:
+        return
+    height, width = image.shape[:2]
+    fix = ("apply the rotation to the image file (PIL.ImageOps.exif_transpose, then save) and make the label "
+           "match the image as saved")
+    if orientation in SWAPPING_ORIENTATIONS and height != width:
+        if label.shape[:2] == (width, height):
+            raise DataError(f"label {label_path} is {width}x{height} (HxW), the size of image {image_path} as "
+                            f"stored, but its EXIF orientation {orientation} shows the image turned by 90 degrees "
+                            f"({height}x{width}); {fix}")
+        return
+    raise DataError(f"image {image_path} carries EXIF orientation {orientation} (shown turned or mirrored), and "
+                    f"whether label {label_path} was drawn on the image as shown or as stored cannot be told from "
+                    f"its size; {fix}")
 
 
 def check_same_size(image_path: Path, image: np.ndarray, other_path: Path, other: np.ndarray) -> None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -168,6 +168,7 @@ def predict_files(
     progress: bool = False,
     skip_bad: bool = False,
     native_size: bool = False,
+    max_size: int | None = None,
 ) -> PredictionResult:
     """Predict every input (image files, folders of images, videos) and write the chosen PNGs.
 
@@ -178,7 +179,8 @@ def predict_files(
     the model); asking for one that does not apply is an error. ``progress``:
     a bar on a terminal, otherwise a line every few seconds with images/s and the ETA. ``scales``, ``flip``,
     ``mode``, ``crop_size`` default to the checkpoint's eval settings, and images are resized as eval resizes
-    them unless ``native_size`` (see :func:`ovenet.inference.predict`).
+    them unless ``native_size``; ``max_size`` shrinks longer images to that long side first, and images beyond
+    the pixel budget run in windows (see :func:`ovenet.inference.predict`).
     """
     from ovenet.data import class_info, dataset_info
     from ovenet.data.base import generic_palette
@@ -203,7 +205,8 @@ def predict_files(
 
     plan = plan_inputs(inputs, out_dir)
     _check_outputs(plan, kinds)
-    test = InferenceSettings.for_model(model, native_size, mode=mode, scales=scales, flip=flip, crop_size=crop_size)
+    test = InferenceSettings.for_model(model, native_size, mode=mode, scales=scales, flip=flip, crop_size=crop_size,
+                                       max_size=max_size)
     settings = _settings(model, palette[:num_classes], dataset_name, test, precision, alpha)
     if not overwrite:
         _check_same_settings(out_dir, plan, kinds, settings)
@@ -229,7 +232,7 @@ def predict_files(
                         image = read_image(source)
                     prediction = predict(model, image, device=device, precision=precision, scales=test.scales,
                                          flip=test.flip, mode=test.mode, crop_size=test.crop_size,
-                                         native_size=native_size)
+                                         native_size=native_size, max_size=test.max_size)
                     color = vis.colorize(prediction.labels, palette) if {"color", "overlay"} & set(todo) else None
                     for kind in todo:
                         array = _rendered(kind, image, prediction, color, num_classes, alpha)
@@ -257,7 +260,7 @@ def _rendered(kind: str, image: np.ndarray, prediction: Any, color: np.ndarray |
     if kind == "color":
         return color
     if kind == "overlay":
-        return vis.overlay(image, color, alpha)
+        return _in_bands(lambda rows: vis.overlay(image[rows], color[rows], alpha), len(image))
     if kind == "labels":
         return prediction.labels.astype(np.uint8 if num_classes <= 256 else np.uint16)
     if kind == "labelids":
@@ -265,8 +268,25 @@ def _rendered(kind: str, image: np.ndarray, prediction: Any, color: np.ndarray |
 
         return trainid_to_labelid(prediction.labels).astype(np.uint8)
     if kind == "offsets":
-        return vis.with_key(vis.flow_to_color(prediction.offsets), "offsets")
-    return vis.with_key(vis.confidence_to_color(prediction.confidence), "confidence")
+        offsets = prediction.offsets
+        # flow_to_color's own saturation scale (the longest offset), by its arithmetic, over the whole image.
+        longest = max(float(np.sqrt(np.nan_to_num(band[0].astype(np.float64)) ** 2
+                                    + np.nan_to_num(band[1].astype(np.float64)) ** 2).max())
+                      for band in (offsets[:, top:top + RENDER_ROWS] for top in range(0, offsets.shape[1], RENDER_ROWS)))
+        return vis.with_key(_in_bands(lambda rows: vis.flow_to_color(offsets[:, rows], longest), offsets.shape[1]),
+                            "offsets")
+    confidence = prediction.confidence
+    return vis.with_key(_in_bands(lambda rows: vis.confidence_to_color(confidence[rows]), len(confidence)),
+                        "confidence")
+
+
+# Rows rendered at a time: the float64 temporaries of a 6000-pixel-wide picture stay near 100 MB each, where a
+# whole 6000x4500 picture's took gigabytes. Every rendering is per pixel, so the bands join seamlessly.
+RENDER_ROWS = 512
+
+
+def _in_bands(render: Callable[[slice], np.ndarray], height: int) -> np.ndarray:
+    return np.concatenate([render(slice(top, top + RENDER_ROWS)) for top in range(0, height, RENDER_ROWS)], axis=0)
 
 
 def _write_video(source: Path, prefix: Path, kind: str, overwrite: bool) -> Path | None:
