@@ -182,9 +182,6 @@ def predict_files(
     them unless ``native_size``; ``max_size`` shrinks longer images to that long side first, and images beyond
     the pixel budget run in windows (see :func:`ovenet.inference.predict`).
     """
-    from ovenet.data import class_info, dataset_info
-    from ovenet.data.base import generic_palette
-
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise OvenetError(f"output folder {out_dir} is a file; predictions go to a folder: choose another --out")
@@ -193,15 +190,7 @@ def predict_files(
     kinds = _kinds(save, dataset_name, is_ovenet, num_classes)
     if not kinds:
         raise OvenetError("nothing to write: choose at least one of " + ", ".join(SAVE_KINDS))
-    if palette is None:
-        data = getattr(getattr(model, "config", None), "data", None)  # a checkpoint's config: its data.palette
-        try:
-            palette = (class_info(data, num_classes)[2] if getattr(data, "palette", None) is not None
-                       else dataset_info(dataset_name, num_classes)[2])
-        except OvenetError:
-            palette = []
-    if len(palette) < num_classes:
-        palette = generic_palette(num_classes)
+    palette = _palette(model, palette, dataset_name, num_classes)
 
     plan = plan_inputs(inputs, out_dir)
     _check_outputs(plan, kinds)
@@ -252,6 +241,23 @@ def predict_files(
         raise PredictionInterrupted(result.inputs_done, len(plan), out_dir) from None
     meter.close()
     return result
+
+
+def _palette(model: nn.Module, palette: Sequence[Sequence[int]] | None, dataset_name: str, num_classes: int
+             ) -> Sequence[Sequence[int]]:
+    """The colours asked for, else the checkpoint config's ``data.palette``, else the dataset's; a generic palette
+    when those have fewer colours than the model has classes."""
+    from ovenet.data import class_info, dataset_info
+    from ovenet.data.base import generic_palette
+
+    if palette is None:
+        data = getattr(getattr(model, "config", None), "data", None)  # a checkpoint's config: its data.palette
+        try:
+            palette = (class_info(data, num_classes)[2] if getattr(data, "palette", None) is not None
+                       else dataset_info(dataset_name, num_classes)[2])
+        except OvenetError:
+            palette = []
+    return palette if len(palette) >= num_classes else generic_palette(num_classes)
 
 
 def _rendered(kind: str, image: np.ndarray, prediction: Any, color: np.ndarray | None, num_classes: int,
