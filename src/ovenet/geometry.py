@@ -1,0 +1,99 @@
+"""Where the cells of a feature or logit map sit on the input image, and resizes that respect it.
+
+A convolution that pads k // 2 on both sides keeps cell k of a stride-s map centred on input pixel s * k (pixel
+centres at integer coordinates), at every input size. ``F.interpolate(align_corners=False)`` assumes instead
+that cell k covers pixels s * k .. s * k + s - 1, centred on s * k + (s - 1) / 2: 14 px off for stride-32 logits
+brought to stride 4. :class:`CellGrid` says where a map's cells really are; :func:`regrid` resamples a map from
+one grid to another, each cell placed at its centre.
+
+The resampling is bilinear and separable: two gathers (rows, then columns) with weights computed from
+``torch.arange`` of the output size, so an ONNX export stays dynamic in height and width and needs no
+``grid_sample`` (opset 16), as the seed sampler of :mod:`ovenet.method`. Beyond the first and the last cell
+centre the map is held constant (border clamp), as ``F.interpolate`` does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Number = float | Tensor  # a grid's offsets may depend on the input size (e.g. TensorFlow "SAME" padding)
+
+
+@dataclass(frozen=True)
+class CellGrid:
+    """Cell (k, l) of the map is centred on input pixel (``stride * k + offset_y``, ``stride_x * l + offset_x``).
+
+    ``stride_x`` defaults to ``stride``; it differs only after a resize whose height and width ratios differ
+    (:meth:`resized`). Offsets and strides are pixels (floats, or 0-dim tensors computed from the input's size).
+    """
+
+    stride: Number
+    offset_y: Number = 0.0
+    offset_x: Number = 0.0
+    stride_x: Number | None = None
+
+    def centre(self, k: int, l: int) -> tuple[Number, Number]:
+        """The input pixel (y, x) that cell (k, l) is centred on."""
+        return self.stride * k + self.offset_y, self.column_stride * l + self.offset_x
+
+    @property
+    def column_stride(self) -> Number:
+        return self.stride if self.stride_x is None else self.stride_x
+
+    def resized(self, size_from: Sequence[int], size_to: Sequence[int]) -> CellGrid:
+        """The same cells on the image resized from ``size_from`` to ``size_to`` (H, W) by a half-pixel resize
+        (``F.interpolate(align_corners=False)``, OpenCV's INTER_LINEAR, :func:`ovenet.data.transforms.resize_image`):
+        pixel p of the first image is pixel (p + 0.5) * size_to / size_from - 0.5 of the second."""
+        ry, rx = size_to[0] / size_from[0], size_to[1] / size_from[1]
+        return CellGrid(self.stride * ry, (self.offset_y + 0.5) * ry - 0.5, (self.offset_x + 0.5) * rx - 0.5,
+                        self.column_stride * rx)
+
+
+PIXELS = CellGrid(1)  # a map at the input's own resolution: cell k is pixel k
+
+
+def _taps(n_out: int, n_in: int, src_stride: Number, src_offset: Number, dst_stride: Number, dst_offset: Number,
+          device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """For each of ``n_out`` destination cells along one axis: the two source cells around its centre and the
+    weight of the second (positions clamped to the first/last source centre)."""
+    position = torch.arange(n_out, device=device, dtype=dtype) * dst_stride + dst_offset  # input pixels
+    cell = ((position - src_offset) / src_stride).clamp(min=0).clamp(max=n_in - 1)
+    low = cell.floor()
+    weight = cell - low
+    low = low.long()
+    return low, (low + 1).clamp(max=n_in - 1), weight
+
+
+def regrid(x: Tensor, size: Sequence[int], src: CellGrid, dst: CellGrid = PIXELS) -> Tensor:
+    """Bilinear resampling of ``x`` (``[..., h, w]``, cells on ``src``) onto ``size`` (H, W) cells on ``dst``:
+    each output cell reads ``x`` at its own centre, each source cell sitting at its centre. Gradients flow to
+    ``x``. With ``dst`` the default :data:`PIXELS`, the result covers the input image pixel for pixel."""
+    height, width = size
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    rows0, rows1, row_w = _taps(height, x.shape[-2], src.stride, src.offset_y, dst.stride, dst.offset_y,
+                                x.device, dtype)
+    cols0, cols1, col_w = _taps(width, x.shape[-1], src.column_stride, src.offset_x, dst.column_stride,
+                                dst.offset_x, x.device, dtype)
+    row_w, col_w = row_w.to(x.dtype).unsqueeze(-1), col_w.to(x.dtype)
+    rows = x.index_select(-2, rows0) * (1 - row_w) + x.index_select(-2, rows1) * row_w
+    return rows.index_select(-1, cols0) * (1 - col_w) + rows.index_select(-1, cols1) * col_w
+
+
+def resize_to_pixels(x: Tensor, size: Sequence[int], grid: CellGrid | None, align_corners: bool,
+                     input_size: Sequence[int] | None = None) -> Tensor:
+    """A model's output map (cells on ``grid``, in pixels of its ``input_size`` image, default ``size``) onto
+    the pixels of that image resized to ``size`` (H, W): labels, a window, the image before a test-time resize.
+
+    ``grid`` None is a model that does not declare its geometry (HRNetV2, whose official resizes this keeps, or
+    a network of your own): a size-based ``F.interpolate`` with its ``align_corners``, as before."""
+    size = tuple(size)
+    if grid is None:
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=align_corners)
+    if input_size is not None and tuple(input_size) != tuple(size):
+        grid = grid.resized(input_size, size)
+    return regrid(x, size, grid, PIXELS)
