@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -100,3 +101,8 @@ class OCRHead(nn.Module):
         x = self.ocr_distri_head(x, object_regions(x, aux))
         return self.cls_head(x), aux
 
+
+def upsample_logits(logits: Tensor, size: tuple[int, int], align_corners: bool = True) -> Tensor:
+    """HRNet's size-based upsampling (the official code's); models that declare their cells' geometry are resized
+    by :func:`ovenet.geometry.resize_to_pixels` instead."""
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=align_corners)
