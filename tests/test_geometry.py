@@ -293,3 +293,29 @@ def test_onnx_export_of_a_registered_coarse_ovenet_is_dynamic_and_registered(tmp
         for name, c, f in zip(outputs, cells, full):
             torch.testing.assert_close(f[..., ::4, ::4], c, rtol=1e-5, atol=1e-5 * float(c.abs().max()),
                                        msg=name)
+
+
+def test_a_checkpoint_saved_before_registration_keeps_the_resizes_it_was_trained_with(tmp_path):
+    from ovenet import checkpoint
+    from ovenet.config import load_config
+
+    cfg = load_config("quickstart", ["model.backbone=efficientnet_lite0", "model.head=coarse", "model.num_classes=8"])
+    from helpers import lively
+
+    torch.manual_seed(0)
+    model = lively(build_model(cfg.model))  # spatially varied logits
+    path = checkpoint.save(tmp_path / "new.pth", model, cfg)
+    assert checkpoint.load(path).output_grid(64, 96) == CellGrid(4)
+    saved = torch.load(path, weights_only=True)
+    del saved["config"]["model"]["registered_resizes"]  # as ovenet wrote it before the key existed
+    torch.save(saved, tmp_path / "old.pth")
+    old = checkpoint.load(tmp_path / "old.pth")
+    assert old.config.model.registered_resizes is False and old.output_grid(64, 96) is None
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        out = old(x)
+    assert out.grid is None  # size-based from the coarse logits on: what that network learned
+    with torch.no_grad():
+        registered = model(x)
+    scale = float(registered.logits_initial.abs().max())
+    assert float((out.logits_initial - registered.logits_initial).abs().max()) > 0.01 * scale

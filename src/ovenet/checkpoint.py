@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import Config, apply_overrides, from_dict
+from .config import Config, apply_overrides, from_dict, saved_config
 from .device import resolve_device
 from .errors import CheckpointError, ConfigError
 from .models import build_model
@@ -210,7 +210,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", overrides: list[s
         raise CheckpointError("load(model=...) takes the module as you built it: model.* overrides change only "
                               "the networks ovenet builds; build your module with the options you want instead")
     try:
-        cfg = from_dict(apply_overrides(ckpt["config"], overrides or []))
+        cfg = from_dict(apply_overrides(saved_config(ckpt["config"]), overrides or []))
     except ConfigError as e:
         raise CheckpointError(f"checkpoint '{path}' holds an invalid config: {e}") from None
     cfg.model.pretrained = None

@@ -376,14 +376,14 @@ class OnnxFileModel(OnnxRuntimeModel):
             import onnxruntime as ort
         except ImportError:
             raise OvenetError("running an ONNX file needs onnxruntime: " + install_command("export")) from None
-        from .config import from_dict
+        from .config import from_dict, saved_config
 
         path = Path(path)
         meta = read_onnx_metadata(path)
         if meta.get("producer") != "ovenet" or "config" not in meta:
             raise OvenetError(f"{path} carries no ovenet metadata (exported elsewhere, or by an older ovenet); export "
                               "the checkpoint again with `ovenet export`, or predict with the .pth")
-        self.config = from_dict(json.loads(meta["config"]))
+        self.config = from_dict(saved_config(json.loads(meta["config"])))
         self.num_classes = self.config.model.num_classes
         self.is_ovenet = "offsets" in json.loads(meta["outputs"])
         self.align_corners = self.config.model.align_corners

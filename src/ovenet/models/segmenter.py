@@ -97,7 +97,8 @@ class OffsetSegmenter(nn.Module):
     stages (run on the shared earlier features), or any second encoder (image -> features, e.g.
     ``copy.deepcopy(encoder)``).
     The offset head is conv1x1-BN-ReLU-conv1x1 (3 outputs), its last layer drawn from N(0, 1e-3) so training
-    starts from o ~ 0 and F ~ 0.5, as the official FCN OVeNet.
+    starts from o ~ 0 and F ~ 0.5, as the official FCN OVeNet. ``registered`` (``model.registered_resizes``)
+    False keeps the size-based resizes even where the encoder declares its grids (networks trained with them).
 
     Example, a network of your own::
 
@@ -108,8 +109,9 @@ class OffsetSegmenter(nn.Module):
     def __init__(self, encoder: nn.Module, decode_head: nn.Module, channels: Sequence[int], num_classes: int,
                  offset: OffsetConfig | None = None, offset_branch: nn.Module | None = None,
                  branch_channels: Sequence[int] | None = None, align_corners: bool = False,
-                 bn_momentum: float = 0.1):
+                 bn_momentum: float = 0.1, registered: bool = True):
         super().__init__()
+        self.registered = registered  # False: size-based resizes even for an encoder with feature_grids
         self.offset_cfg = offset if offset is not None else OffsetConfig()
         self.backbone, self.decode_head = encoder, decode_head
         self.num_classes, self.align_corners = num_classes, align_corners
@@ -141,6 +143,8 @@ class OffsetSegmenter(nn.Module):
         """Where the levels of the encoder and of the offset branch sit on a ``height`` x ``width`` input (their
         ``feature_grids``); None for a module that does not declare it. A :class:`StageCopy` branch copies the
         encoder's own later stages, so it shares the encoder's grids."""
+        if not self.registered:
+            return None, None
         encoder = _declared_grids(self.backbone, height, width)
         if self.offset_branch is None or isinstance(self.offset_branch, StageCopy):
             return encoder, encoder
@@ -260,4 +264,4 @@ def build_encoder_model(cfg: ModelConfig) -> OffsetSegmenter:
             branch = copy.deepcopy(encoder)  # a second encoder, reading the image
         branch_channels = channels
     return OffsetSegmenter(encoder, head, channels, cfg.num_classes, cfg.offset, branch, branch_channels,
-                           cfg.align_corners, cfg.bn_momentum)
+                           cfg.align_corners, cfg.bn_momentum, cfg.registered_resizes)
