@@ -102,6 +102,21 @@ def test_lite0_levels_are_centred_where_their_grids_say():
             assert_centred(feat, CellGrid(grid.stride, half_pixel, half_pixel), (slice(None), slice(None)), "")
 
 
+def test_timm_levels_are_centred_where_their_grids_say():
+    """TimmEncoder declares offset 0 at each reduction (an assumption): measured here on a timm model padded
+    k // 2 symmetrically, as its non-"tf_" models are."""
+    pytest.importorskip("timm", reason="timm is not installed (optional: pip install timm)")
+    from ovenet.models.segmenter import TimmEncoder
+
+    encoder = linearised(TimmEncoder("efficientnet_lite0"))
+    with torch.no_grad():
+        feats = encoder(probes(*SIZE))
+    grids = encoder.feature_grids(*SIZE)
+    assert [g.stride for g in grids] == [4, 8, 16, 32]
+    for feat, grid in zip(feats, grids):
+        assert_centred(feat, grid, (slice(None), slice(None)), f"timm stride {grid.stride}")
+
+
 def interior(grid: CellGrid, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Cells whose centre is a multiple of 16 px inside the last stride-32 centre: there every resize of the path
     reads one cell or the midpoint of two, so the field stays symmetric and the circular mean exact."""
