@@ -334,3 +334,23 @@ def test_a_checkpoint_saved_before_registration_keeps_the_resizes_it_was_trained
         registered = model(x)
     scale = float(registered.logits_initial.abs().max())
     assert float((out.logits_initial - registered.logits_initial).abs().max()) > 0.01 * scale
+
+
+def test_torch_export_of_a_coarse_ovenet_is_dynamic_and_registered(tmp_path):
+    """Coarse logits are moved onto the offsets' cells by their grids, not by comparing shapes: torch.export could
+    not prove ceil(H / 32) != ceil(H / 4) and refused the coarse head before."""
+    from ovenet.export import ExportWrapper, export_program
+
+    from helpers import assert_close_scaled
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(backbone="efficientnet_lite0", head="coarse", num_classes=5, align_corners=False)
+    model = build_model(cfg).eval()
+    program = torch.export.load(str(export_program(model, tmp_path / "m.pt2", full_resolution=True))).module()
+    for x in (torch.randn(1, 3, 64, 96), torch.randn(2, 3, 83, 121)):
+        with torch.no_grad():
+            got = program(x)
+            want = ExportWrapper(model, ("logits", "offsets", "confidence"), full_resolution=True)(x)
+        for g, w in zip(got, want):
+            assert g.shape[-2:] == x.shape[-2:]
+            assert_close_scaled(g, w)

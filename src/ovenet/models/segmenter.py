@@ -71,6 +71,11 @@ class ConcatHead(nn.Module):
         return self.head(concat_features([feats[i] for i in self.levels], self.align_corners, picked)), None
 
 
+def _same_cells(a: CellGrid, b: CellGrid) -> bool:
+    return a is b or (a.stride == b.stride and a.column_stride == b.column_stride and a.offset_y == b.offset_y
+                      and a.offset_x == b.offset_x)
+
+
 def _declared_grids(module: nn.Module, height: int, width: int) -> list[CellGrid] | None:
     declared = getattr(module, "feature_grids", None)
     return None if declared is None else list(declared(height, width))
@@ -187,9 +192,13 @@ class OffsetSegmenter(nn.Module):
         raw = self.offset_head(concat_features(branch_feats, self.align_corners, branch_grids)).float()
         size = raw.shape[-2:]
         registered = logits_grid is not None and branch_grids is not None
-        if logits.shape[-2:] != size:  # coarse logits: resampled at the offsets' (finer) cells
+        if registered:
+            # Decided by the grids, not the shapes: torch.export cannot prove ceil(H / 32) != ceil(H / 4).
+            if not _same_cells(logits_grid, branch_grids[0]):  # coarse logits: onto the offsets' cells
+                logits, aux = (None if t is None else regrid(t, size, logits_grid, branch_grids[0])
+                               for t in (logits, aux))
+        elif logits.shape[-2:] != size:
             logits, aux = (None if t is None else
-                           regrid(t, size, logits_grid, branch_grids[0]) if registered else
                            F.interpolate(t, size=size, mode="bilinear", align_corners=self.align_corners)
                            for t in (logits, aux))
         out = offset_outputs(raw, logits, aux, self.offset_cfg, self.sampling_align_corners)
