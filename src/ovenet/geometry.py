@@ -74,14 +74,17 @@ def regrid(x: Tensor, size: Sequence[int], src: CellGrid, dst: CellGrid = PIXELS
     each output cell reads ``x`` at its own centre, each source cell sitting at its centre. Gradients flow to
     ``x``. With ``dst`` the default :data:`PIXELS`, the result covers the input image pixel for pixel."""
     height, width = size
+    # Blended in float32 at least: in bf16 the weights (fractions of a cell) would lose their low bits.
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    values = x.to(dtype)
     rows0, rows1, row_w = _taps(height, x.shape[-2], src.stride, src.offset_y, dst.stride, dst.offset_y,
                                 x.device, dtype)
     cols0, cols1, col_w = _taps(width, x.shape[-1], src.column_stride, src.offset_x, dst.column_stride,
                                 dst.offset_x, x.device, dtype)
-    row_w, col_w = row_w.to(x.dtype).unsqueeze(-1), col_w.to(x.dtype)
-    rows = x.index_select(-2, rows0) * (1 - row_w) + x.index_select(-2, rows1) * row_w
-    return rows.index_select(-1, cols0) * (1 - col_w) + rows.index_select(-1, cols1) * col_w
+    row_w = row_w.unsqueeze(-1)
+    rows = values.index_select(-2, rows0) * (1 - row_w) + values.index_select(-2, rows1) * row_w
+    out = rows.index_select(-1, cols0) * (1 - col_w) + rows.index_select(-1, cols1) * col_w
+    return out.to(x.dtype)
 
 
 def resize_to_pixels(x: Tensor, size: Sequence[int], grid: CellGrid | None, align_corners: bool,
