@@ -184,6 +184,14 @@ def test_regrid_places_cells_and_matches_the_half_pixel_resize():
     # offsets may be 0-dim tensors (a grid computed from the input's size)
     torch.testing.assert_close(regrid(x, (20, 28), CellGrid(4, torch.tensor(1.5), torch.tensor(1.5))),
                                regrid(x, (20, 28), CellGrid(4, 1.5, 1.5)))
+    # the F.interpolate path (grids that subdivide) equals the gathers (forced by a tensor offset), also where the
+    # output reaches past the last centre and where it is too large for that path
+    for cells, size in (((3, 4), (12, 16)), ((3, 4), (9, 13)), ((3, 4), (15, 9)), ((1, 1), (4, 3))):
+        y = torch.randn(1, 2, *cells, dtype=torch.float64)
+        torch.testing.assert_close(regrid(y, size, CellGrid(4)),
+                                   regrid(y, size, CellGrid(4, torch.tensor(0.0, dtype=torch.float64), 0.0)))
+        torch.testing.assert_close(regrid(y, size, CellGrid(32), CellGrid(8)),
+                                   regrid(y, size, CellGrid(32, torch.tensor(0.0, dtype=torch.float64)), CellGrid(8)))
     # no grid: the size-based resize with align_corners, as before (HRNetV2, networks that do not declare one)
     torch.testing.assert_close(resize_to_pixels(x, (9, 11), None, True),
                                F.interpolate(x, size=(9, 11), mode="bilinear", align_corners=True))
