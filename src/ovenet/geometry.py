@@ -6,10 +6,13 @@ that cell k covers pixels s * k .. s * k + s - 1, centred on s * k + (s - 1) / 2
 brought to stride 4. :class:`CellGrid` says where a map's cells really are; :func:`regrid` resamples a map from
 one grid to another, each cell placed at its centre.
 
-The resampling is bilinear and separable: two gathers (rows, then columns) with weights computed from
-``torch.arange`` of the output size, so an ONNX export stays dynamic in height and width and needs no
-``grid_sample`` (opset 16), as the seed sampler of :mod:`ovenet.method`. Beyond the first and the last cell
-centre the map is held constant (border clamp), as ``F.interpolate`` does.
+The resampling is bilinear. When one grid subdivides the other (the same offsets, an integer stride ratio: every
+resize of the EfficientNet-Lite0 path) it is ``F.interpolate(align_corners=True)`` onto exactly the cells between
+the first and the last centre, plus a replicated border. Otherwise, and while tracing or exporting, it is two
+gathers (rows, then columns) with weights computed from ``torch.arange`` of the output size, so an ONNX export
+stays dynamic in height and width and needs no ``grid_sample`` (opset 16), as the seed sampler of
+:mod:`ovenet.method`. Beyond the first and the last cell centre the map is held constant (border clamp), as
+``F.interpolate`` does.
 """
 
 from __future__ import annotations
