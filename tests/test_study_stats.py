@@ -150,7 +150,7 @@ def test_registered_tables_on_a_study_half_done(tmp_path):
     lift = coarse["baseline: new - old"]
     assert lift["n"] == 3 and close(lift["mean"], 0.06) and lift["positive"] == 3
     assert "| OVeNet | lite0_coarse_ovenet | 3/5 | 37.00 ± 2.65 |" in text and "0.65 (0.60-0.70)" in text
-    assert "+6.00 [" in text and "(3/3 > 0)" in text
+    assert "+6.00 [" in text and "(3/3 > 0)" in text and "commit): unrecorded (9)" in text
 
 
 def test_every_study_variant_loads_and_the_registered_arms_are_the_controls():

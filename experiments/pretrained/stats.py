@@ -103,6 +103,11 @@ def registered_tables(runs: dict, old: dict) -> tuple[str, dict]:
     paired differences OVeNet - each control, each control - baseline and OVeNet - baseline, and the same variants
     in the old study (``old``) beside the new, paired by seed. Works on whatever runs exist."""
     lines, summary = [], {}
+    commits: dict[str, int] = {}
+    for r in (r for by_seed in runs.values() for r in by_seed.values()):
+        commits[r.get("commit") or "unrecorded"] = commits.get(r.get("commit") or "unrecorded", 0) + 1
+    if commits:  # a study over several sittings: one code version, or say which runs differ
+        lines += ["Runs by code version (commit): " + ", ".join(f"{c} ({n})" for c, n in sorted(commits.items())), ""]
     for head, (base, ove, controls, planned) in REGISTERED.items():
         arms = {"baseline": base, "OVeNet": ove, **controls}
         if not any(v in runs for v in arms.values()):
