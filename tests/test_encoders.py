@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import lively
+from helpers import assert_close_scaled, lively
 from ovenet import checkpoint
 from ovenet.config import OffsetConfig, load_config
 from ovenet.engine.optim import build_optimizer
@@ -168,6 +168,29 @@ def test_content_free_control_trains():
     assert all(np.isfinite(losses)) and losses[-1] < losses[0], losses
     assert not torch.equal(model.offset_head[-1].weight, head["4.weight"])
     assert not torch.equal(model.offset_head[1].weight, head["1.weight"])
+
+
+def test_step_size_control_gives_the_body_the_zero_offset_controls_gradient():
+    """The step-size control (baseline, loss.weight_semantic=2) is what the zero-offset control's body sees: with
+    S_f = S_s = S_i the semantic loss is (1 + kappa + lambda) L(S_i) = 2 L(S_i). Without the confidence loss (which
+    reaches the shared stages through the branch) the encoder and decode head get the same gradient. (Concat head:
+    with coarse logits OVeNet resamples them to stride 4 before the labels' size, the baseline in one step.)"""
+    g = torch.Generator().manual_seed(0)
+    image, label = torch.randn(2, 3, 64, 96, generator=g), torch.randint(0, 8, (2, 64, 96), generator=g)
+    grads = {}
+    for name, overrides in (("sem2", ["model.offset.enabled=false", "loss.weight_semantic=2.0"]),
+                            ("zero", ["model.offset.zero_offsets=true", "loss.confidence=none"]),
+                            ("plain", ["model.offset.enabled=false"])):
+        cfg = lite0_config(*overrides)
+        torch.manual_seed(0)
+        model = build_model(cfg.model).train()
+        criterion = build_loss(cfg.loss, 8, 255, cfg.model.align_corners, cfg.model.offset.sampling)
+        criterion(model(image), label)[0].backward()
+        grads[name] = {n: p.grad for n, p in model.named_parameters() if n.startswith(("backbone.", "decode_head."))}
+    for n, grad in grads["sem2"].items():
+        assert_close_scaled(grads["zero"][n], grad, rel=1e-5, msg=n)
+    head = "decode_head.head.3.weight"
+    assert (grads["plain"][head] - grads["sem2"][head]).abs().max() > 0.4 * grads["sem2"][head].abs().max()
 
 
 def test_zero_offsets_only_where_they_read_p_itself():

@@ -122,7 +122,7 @@ def write_runs(folder: Path, rows: list[tuple]) -> None:
         r = {"variant": variant, "seed": seed, "miou": miou, "boundary_miou": miou / 2}
         if r2 is not None:
             r["analysis"] = {"initial": {"miou": miou - 0.01}, "final": {"miou": miou},
-                             "offset_field": {"r2": r2}}
+                             "offset_field": {"r2": r2, "field_rms_px": 2 * r2}}
         (folder / f"{variant}_seed{seed}.json").write_text(json.dumps(r))
 
 
@@ -149,7 +149,7 @@ def test_registered_tables_on_a_study_half_done(tmp_path):
     # the new baseline against the old one, seed by seed: +5, +7, +6 points
     lift = coarse["baseline: new - old"]
     assert lift["n"] == 3 and close(lift["mean"], 0.06) and lift["positive"] == 3
-    assert "| OVeNet | lite0_coarse_ovenet | 3/5 | 37.00 ± 2.65 |" in text and "0.65 (0.60-0.70)" in text
+    assert "| OVeNet | lite0_coarse_ovenet | 3/5 | 37.00 ± 2.65 |" in text and "| 0.65 (0.60-0.70) | 1.30 |" in text
     assert "+6.00 [" in text and "(3/3 > 0)" in text and "commit): unrecorded (9)" in text
 
 

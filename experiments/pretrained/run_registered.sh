@@ -15,6 +15,7 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 DATA=${DATA:-../shared/data/camvid}
 RESULTS=${RESULTS:-experiments/pretrained/study_registered}
+STATS=${STATS:-experiments/pretrained/stats_registered}
 COMMON=(--data-root "$DATA" --device cpu --iters 400 --resolution 90 120 --batch 8 --jobs 2 --max-load 1.6
         --threads 1 --out experiments/pretrained/runs/registered --results "$RESULTS")
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
@@ -25,5 +26,5 @@ python experiments/camvid/study.py --study registered_concat --seeds 304 305 306
     model.bn_momentum=0.1 || rc=$?
 python experiments/pretrained/stats.py "$RESULTS" --registered \
     --old experiments/pretrained/study_design experiments/pretrained/study_pretrained \
-    --out experiments/pretrained/stats_registered || rc=$?
+    --out "$STATS" || rc=$?
 exit $rc

@@ -92,6 +92,14 @@ def r2_cell(rs: list[dict]) -> str:
     return f"{statistics.fmean(values):.2f}" + (f" ({min(values):.2f}-{max(values):.2f})" if len(values) > 1 else "")
 
 
+def field_rms_cell(rs: list[dict]) -> str:
+    """The fixed field's size (rms over positions, offset-map pixels): R^2 is scale-free, so a head that barely
+    moves its seeds can still have a high R^2 (its tiny offsets follow the padding at the borders)."""
+    values = [((r.get("analysis") or {}).get("offset_field") or {}).get("field_rms_px") for r in rs]
+    values = [v for v in values if v is not None]
+    return f"{statistics.fmean(values):.2f}" if values else ""
+
+
 def mean_sd(values: list[float]) -> str:
     if not values:
         return ""
@@ -114,13 +122,14 @@ def registered_tables(runs: dict, old: dict) -> tuple[str, dict]:
             continue
         summary[head] = {"seeds": {role: sorted(runs.get(v, {})) for role, v in arms.items()}}
         lines += [f"### {head}", "", "| arm | variant | seeds | val mIoU | boundary mIoU | S_f - S_i | "
-                  "offset R^2 of a fixed field |", "|---|---|---:|---:|---:|---:|---:|"]
+                  "offset R^2 of a fixed field | its rms (offset-map px) |", "|---|---|---:|---:|---:|---:|---:|---:|"]
         for role, v in arms.items():
             rs = list(runs.get(v, {}).values())
             fused = [r["analysis"]["final"]["miou"] - r["analysis"]["initial"]["miou"] for r in rs
                      if r.get("analysis")]
             lines.append(f"| {role} | {v} | {len(rs)}/{planned} | {mean_sd([r['miou'] for r in rs])} | "
-                         f"{mean_sd([r['boundary_miou'] for r in rs])} | {mean_sd(fused)} | {r2_cell(rs)} |")
+                         f"{mean_sd([r['boundary_miou'] for r in rs])} | {mean_sd(fused)} | {r2_cell(rs)} | "
+                         f"{field_rms_cell(rs)} |")
         pairs = [(f"OVeNet - {c}", ove, v) for c, v in controls.items()]
         pairs += [(f"{c} - baseline", v, base) for c, v in controls.items()] + [("OVeNet - baseline", ove, base)]
         lines += ["", "| paired difference | val mIoU (points) | boundary mIoU (points) |", "|---|---:|---:|"]
