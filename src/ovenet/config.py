@@ -43,6 +43,10 @@ class OffsetConfig:
     # Encoders other than HRNetV2 (model.backbone): the offset head reads the encoder's own features instead of
     # a copy of its later stages (the paper's design) - cheaper, one encoder trained by both heads.
     shared_encoder: bool = False
+    # A control for studies (encoders other than HRNetV2): the offset head reads only pixel-coordinate features
+    # (normalised y, x and fixed Fourier features of them) instead of the branch's, so offsets and confidence are
+    # one learned field, the same for every image; same losses and fusion. No offset branch is built.
+    content_free: bool = False
 
 
 @dataclass
@@ -205,11 +209,19 @@ def _check_ranges(cfg: Config) -> None:
     need(cfg.model.offset.tau > 0, "model.offset.tau", f"must be > 0, got {cfg.model.offset.tau}")
     need(cfg.model.num_classes >= 1, "model.num_classes", "must be >= 1")
     need(cfg.model.offset.iterative_refinement >= 0, "model.offset.iterative_refinement", "must be >= 0")
+    # "official" sampling reads a zero offset up to half a pixel away from p, so S_s != S_i: not a control
+    zero_official = cfg.model.offset.zero_offsets and cfg.model.offset.sampling == "official"
+    need(not zero_official, "model.offset.zero_offsets",
+         "true with model.offset.sampling=official is no control (that sampling reads a zero offset up to half a "
+         "pixel away, so S_s != S_i); set model.offset.sampling=exact")
     backbone = cfg.model.backbone
     need(backbone in ("hrnetv2", "efficientnet_lite0") or backbone.startswith("timm:") and len(backbone) > 5,
          "model.backbone", f"must be hrnetv2, efficientnet_lite0 or timm:NAME, got '{backbone}'")
     need((backbone == "hrnetv2") == (cfg.model.head != "coarse") or cfg.model.head == "fcn", "model.head",
          f"'{cfg.model.head}' does not go with model.backbone {backbone} (hrnetv2: fcn or ocr; others: fcn or coarse)")
+    need(not (cfg.model.offset.content_free and backbone == "hrnetv2"), "model.offset.content_free",
+         "is implemented for encoders other than HRNetV2 (model.backbone efficientnet_lite0 or timm:NAME); set it "
+         "to false for hrnetv2")
     need(cfg.train.lr > 0, "train.lr", f"must be > 0, got {cfg.train.lr}")
     need(cfg.train.batch_size >= 1, "train.batch_size", "must be >= 1")
     need(cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1 (last.pth counts)")

@@ -719,6 +719,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     if off.enabled:
         kind = (f"OVeNet (offset branch at stage {off.branch_stage}, tau {off.tau}, fusion {off.fusion}, "
                 f"sampling {off.sampling})")
+        if off.content_free:
+            kind = f"OVeNet, content-free control (offsets from pixel coordinates only, tau {off.tau})"
+        if off.zero_offsets:
+            kind += ", zero-offset control (offsets fixed at 0)"
     else:
         kind = "baseline (no offset head)"
     total = sum(p.numel() for p in model.parameters())
