@@ -54,6 +54,9 @@ class ModelConfig:
     # "fcn": concat head on every resolution; "ocr": HRNetV2 + OCR; "coarse" (other encoders): the stride-32
     # features only, so the logits are coarse while the offset head reads stride 4
     head: Literal["fcn", "ocr", "coarse"] = "ocr"
+    # efficientnet_lite0: "tf_same" pads strided convolutions as TensorFlow, whose padding its ImageNet weights were
+    # trained with (the Lite0 recipes); "symmetric" pads k // 2 on both sides (checkpoints from before the key)
+    encoder_padding: Literal["symmetric", "tf_same"] = "symmetric"
     num_classes: int = 19
     align_corners: bool = True  # bilinear upsampling convention inside HRNet (official default True)
     stages: dict | None = None  # explicit STAGE1..STAGE4 spec (official EXTRA layout) instead of `arch`
@@ -210,6 +213,8 @@ def _check_ranges(cfg: Config) -> None:
          "model.backbone", f"must be hrnetv2, efficientnet_lite0 or timm:NAME, got '{backbone}'")
     need((backbone == "hrnetv2") == (cfg.model.head != "coarse") or cfg.model.head == "fcn", "model.head",
          f"'{cfg.model.head}' does not go with model.backbone {backbone} (hrnetv2: fcn or ocr; others: fcn or coarse)")
+    need(cfg.model.encoder_padding == "symmetric" or backbone == "efficientnet_lite0", "model.encoder_padding",
+         f"'{cfg.model.encoder_padding}' applies to model.backbone efficientnet_lite0 only; drop it for {backbone}")
     need(cfg.train.lr > 0, "train.lr", f"must be > 0, got {cfg.train.lr}")
     need(cfg.train.batch_size >= 1, "train.batch_size", "must be >= 1")
     need(cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1 (last.pth counts)")
