@@ -57,6 +57,11 @@ class ModelConfig:
     # efficientnet_lite0: "tf_same" pads strided convolutions as TensorFlow, whose padding its ImageNet weights were
     # trained with (the Lite0 recipes); "symmetric" pads k // 2 on both sides (checkpoints from before the key)
     encoder_padding: Literal["symmetric", "tf_same"] = "symmetric"
+    # The input normalisation the weights were trained on, (pixel - mean) / std per RGB channel in 0-255 pixel units:
+    # ImageNet's by default (HRNet; checkpoints from before the keys); Inception-style 127 / 128 for EfficientNet-Lite.
+    # A checkpoint always runs with its own (eval/predict refuse to override them).
+    input_mean: list[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])
+    input_std: list[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])
     num_classes: int = 19
     align_corners: bool = True  # bilinear upsampling convention inside HRNet (official default True)
     stages: dict | None = None  # explicit STAGE1..STAGE4 spec (official EXTRA layout) instead of `arch`
@@ -215,6 +220,13 @@ def _check_ranges(cfg: Config) -> None:
          f"'{cfg.model.head}' does not go with model.backbone {backbone} (hrnetv2: fcn or ocr; others: fcn or coarse)")
     need(cfg.model.encoder_padding == "symmetric" or backbone == "efficientnet_lite0", "model.encoder_padding",
          f"'{cfg.model.encoder_padding}' applies to model.backbone efficientnet_lite0 only; drop it for {backbone}")
+    for key in ("model.input_mean", "model.input_std"):
+        need(len(flat[key]) == 3, key, f"must be one value per RGB channel (3), got {flat[key]}")
+    need(all(0 <= v <= 255 for v in cfg.model.input_mean), "model.input_mean", "must be 0-255 pixel values")
+    need(all(v > 0 for v in cfg.model.input_std), "model.input_std", "must be > 0")
+    need(max(cfg.model.input_mean) > 1 or max(cfg.model.input_std) > 1, "model.input_mean",
+         f"is in 0-255 pixel units, but {cfg.model.input_mean} / {cfg.model.input_std} look like 0-1 values: "
+         "multiply both by 255")
     need(cfg.train.lr > 0, "train.lr", f"must be > 0, got {cfg.train.lr}")
     need(cfg.train.batch_size >= 1, "train.batch_size", "must be >= 1")
     need(cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1 (last.pth counts)")
