@@ -64,6 +64,22 @@ def frames(root: Path, count: int) -> list[Path]:
     return out
 
 
+def feature_agreement(source: dict, frame: Path) -> list[dict]:
+    """Cosine similarity and relative L2 distance of the symmetric encoder's four feature maps to the tf_same
+    encoder's (what the weights compute), on one real frame at its own size."""
+    image = normalize(np.asarray(Image.open(frame).convert("RGB")), normalisation=TF_INCEPTION)[None]
+    maps = {}
+    for padding in ("tf_same", "symmetric"):
+        encoder = EfficientNetLite0Encoder(padding=padding).eval()
+        encoder.load_state_dict({own: source[theirs] for own, theirs in encoder.pretrained_keys().items()})
+        with torch.no_grad():
+            maps[padding] = encoder(image)
+    return [{"stride": stride, "size": list(a.shape[-2:]),
+             "cosine": nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item(),
+             "relative_l2": ((a - b).norm() / b.norm()).item()}
+            for stride, a, b in zip((4, 8, 16, 32), maps["symmetric"], maps["tf_same"])]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-root", type=Path, default=Path("../shared/data/camvid"))
@@ -94,7 +110,8 @@ def main() -> None:
                      "top1_agrees_with_weights": (top1 == reference.argmax(1)).float().mean().item(),
                      "kl_from_weights": kl,
                      "top1_classes": [STREET.get(int(c), int(c)) for c in top1]})
-    args.out.write_text(json.dumps(rows, indent=2) + "\n")
+    features = feature_agreement(source, frames(args.data_root, args.frames)[0])
+    args.out.write_text(json.dumps({"classifier": rows, "features_symmetric_vs_tf_same": features}, indent=2) + "\n")
     print("| padding | normalisation | top-1 street | P(street) | top-1 prob | top-1 = weights' | KL from weights |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
@@ -102,6 +119,9 @@ def main() -> None:
               f"{r['top1_probability']:.3f} | {r['top1_agrees_with_weights']:.2f} | {r['kl_from_weights']:.3f} |")
     for r in rows:
         print(r["padding"], r["normalisation"], r["top1_classes"])
+    print("symmetric vs tf_same features, one frame at its 360x480, TF normalisation (cosine, relative L2):")
+    for row in features:
+        print(f"  stride {row['stride']}: {row['cosine']:.3f}, {row['relative_l2']:.3f}")
 
 
 if __name__ == "__main__":
