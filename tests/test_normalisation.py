@@ -82,7 +82,8 @@ def test_training_and_validation_batches_use_the_config_normalisation(tmp_path):
         close_logger()
     from ovenet.data import build_dataset
 
-    for loader, split, train in ((run.loader, cfg.data.train_split, True), (run.val_loader, cfg.data.val_split, False)):
+    for loader, split, train in ((run.loader, cfg.data.train_split, True),
+                                 (run.val_loader, cfg.data.val_split, False)):
         raw = build_dataset(cfg.data, split, train=train)
         expected = sorted(normalize(raw.load(i)["image"], normalisation=TF).mean((1, 2)).tolist()
                           for i in range(len(raw)))
@@ -120,7 +121,8 @@ def test_onnx_export_records_and_runtime_predict_uses_the_checkpoint_normalisati
 
     seen: list[torch.Tensor] = []
     forward = OnnxRuntimeModel.forward
-    monkeypatch.setattr(OnnxRuntimeModel, "forward", lambda self, x: (seen.append(x.clone()), forward(self, x))[1])
+    monkeypatch.setattr(OnnxRuntimeModel, "forward",
+                        lambda self, x: (seen.append(x.clone()), forward(self, x))[1])
     runtime = OnnxRuntimeModel(checkpoint.load(tf_checkpoint), tmp_path)
     meta = read_onnx_metadata(runtime.path)
     assert json.loads(meta["mean"]) == pytest.approx([127 / 255] * 3) and \
@@ -159,6 +161,15 @@ def test_cli_eval_and_predict_refuse_the_override(tf_checkpoint, tmp_path, capsy
         err = capsys.readouterr().err.strip()
         assert "model.input_std" in err and "drop the model.input_std override" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "pred").exists() or not any((tmp_path / "pred").iterdir())
+
+
+def test_info_shows_the_checkpoint_normalisation(tf_checkpoint, capsys):
+    from ovenet.cli.main import main
+
+    assert main(["info", str(tf_checkpoint)]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("input "))
+    assert row.split(None, 1)[1] == "(pixel - mean) / std, mean [127.0, 127.0, 127.0], std [128.0, 128.0, 128.0] " \
+        "(0-255 pixel units)"
 
 
 def test_a_checkpoint_from_before_the_keys_reads_as_imagenet(tmp_path, network_inputs):

@@ -25,8 +25,8 @@ from ovenet.data.transforms import IMAGENET, Normalisation, normalize
 from ovenet.models.efficientnet import EfficientNetLite0Encoder, pretrained_file
 
 # ImageNet classes a street scene may show (vehicles, signals, street furniture).
-STREET = {407: "ambulance", 436: "beach wagon", 444: "tandem bicycle", 468: "cab", 511: "convertible", 569: "garbage truck",
-          575: "golfcart", 609: "jeep", 627: "limousine", 656: "minivan", 661: "Model T", 670: "motor scooter",
+STREET = {407: "ambulance", 436: "beach wagon", 444: "tandem bicycle", 468: "cab", 511: "convertible",
+          569: "garbage truck", 575: "golfcart", 609: "jeep", 627: "limousine", 656: "minivan", 661: "Model T", 670: "motor scooter",
           671: "mountain bike", 675: "moving van", 705: "passenger car", 717: "pickup", 734: "police van",
           751: "racer", 757: "recreational vehicle", 779: "school bus", 817: "sports car", 829: "streetcar",
           864: "tow truck", 867: "trailer truck", 874: "trolleybus", 919: "street sign", 920: "traffic light",
@@ -111,7 +111,8 @@ def main() -> None:
                      "kl_from_weights": kl,
                      "top1_classes": [STREET.get(int(c), int(c)) for c in top1]})
     features = feature_agreement(source, frames(args.data_root, args.frames)[0])
-    args.out.write_text(json.dumps({"classifier": rows, "features_symmetric_vs_tf_same": features}, indent=2) + "\n")
+    record = {"classifier": rows, "features_symmetric_vs_tf_same": features}
+    args.out.write_text(json.dumps(record, indent=2) + "\n")
     print("| padding | normalisation | top-1 street | P(street) | top-1 prob | top-1 = weights' | KL from weights |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:

@@ -11,7 +11,7 @@ Padding (``model.encoder_padding``): the weights come from TensorFlow, which pad
 on an even input size a stride-2 kxk convolution pads k // 2 - 1 before and k // 2 after, on an odd one k // 2 on
 both sides. ``tf_same`` pads so, from the input's size at run time (shape arithmetic, so an ONNX export stays
 dynamic in height and width), and then computes what the weights compute (the reference network
-``efficientnet-lite-pytorch`` with the same file agrees to 1e-6: tests/test_encoder_reference.py). ``symmetric``
+``efficientnet-lite-pytorch`` with the same file agrees bit for bit: tests/test_encoder_reference.py). ``symmetric``
 pads k // 2 on both sides everywhere (timm's non-TF variant, ovenet's encoder before ``tf_same``): the output sizes
 are the same (ceil(size / stride)), but each strided layer samples one input pixel earlier on even sizes, and the
 features differ a lot from TensorFlow's (cosine 0.5-0.8 at 360x480; experiments/pretrained/PADDING.md).
@@ -134,7 +134,8 @@ class EfficientNetLite0Encoder(nn.Module):
             feats.append(x)
         return feats
 
-    def feature_grids(self, height: int | Tensor, width: int | Tensor) -> list[tuple[int, float | Tensor, float | Tensor]]:
+    def feature_grids(self, height: int | Tensor, width: int | Tensor
+                      ) -> list[tuple[int, float | Tensor, float | Tensor]]:
         """Where the cells of each output level sit for an input of ``height`` x ``width``: ``(stride, offset_y,
         offset_x)`` per level (this encoder's levels, from ``first_stage`` on), cell (i, j) centred on input pixel
         ``(stride * i + offset_y, stride * j + offset_x)`` (pixel centres at integers). Symmetric padding: offsets
