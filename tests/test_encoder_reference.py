@@ -161,12 +161,10 @@ def test_tf_same_onnx_export_is_dynamic_and_matches(tmp_path):
             assert a.shape == tuple(b.shape) and abs(a - b.numpy()).max() <= 1e-4 * b.abs().max().item(), size
 
 
-def test_encoder_padding_is_a_lite0_key():
+def test_encoder_padding_is_checked_and_the_lite0_recipes_set_tf_same():
     from ovenet.config import load_config
     from ovenet.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="model.encoder_padding.*efficientnet_lite0 only"):
-        load_config("quickstart", ["model.encoder_padding=tf_same"])  # HRNetV2
     with pytest.raises(ConfigError, match="model.encoder_padding"):
         load_config("quickstart", ["model.backbone=efficientnet_lite0", "model.head=fcn", "model.encoder_padding=same"])
     assert load_config("camvid_efficientnet_lite0").model.encoder_padding == "tf_same"

@@ -55,7 +55,8 @@ class ModelConfig:
     # features only, so the logits are coarse while the offset head reads stride 4
     head: Literal["fcn", "ocr", "coarse"] = "ocr"
     # efficientnet_lite0: "tf_same" pads strided convolutions as TensorFlow, whose padding its ImageNet weights were
-    # trained with (the Lite0 recipes); "symmetric" pads k // 2 on both sides (checkpoints from before the key)
+    # trained with (the Lite0 recipes); "symmetric" pads k // 2 on both sides (checkpoints from before the key).
+    # Other backbones pad as their own code does (a config made from a Lite0 recipe may switch backbone).
     encoder_padding: Literal["symmetric", "tf_same"] = "symmetric"
     # The input normalisation the weights were trained on, (pixel - mean) / std per RGB channel in 0-255 pixel units:
     # ImageNet's by default (HRNet; checkpoints from before the keys); Inception-style 127 / 128 for EfficientNet-Lite.
@@ -218,8 +219,6 @@ def _check_ranges(cfg: Config) -> None:
          "model.backbone", f"must be hrnetv2, efficientnet_lite0 or timm:NAME, got '{backbone}'")
     need((backbone == "hrnetv2") == (cfg.model.head != "coarse") or cfg.model.head == "fcn", "model.head",
          f"'{cfg.model.head}' does not go with model.backbone {backbone} (hrnetv2: fcn or ocr; others: fcn or coarse)")
-    need(cfg.model.encoder_padding == "symmetric" or backbone == "efficientnet_lite0", "model.encoder_padding",
-         f"'{cfg.model.encoder_padding}' applies to model.backbone efficientnet_lite0 only; drop it for {backbone}")
     for key in ("model.input_mean", "model.input_std"):
         need(len(flat[key]) == 3, key, f"must be one value per RGB channel (3), got {flat[key]}")
     need(all(0 <= v <= 255 for v in cfg.model.input_mean), "model.input_mean", "must be 0-255 pixel values")
