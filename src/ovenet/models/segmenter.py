@@ -206,7 +206,7 @@ class TimmEncoder(nn.Module):
 
 def build_encoder(cfg: ModelConfig) -> tuple[nn.Module, list[int]]:
     if cfg.backbone == "efficientnet_lite0":
-        encoder = EfficientNetLite0Encoder(cfg.bn_momentum)
+        encoder = EfficientNetLite0Encoder(cfg.bn_momentum, padding=cfg.encoder_padding)
         return encoder, encoder.out_channels
     if cfg.backbone.startswith("timm:"):
         encoder = TimmEncoder(cfg.backbone.removeprefix("timm:"))
@@ -230,7 +230,7 @@ def build_encoder_model(cfg: ModelConfig) -> OffsetSegmenter:
     if cfg.offset.enabled and not cfg.offset.shared_encoder and not cfg.offset.content_free:
         first = cfg.offset.branch_stage - 1  # HRNet numbering: stage k of 1..4 is encoder stage k-1 of 0..3
         if isinstance(encoder, EfficientNetLite0Encoder):
-            branch = StageCopy(EfficientNetLite0Encoder(cfg.bn_momentum, first_stage=first), first)
+            branch = StageCopy(EfficientNetLite0Encoder(cfg.bn_momentum, first, cfg.encoder_padding), first)
         else:
             branch = copy.deepcopy(encoder)  # a second encoder, reading the image
         branch_channels = channels
