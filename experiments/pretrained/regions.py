@@ -1,5 +1,5 @@
-"""Add the offset analysis near and away from boundaries (analyze.py's ``by_region``) to study JSON whose analysis
-predates it, from the runs' checkpoints.
+"""Add the offset analysis near and away from boundaries (analyze.py's ``by_region``) and the per-position field's
+R^2 (``offset_field``) to study JSON whose analysis predates them, from the runs' checkpoints.
 
     python experiments/pretrained/regions.py RUNS_DIR RESULTS_DIR [RESULTS_DIR ...] --data-root ../shared/data/camvid
 """
@@ -24,7 +24,7 @@ def main() -> None:
     for folder in args.results:
         for path in sorted(folder.glob("*_seed*.json")):
             run = json.loads(path.read_text())
-            if "analysis" not in run or "by_region" in run["analysis"]:
+            if "analysis" not in run or {"by_region", "offset_field"} <= run["analysis"].keys():
                 continue
             ckpt = args.runs / path.stem / "last.pth"
             if not ckpt.is_file():
@@ -32,7 +32,8 @@ def main() -> None:
                 continue
             run["analysis"] = analyze(ckpt, args.data_root)
             path.write_text(json.dumps(run, indent=1) + "\n")
-            print(f"{path.name}: {run['analysis']['by_region']}", flush=True)
+            print(f"{path.name}: {run['analysis']['by_region']}, R^2 of a fixed field "
+                  f"{run['analysis']['offset_field']['r2']}", flush=True)
 
 
 if __name__ == "__main__":

@@ -30,13 +30,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import Config, apply_overrides, from_dict, saved_config
+from .config import Config, ModelConfig, apply_overrides, from_dict, parse_override, saved_config
 from .device import resolve_device
 from .errors import CheckpointError, ConfigError
 from .models import build_model
 
 FORMAT = "ovenet"
 VERSION = 1
+NORMALISATION_KEYS = ("model.input_mean", "model.input_std")  # a checkpoint's own, never overridden
 CUSTOM_NETWORK = "custom"  # the "network" of a checkpoint whose weights belong to a network the config cannot build
 
 
@@ -209,6 +210,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", overrides: list[s
     if model is not None and overrides:
         raise CheckpointError("load(model=...) takes the module as you built it: model.* overrides change only "
                               "the networks ovenet builds; build your module with the options you want instead")
+    _refuse_normalisation_overrides(path, ckpt["config"], overrides or [])
     try:
         cfg = from_dict(apply_overrides(saved_config(ckpt["config"]), overrides or []))
     except ConfigError as e:
@@ -226,6 +228,16 @@ def load(path: str | Path, device: str | torch.device = "cpu", overrides: list[s
         _add_model_facts(model, cfg)
     model.config = cfg
     return model.to(device).eval()
+
+
+def _refuse_normalisation_overrides(path: str | Path, config: dict, overrides: list[str]) -> None:
+    """The weights were trained on one input normalisation; run with another, every number would be off."""
+    for override in overrides:
+        key = ".".join(parse_override(override)[0])
+        if key in NORMALISATION_KEYS:
+            trained = config.get("model", {}).get(key.removeprefix("model."), getattr(ModelConfig(), key[6:]))
+            raise CheckpointError(f"{key} of checkpoint '{path}' is the normalisation its weights were trained with "
+                                  f"({trained}); a checkpoint always runs with its own: drop the {key} override")
 
 
 def _add_model_facts(model: nn.Module, cfg: Config) -> None:

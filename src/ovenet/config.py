@@ -43,6 +43,10 @@ class OffsetConfig:
     # Encoders other than HRNetV2 (model.backbone): the offset head reads the encoder's own features instead of
     # a copy of its later stages (the paper's design) - cheaper, one encoder trained by both heads.
     shared_encoder: bool = False
+    # A control for studies (encoders other than HRNetV2): the offset head reads only pixel-coordinate features
+    # (normalised y, x and fixed Fourier features of them) instead of the branch's, so offsets and confidence are
+    # one learned field, the same for every image; same losses and fusion. No offset branch is built.
+    content_free: bool = False
 
 
 @dataclass
@@ -54,6 +58,15 @@ class ModelConfig:
     # "fcn": concat head on every resolution; "ocr": HRNetV2 + OCR; "coarse" (other encoders): the stride-32
     # features only, so the logits are coarse while the offset head reads stride 4
     head: Literal["fcn", "ocr", "coarse"] = "ocr"
+    # efficientnet_lite0: "tf_same" pads strided convolutions as TensorFlow, whose padding its ImageNet weights were
+    # trained with (the Lite0 recipes); "symmetric" pads k // 2 on both sides (checkpoints from before the key).
+    # Other backbones pad as their own code does (a config made from a Lite0 recipe may switch backbone).
+    encoder_padding: Literal["symmetric", "tf_same"] = "symmetric"
+    # The input normalisation the weights were trained on, (pixel - mean) / std per RGB channel in 0-255 pixel units:
+    # ImageNet's by default (HRNet; checkpoints from before the keys); Inception-style 127 / 128 for EfficientNet-Lite.
+    # A checkpoint always runs with its own (eval/predict refuse to override them).
+    input_mean: list[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])
+    input_std: list[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])
     num_classes: int = 19
     align_corners: bool = True  # bilinear upsampling convention inside HRNet (official default True)
     # Other encoders: every resize places each cell on the pixel its receptive field is centred on (ovenet.geometry);
@@ -208,11 +221,26 @@ def _check_ranges(cfg: Config) -> None:
     need(cfg.model.offset.tau > 0, "model.offset.tau", f"must be > 0, got {cfg.model.offset.tau}")
     need(cfg.model.num_classes >= 1, "model.num_classes", "must be >= 1")
     need(cfg.model.offset.iterative_refinement >= 0, "model.offset.iterative_refinement", "must be >= 0")
+    # "official" sampling reads a zero offset up to half a pixel away from p, so S_s != S_i: not a control
+    zero_official = cfg.model.offset.zero_offsets and cfg.model.offset.sampling == "official"
+    need(not zero_official, "model.offset.zero_offsets",
+         "true with model.offset.sampling=official is no control (that sampling reads a zero offset up to half a "
+         "pixel away, so S_s != S_i); set model.offset.sampling=exact")
     backbone = cfg.model.backbone
     need(backbone in ("hrnetv2", "efficientnet_lite0") or backbone.startswith("timm:") and len(backbone) > 5,
          "model.backbone", f"must be hrnetv2, efficientnet_lite0 or timm:NAME, got '{backbone}'")
     need((backbone == "hrnetv2") == (cfg.model.head != "coarse") or cfg.model.head == "fcn", "model.head",
          f"'{cfg.model.head}' does not go with model.backbone {backbone} (hrnetv2: fcn or ocr; others: fcn or coarse)")
+    need(not (cfg.model.offset.content_free and backbone == "hrnetv2"), "model.offset.content_free",
+         "is implemented for encoders other than HRNetV2 (model.backbone efficientnet_lite0 or timm:NAME); set it "
+         "to false for hrnetv2")
+    for key in ("model.input_mean", "model.input_std"):
+        need(len(flat[key]) == 3, key, f"must be one value per RGB channel (3), got {flat[key]}")
+    need(all(0 <= v <= 255 for v in cfg.model.input_mean), "model.input_mean", "must be 0-255 pixel values")
+    need(all(v > 0 for v in cfg.model.input_std), "model.input_std", "must be > 0")
+    need(max(cfg.model.input_mean) > 1 or max(cfg.model.input_std) > 1, "model.input_mean",
+         f"is in 0-255 pixel units, but {cfg.model.input_mean} / {cfg.model.input_std} look like 0-1 values: "
+         "multiply both by 255")
     need(cfg.train.lr > 0, "train.lr", f"must be > 0, got {cfg.train.lr}")
     need(cfg.train.batch_size >= 1, "train.batch_size", "must be >= 1")
     need(cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1 (last.pth counts)")

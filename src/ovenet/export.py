@@ -1,6 +1,7 @@
 """ONNX export with dynamic batch, height and width.
 
-The exported graph takes ``image``: float32 ``[B, 3, H, W]``, ImageNet-normalised RGB (as
+The exported graph takes ``image``: float32 ``[B, 3, H, W]``, RGB normalised as the checkpoint's weights were
+trained (``model.input_mean``/``input_std``; the metadata's ``mean``/``std``, as
 :func:`ovenet.data.transforms.normalize_image` makes it) and returns, in this order, whichever of
 
 - ``logits``: ``[B, C, h, w]`` the final prediction S_f (the plain logits for the baseline);
@@ -188,14 +189,16 @@ def onnx_metadata(model: nn.Module, outputs: Sequence[str], full_resolution: boo
     """What a program needs to use the ONNX file without ovenet: input normalisation, classes, colours, the
     offset head's settings and the output layout (``metadata_props``, all strings; lists and dicts as JSON)."""
     from .data import class_info
-    from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from .data.transforms import IMAGENET, Normalisation
 
     cfg = getattr(model, "config", None)
+    normalisation = IMAGENET if cfg is None else Normalisation.of(cfg.model)
     meta = {
         "producer": "ovenet",
         "input": "image: float32 Bx3xHxW RGB, (pixel / 255 - mean) / std",
-        "mean": json.dumps(list(IMAGENET_MEAN)),
-        "std": json.dumps(list(IMAGENET_STD)),
+        # 0-1 units, as the input line says (the config's model.input_mean/input_std are the same x 255)
+        "mean": json.dumps([round(v / 255.0, 12) for v in normalisation.mean]),
+        "std": json.dumps([round(v / 255.0, 12) for v in normalisation.std]),
         "outputs": json.dumps(list(outputs)),
         "output_resolution": "input" if full_resolution else "about 1/4 of the input; upsample the logits bilinearly",
         "layout": json.dumps({"logits": "Bx{C}xhxw class scores (argmax: labels)", "offsets": "Bx2xhxw (x, y) in "

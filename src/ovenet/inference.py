@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from ovenet.data.transforms import EvalTransform, normalize_pixels, resize_image
+from ovenet.data.transforms import IMAGENET, EvalTransform, Normalisation, normalize_pixels, resize_image
 from ovenet.device import autocast, resolve_device
 from ovenet.errors import OvenetError
 from ovenet.geometry import PIXELS, CellGrid, resize_to_pixels
@@ -456,6 +456,7 @@ class InferenceSettings:
     pad_multiple: int | None = None
     max_size: int | None = None
     pixel_budget: int | None = PIXEL_BUDGET
+    normalisation: Normalisation = IMAGENET  # the checkpoint's model.input_mean/input_std
 
     @classmethod
     def for_model(cls, model: nn.Module, native_size: bool = False, **chosen: Any) -> InferenceSettings:
@@ -471,7 +472,7 @@ class InferenceSettings:
             resize = data.eval_resize_short or None
             settings = cls(mode=ev.mode, crop_size=tuple(ev.crop_size), stride=None if ev.stride is None else
                            tuple(ev.stride), scales=tuple(ev.scales), flip=bool(ev.flip), base_size=data.base_size,
-                           resize_short=resize,
+                           resize_short=resize, normalisation=Normalisation.of(cfg.model),
                            pad_multiple=8 if resize and ev.label_resolution == "official" else None)
         values = {k: v for k, v in chosen.items() if v is not None}
         if values.get("max_size") is not None and int(values["max_size"]) < 1:
@@ -502,7 +503,8 @@ class InferenceSettings:
                 "base_size": self.base_size if self.mode == "official" else None,
                 "resize_short": self.resize_short, "pad_multiple": self.pad_multiple, "max_size": self.max_size,
                 # Recorded when not the default: outputs written before the budget existed stay comparable.
-                **({} if self.pixel_budget == PIXEL_BUDGET else {"pixel_budget": self.pixel_budget})}
+                **({} if self.pixel_budget == PIXEL_BUDGET else {"pixel_budget": self.pixel_budget}),
+                **({} if self.normalisation == IMAGENET else {"normalisation": self.normalisation.record()})}
 
     def resized_size(self, height: int, width: int) -> tuple[int, int]:
         """An image's size after the test-time resizes (``resize_short``, then ``max_size``), before any padding:
@@ -554,7 +556,8 @@ def predict(
     ``ovenet.inference``, once per size) suggesting ``max_size``.
 
     Images may be paths, PIL images, HxWx3 uint8 (or uint16) arrays or ``[3, H, W]`` tensors (uint8, or float in
-    [0, 1]); modes and scales as :func:`to_pixels`; the ImageNet normalisation is done here. Same-size images run
+    [0, 1]); modes and scales as :func:`to_pixels`; the model's normalisation (its config's
+    ``model.input_mean``/``input_std``) is done here. Same-size images run
     ``batch_size`` at a time. ``device`` moves the model there (``auto``, ``cpu``, ``cuda``, ``cuda:N``; default:
     where the model is). The model's train/eval mode is restored afterwards. ``as_tensors`` keeps the results as
     tensors on the device (no copy to the host, for GPU pipelines); by default they are numpy arrays.
@@ -632,7 +635,7 @@ def preprocess(pixels: Tensor, settings: InferenceSettings) -> Tensor:
     size = _resized_size(pixels, settings)
     if size != tuple(pixels.shape[-2:]):
         pixels = resize_image(pixels, size)  # uint8 in, values rounded as the evaluation's resize does
-    image = normalize_pixels(pixels)
+    image = normalize_pixels(pixels, settings.normalisation)
     if settings.pad_multiple:
         pad_h, pad_w = -size[0] % settings.pad_multiple, -size[1] % settings.pad_multiple
         image = F.pad(image, (0, pad_w, 0, pad_h))  # 0 = the mean colour once normalised

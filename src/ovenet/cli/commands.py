@@ -455,8 +455,9 @@ def add_export_parser(command: AddCommand) -> None:
     p = command(
         "export", "export a checkpoint to ONNX",
         "Export CHECKPOINT's network to ONNX (needs the optional `onnx` package). The graph takes an\n"
-        "ImageNet-normalised float32 Bx3xHxW RGB image (B, H, W dynamic) and returns the final logits and, for\n"
-        "OVeNet, the offsets and the confidence, at 1/4 of the input size unless --full-resolution.",
+        "float32 Bx3xHxW RGB image (B, H, W dynamic), normalised as the checkpoint was trained (the metadata's\n"
+        "mean and std), and returns the final logits and, for OVeNet, the offsets and the confidence, at 1/4 of\n"
+        "the input size unless --full-resolution.",
         "  ovenet export runs/cs/best.pth --format onnx\n"
         "  ovenet export runs/cs/best.pth --out model.onnx --opset 17 --height 1024 --width 2048",
     )
@@ -720,6 +721,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     if off.enabled:
         kind = (f"OVeNet (offset branch at stage {off.branch_stage}, tau {off.tau}, fusion {off.fusion}, "
                 f"sampling {off.sampling})")
+        if off.content_free:
+            kind = f"OVeNet, content-free control (offsets from pixel coordinates only, tau {off.tau})"
+        if off.zero_offsets:
+            kind += ", zero-offset control (offsets fixed at 0)"
     else:
         kind = "baseline (no offset head)"
     total = sum(p.numel() for p in model.parameters())
@@ -734,6 +739,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("name", cfg.name),
         ("model", f"{'HRNetV2 ' + arch if m.backbone == 'hrnetv2' else m.backbone} + {head} head, {kind}"),
         ("classes", f"{m.num_classes} ({cfg.data.name})" + _class_list(names, m.num_classes)),
+        ("input", f"(pixel - mean) / std, mean {[float(f'{v:g}') for v in m.input_mean]}, std "
+                  f"{[float(f'{v:g}') for v in m.input_std]} (0-255 pixel units)"
+                  + (f"; {m.encoder_padding} padding" if m.backbone == "efficientnet_lite0" else "")),
         ("parameters", f"{total / 1e6:.2f} M" + (f" (offset branch + head {branch / 1e6:.2f} M)" if branch else "")),
     ]
     state = {k: v for k, v in raw.items() if k not in ("format", "version", "config", "model")

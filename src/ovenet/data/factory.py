@@ -18,23 +18,24 @@ from ovenet.data.camvid import CAMVID_CLASSES, CAMVID_PALETTE, CamVidDataset
 from ovenet.data.cityscapes import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, ACDCDataset, CityscapesDataset
 from ovenet.data.folder import FolderDataset, ListDataset
 from ovenet.data.synthetic import SyntheticScenes, synthetic_class_info
-from ovenet.data.transforms import EvalTransform, TrainTransform
+from ovenet.data.transforms import IMAGENET, EvalTransform, Normalisation, TrainTransform
 from ovenet.errors import ConfigError
 
 __all__ = ["DATASET_NAMES", "absolute_data_paths", "build_dataset", "build_transform", "check_splits_apart",
            "class_info", "dataset_info"]
 
 
-def build_transform(cfg: DataConfig, train: bool, label_resolution: Literal["original", "official"] = "original"
-                    ) -> TrainTransform | EvalTransform | OfficialEvalTransform:
+def build_transform(cfg: DataConfig, train: bool, label_resolution: Literal["original", "official"] = "original",
+                    normalisation: Normalisation = IMAGENET) -> TrainTransform | EvalTransform | OfficialEvalTransform:
     """TrainTransform from crop_size/base_size/scale_range/flip, or EvalTransform (``eval_resize_short``).
 
     ``label_resolution`` (eval only, the config's ``eval.label_resolution``): "original" keeps label maps at their
     own size; "official" resizes them with the image and pads both to a multiple of 8 when the image is resized
     (``eval_resize_short``), as the official ADE20K val loader (:class:`OfficialEvalTransform`).
+    ``normalisation``: the one the network's weights expect (``Normalisation.of(cfg.model)``).
     """
     if not train:
-        transform = EvalTransform(resize_short=cfg.eval_resize_short)
+        transform = EvalTransform(resize_short=cfg.eval_resize_short, normalisation=normalisation)
         if label_resolution == "official" and transform.resize_short:
             return OfficialEvalTransform(transform)
         return transform
@@ -42,21 +43,22 @@ def build_transform(cfg: DataConfig, train: bool, label_resolution: Literal["ori
     if crop_size is None:
         raise ConfigError(f"data.crop_size [h, w] is required to train on dataset '{cfg.name}'")
     try:
-        return TrainTransform(crop_size, cfg.base_size, cfg.scale_range, cfg.flip)
+        return TrainTransform(crop_size, cfg.base_size, cfg.scale_range, cfg.flip, normalisation=normalisation)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"bad data augmentation settings: {exc}") from None
 
 
 def build_dataset(cfg: DataConfig, split: str | None = None, train: bool = True,
-                  label_resolution: Literal["original", "official"] = "original") -> SegmentationDataset:
+                  label_resolution: Literal["original", "official"] = "original",
+                  normalisation: Normalisation = IMAGENET) -> SegmentationDataset:
     """The dataset named by ``cfg.name`` for ``split`` (default: ``train_split`` when training, else
-    ``val_split``), with a TrainTransform when ``train`` and an eval transform otherwise (``label_resolution``:
-    see :func:`build_transform`).
+    ``val_split``), with a TrainTransform when ``train`` and an eval transform otherwise (``label_resolution``,
+    ``normalisation``: see :func:`build_transform`).
     """
     if not isinstance(cfg, DataConfig):
         raise TypeError(f"build_dataset takes the config's DataConfig (cfg.data), got {type(cfg).__name__}")
     split = split or (cfg.train_split if train else cfg.val_split)
-    transform = build_transform(cfg, train, label_resolution)
+    transform = build_transform(cfg, train, label_resolution, normalisation)
     name = cfg.name
     if name == "synthetic":
         # The eval split gets its own seed so it never repeats a training scene.

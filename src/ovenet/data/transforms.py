@@ -1,7 +1,11 @@
 """Train and eval transforms on decoded samples, and the one image / label resize used everywhere.
 
 A transform takes the dict from ``SegmentationDataset.load`` (uint8 ``image`` HxWx3 plus integer maps such as
-``label``) and returns tensors: ``image`` float32 [3,H,W] ImageNet-normalised, maps as integer tensors [H,W].
+``label``) and returns tensors: ``image`` float32 [3,H,W] normalised, maps as integer tensors [H,W].
+
+Normalisation belongs to the weights (:class:`Normalisation`, the config's ``model.input_mean``/``input_std``, in
+0-255 pixel units): ImageNet's mean/std by default (HRNet's weights, every checkpoint from before the keys), the
+Inception-style (x - 127) / 128 for the EfficientNet-Lite0 recipes.
 
 Resizing follows the official code, which used OpenCV: images with ``cv2.INTER_LINEAR`` (half-pixel centres, no
 antialiasing even when shrinking, clamped at the borders) and label maps with ``cv2.INTER_NEAREST`` (source index
@@ -19,54 +23,82 @@ import random
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # of 0-1 values
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_MEAN_255 = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255.0
-_STD_255 = torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255.0
-_INV_STD_255 = 1.0 / _STD_255
 IGNORE_INDEX = 255  # label value of pixels that count for no class (loss and metrics skip them)
-_PAD_NORMALISED = -_MEAN_255 * _INV_STD_255  # a raw black pixel after normalisation
+
+
+@dataclass(frozen=True)
+class Normalisation:
+    """The network input ``(pixel - mean) / std`` per RGB channel, ``mean``/``std`` in 0-255 pixel units: what the
+    network's weights were trained on (``model.input_mean``/``model.input_std``)."""
+
+    mean: tuple[float, float, float] = (123.675, 116.28, 103.53)  # IMAGENET_MEAN x 255 (the config's default)
+    std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+
+    @classmethod
+    def of(cls, model_cfg: Any) -> Normalisation:
+        """The normalisation a config's ``model`` section (or a checkpoint's) declares."""
+        return cls(tuple(float(v) for v in model_cfg.input_mean), tuple(float(v) for v in model_cfg.input_std))
+
+    def mean_tensor(self, device: torch.device | str | None = None) -> torch.Tensor:
+        return torch.tensor(self.mean, dtype=torch.float32, device=device).view(3, 1, 1)
+
+    def inv_std_tensor(self, device: torch.device | str | None = None) -> torch.Tensor:
+        return 1.0 / torch.tensor(self.std, dtype=torch.float32, device=device).view(3, 1, 1)
+
+    def black(self) -> torch.Tensor:
+        """A raw black pixel (0) after normalisation, [3, 1, 1]: what padding with black becomes."""
+        return -self.mean_tensor() * self.inv_std_tensor()
+
+    def record(self) -> dict[str, list[float]]:
+        return {"mean": list(self.mean), "std": list(self.std)}
+
+
+IMAGENET = Normalisation()
 
 # Integer maps a sample may carry, with their padding value and output dtype.
 # label_ids pads with 0 (Cityscapes "unlabeled"), instance with 0 (no instance).
 _MAP_DTYPES = {"label": torch.int64, "label_ids": torch.int64, "instance": torch.int32}
 
 
-def normalize(image: np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor:
-    """uint8 HxWx3 RGB -> float32 [3,H,W], ImageNet mean/std; written into ``out`` when given."""
+def normalize(image: np.ndarray, out: torch.Tensor | None = None, normalisation: Normalisation = IMAGENET
+              ) -> torch.Tensor:
+    """uint8 HxWx3 RGB -> float32 [3,H,W], ``normalisation`` (default ImageNet's); written into ``out`` when
+    given."""
     pixels = _tensor_view(image).permute(2, 0, 1)
     if out is None:
         out = torch.empty(pixels.shape, dtype=torch.float32)
     # In place on one buffer: the uint8->float copy is the only allocation (fresh pages are costly at 6 MB).
-    return out.copy_(pixels).sub_(_MEAN_255).mul_(_INV_STD_255)
+    return out.copy_(pixels).sub_(normalisation.mean_tensor()).mul_(normalisation.inv_std_tensor())
 
 
-def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:
-    """0-255 values ``[..., 3, H, W]`` (uint8 or float, any device) -> float32, ImageNet mean/std, by the same
+def normalize_pixels(pixels: torch.Tensor, normalisation: Normalisation = IMAGENET) -> torch.Tensor:
+    """0-255 values ``[..., 3, H, W]`` (uint8 or float, any device) -> float32, ``normalisation``, by the same
     arithmetic as :func:`normalize` (and so bit for bit what the evaluation's transform feeds the network)."""
-    mean = torch.tensor(IMAGENET_MEAN, device=pixels.device).view(3, 1, 1) * 255.0
-    inv_std = 1.0 / (torch.tensor(IMAGENET_STD, device=pixels.device).view(3, 1, 1) * 255.0)
+    mean, inv_std = normalisation.mean_tensor(pixels.device), normalisation.inv_std_tensor(pixels.device)
     return pixels.to(torch.float32).sub(mean).mul_(inv_std)
 
 
-def normalize_image(image: torch.Tensor) -> torch.Tensor:
-    """ImageNet mean/std normalisation of float ``[..., 3, H, W]`` values in [0, 1], on the image's device."""
-    mean = image.new_tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = image.new_tensor(IMAGENET_STD).view(3, 1, 1)
+def normalize_image(image: torch.Tensor, normalisation: Normalisation = IMAGENET) -> torch.Tensor:
+    """``normalisation`` of float ``[..., 3, H, W]`` values in [0, 1], on the image's device."""
+    mean = image.new_tensor(normalisation.mean).view(3, 1, 1) / 255.0
+    std = image.new_tensor(normalisation.std).view(3, 1, 1) / 255.0
     return (image - mean) / std
 
 
-def denormalize(image: torch.Tensor) -> np.ndarray:
+def denormalize(image: torch.Tensor, normalisation: Normalisation = IMAGENET) -> np.ndarray:
     """Inverse of :func:`normalize` for visualisation: [3,H,W] (or [1,3,H,W]) float -> uint8 HxWx3."""
     if image.dim() == 4 and image.shape[0] == 1:
         image = image[0]
     if image.dim() != 3 or image.shape[0] != 3:
         raise ValueError(f"denormalize needs a [3, H, W] image, got shape {tuple(image.shape)}")
-    pixels = image.detach().cpu().float() * _STD_255 + _MEAN_255
+    pixels = image.detach().cpu().float() / normalisation.inv_std_tensor() + normalisation.mean_tensor()
     return pixels.round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
 
 
@@ -204,7 +236,7 @@ class CropParams:
 
 
 class TrainTransform:
-    """Random scale, pad-to-crop, random crop, horizontal flip and ImageNet normalisation.
+    """Random scale, pad-to-crop, random crop, horizontal flip and normalisation (ImageNet's unless given).
 
     The scale ``s`` is uniform in ``scale_range``; the long side becomes ``base_size * s`` (or the image's own long
     side times ``s`` when ``base_size`` is None). Images are resampled with :func:`resize_image`, label maps with
@@ -222,6 +254,7 @@ class TrainTransform:
         scale_range: Sequence[float] = (0.5, 2.0),
         flip: bool = True,
         ignore_index: int = IGNORE_INDEX,
+        normalisation: Normalisation = IMAGENET,
     ):
         crop_h, crop_w = (int(v) for v in crop_size)
         if crop_h <= 0 or crop_w <= 0:
@@ -234,6 +267,8 @@ class TrainTransform:
         self.scale_range = (low, high)
         self.flip = bool(flip)
         self.ignore_index = int(ignore_index)
+        self.normalisation = normalisation
+        self._mean, self._inv_std = normalisation.mean_tensor(), normalisation.inv_std_tensor()
 
     def sample_params(self, height: int, width: int, rng: random.Random | None = None) -> CropParams:
         rng = rng or random
@@ -260,13 +295,13 @@ class TrainTransform:
         padded = (params.height, params.width) != (crop_h, crop_w)
         if padded:
             # The official code pads the raw image with black (0) before normalising, i.e. -mean/std here.
-            out_image = _PAD_NORMALISED.expand(3, crop_h, crop_w).clone()
+            out_image = self.normalisation.black().expand(3, crop_h, crop_w).clone()
         else:
             out_image = torch.empty(3, crop_h, crop_w)
         # The official order pads bottom/right, crops, then flips the crop: a flipped crop has its padding on the
         # left, so the content sits in the right-most columns.
         cols = slice(crop_w - params.width, crop_w) if params.flip else slice(0, params.width)
-        out_image[:, : params.height, cols].copy_(image).sub_(_MEAN_255).mul_(_INV_STD_255)
+        out_image[:, : params.height, cols].copy_(image).sub_(self._mean).mul_(self._inv_std)
         out = dict(sample)
         out["image"] = out_image
 
@@ -284,7 +319,7 @@ class TrainTransform:
     def __repr__(self) -> str:
         return (
             f"TrainTransform(crop_size={self.crop_size}, base_size={self.base_size}, "
-            f"scale_range={self.scale_range}, flip={self.flip})"
+            f"scale_range={self.scale_range}, flip={self.flip}, normalisation={self.normalisation})"
         )
 
 
@@ -297,10 +332,12 @@ class EvalTransform:
     resolution).
     """
 
-    def __init__(self, resize_short: int | None = None, size_divisor: int | None = None):
+    def __init__(self, resize_short: int | None = None, size_divisor: int | None = None,
+                 normalisation: Normalisation = IMAGENET):
         # 0 means "off" too, so a config can disable a dataset's default resize.
         self.resize_short = int(resize_short) if resize_short else None
         self.size_divisor = int(size_divisor) if size_divisor else None
+        self.normalisation = normalisation
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         if self.resize_short:
@@ -316,12 +353,14 @@ class EvalTransform:
         size = self.output_size(*image.shape[:2])
         out = dict(sample)
         if size != image.shape[:2]:
-            out["image"] = resize_image(image, size).contiguous().sub_(_MEAN_255).mul_(_INV_STD_255)
+            out["image"] = resize_image(image, size).contiguous().sub_(self.normalisation.mean_tensor()).mul_(
+                self.normalisation.inv_std_tensor())
         else:
-            out["image"] = normalize(image)
+            out["image"] = normalize(image, normalisation=self.normalisation)
         for key in _maps(sample):
             out[key] = _map_to_tensor(key, sample[key])
         return out
 
     def __repr__(self) -> str:
-        return f"EvalTransform(resize_short={self.resize_short}, size_divisor={self.size_divisor})"
+        return (f"EvalTransform(resize_short={self.resize_short}, size_divisor={self.size_divisor}, "
+                f"normalisation={self.normalisation})")

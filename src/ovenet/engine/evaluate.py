@@ -268,7 +268,7 @@ def evaluate(
     ``out_dir`` (default: the checkpoint's folder) and refuses to replace existing ones unless ``overwrite``.
     """
     from ovenet import checkpoint as ckpt_io
-    from ovenet.data import build_dataset
+    from ovenet.data import Normalisation, build_dataset
 
     checkpoint = Path(checkpoint)
     split_name = split or (cfg.data.val_split if cfg is not None else None)
@@ -284,7 +284,9 @@ def evaluate(
 
     cityscapes = cfg.data.name == "cityscapes"
     data = replace(cfg.data, with_instances=cityscapes)  # Cityscapes: instance maps for the iIoU figures
-    dataset = build_dataset(data, split_name, train=False, label_resolution=cfg.eval.label_resolution)
+    # The checkpoint's normalisation, whatever config the data comes from: the one its weights were trained on.
+    dataset = build_dataset(data, split_name, train=False, label_resolution=cfg.eval.label_resolution,
+                            normalisation=Normalisation.of(model.config.model))
     if len(dataset) == 0:
         raise DataError(f"split '{split_name}' of dataset '{cfg.data.name}' at {cfg.data.root} has no samples")
     if model.num_classes != dataset.num_classes:

@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 
 from .. import checkpoint
 from ..config import Config, save_config
-from ..data import build_dataset, build_loader, check_splits_apart
+from ..data import Normalisation, build_dataset, build_loader, check_splits_apart
 from ..data.factory import absolute_data_paths
 from ..data.identity import data_identity as identify_data
 from ..data.loader import SkipBadSamples, build_train_loader
@@ -435,7 +435,7 @@ def setup(cfg: Config, resume: str | Path | None, run_dir: Path, info: D.DistInf
     _seed_everything(t.seed + info.rank)  # each rank its own stream (DDP broadcasts rank 0's initial weights)
 
     # Data.
-    dataset = build_dataset(cfg.data, train=True)
+    dataset = build_dataset(cfg.data, train=True, normalisation=Normalisation.of(cfg.model))
     check_data_classes(cfg, dataset.num_classes, own_model=model is not None)
     loader, sampler = build_train_loader(dataset, t.batch_size, t.seed, t.bad_sample, cfg.data.num_workers,
                                          info.rank, info.world_size, pin_memory=on_cuda)
@@ -561,7 +561,8 @@ def _val_loader(cfg: Config, info: D.DistInfo, log: Any, train_set: Any) -> Any:
     """The validation loader, or None (said in the log) when the split cannot be loaded: training goes on.
     A validation split that shares images with ``train_set`` is refused (ConfigError, not swallowed here)."""
     try:
-        val_set = build_dataset(cfg.data, train=False, label_resolution=cfg.eval.label_resolution)
+        val_set = build_dataset(cfg.data, train=False, label_resolution=cfg.eval.label_resolution,
+                                normalisation=Normalisation.of(cfg.model))
         overlap = check_splits_apart(cfg.data, train_set, val_set)
         if overlap:
             log.warning(overlap)

@@ -21,6 +21,7 @@ with ``align_corners``, as for HRNetV2.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 
 import torch
@@ -81,6 +82,36 @@ def _declared_grids(module: nn.Module, height: int, width: int) -> list[CellGrid
     return None if declared is None else list(declared(height, width))
 
 
+class CoordinateFeatures(nn.Module):
+    """What the content-free offset head reads (``model.offset.content_free``): features of the pixel positions
+    of ``like`` only, never of its values. Normalised y and x (-1 to 1 from the first to the last pixel centre,
+    as the offsets' coordinates) and sin/cos of pi 2^k y and pi 2^k x for k < ``frequencies``, so a small head
+    can draw a field that varies row by row; built with ``torch.arange`` from the size, so ONNX stays dynamic."""
+
+    def __init__(self, frequencies: int = 4):
+        super().__init__()
+        self.frequencies = frequencies
+        self.out_channels = 2 + 4 * frequencies
+
+    def forward(self, like: Tensor) -> Tensor:
+        h, w = like.shape[-2:]
+        ys = torch.arange(h, device=like.device, dtype=torch.float32) * (2.0 / max(h - 1, 1)) - 1.0
+        xs = torch.arange(w, device=like.device, dtype=torch.float32) * (2.0 / max(w - 1, 1)) - 1.0
+        coords = torch.stack([ys.view(-1, 1).expand(h, w), xs.view(1, -1).expand(h, w)])  # 2 x H x W
+        scales = torch.tensor([math.pi * 2**k for k in range(self.frequencies)], device=like.device)
+        angles = (coords.unsqueeze(0) * scales.view(-1, 1, 1, 1)).flatten(0, 1)  # 2F x H x W
+        feats = torch.cat([coords, angles.sin(), angles.cos()]).to(like.dtype)
+        return feats.unsqueeze(0).expand(like.shape[0], -1, -1, -1)
+
+
+def content_free_head(bn_momentum: float = 0.1, hidden: int = 64) -> nn.Sequential:
+    """The offset head of the content-free control: :class:`CoordinateFeatures`, then the offset head's
+    conv1x1-BN-ReLU-conv1x1 (3 outputs: offsets and confidence, so the whole seed mechanism is one field)."""
+    coords = CoordinateFeatures()
+    return nn.Sequential(coords, nn.Conv2d(coords.out_channels, hidden, 1),
+                         nn.BatchNorm2d(hidden, momentum=bn_momentum), nn.ReLU(inplace=True), nn.Conv2d(hidden, 3, 1))
+
+
 class StageCopy(nn.Module):
     """The paper's offset branch for a staged encoder: the stages from ``first_stage`` on, copied (own weights),
     run on the shared features of the stage before; earlier features are shared."""
@@ -102,8 +133,10 @@ class OffsetSegmenter(nn.Module):
     stages (run on the shared earlier features), or any second encoder (image -> features, e.g.
     ``copy.deepcopy(encoder)``).
     The offset head is conv1x1-BN-ReLU-conv1x1 (3 outputs), its last layer drawn from N(0, 1e-3) so training
-    starts from o ~ 0 and F ~ 0.5, as the official FCN OVeNet. ``registered`` (``model.registered_resizes``)
-    False keeps the size-based resizes even where the encoder declares its grids (networks trained with them).
+    starts from o ~ 0 and F ~ 0.5, as the official FCN OVeNet. With ``offset.content_free`` it reads only pixel
+    coordinates (:func:`content_free_head`; no branch): offsets and confidence are the same for every image.
+    ``registered`` (``model.registered_resizes``) False keeps the size-based resizes even where the encoder
+    declares its grids (networks trained with them).
 
     Example, a network of your own::
 
@@ -124,9 +157,12 @@ class OffsetSegmenter(nn.Module):
         self.config: Config | None = None  # the run config when loaded from a checkpoint (as OVeNet)
         self.offset_branch: nn.Module | None = None
         self.offset_head: nn.Sequential | None = None
-        if self.offset_cfg.enabled:
+        if self.offset_cfg.enabled and self.offset_cfg.content_free:
+            self.offset_head = content_free_head(bn_momentum)
+        elif self.offset_cfg.enabled:
             self.offset_branch = offset_branch
             self.offset_head = fcn_head(sum(branch_channels or channels), 3, bn_momentum)
+        if self.offset_head is not None:
             nn.init.normal_(self.offset_head[-1].weight, std=0.001)
             nn.init.zeros_(self.offset_head[-1].bias)
 
@@ -183,13 +219,11 @@ class OffsetSegmenter(nn.Module):
         if not self.is_ovenet:
             return SegOutput(logits_initial=logits, logits_final=logits, aux_logits_initial=aux,
                              aux_logits_final=aux, grid=logits_grid)
-        if self.offset_branch is None:
-            branch_feats = feats
-        elif isinstance(self.offset_branch, StageCopy):
-            branch_feats = self.offset_branch(feats)
+        if self.offset_cfg.content_free:  # only the size of the stride-4 features reaches the head
+            raw = self.offset_head(feats[0]).float()
         else:
-            branch_feats = self.offset_branch(x)
-        raw = self.offset_head(concat_features(branch_feats, self.align_corners, branch_grids)).float()
+            raw = self.offset_head(concat_features(self._branch_features(x, feats), self.align_corners,
+                                                   branch_grids)).float()
         size = raw.shape[-2:]
         registered = logits_grid is not None and branch_grids is not None
         if registered:
@@ -204,6 +238,13 @@ class OffsetSegmenter(nn.Module):
         out = offset_outputs(raw, logits, aux, self.offset_cfg, self.sampling_align_corners)
         out.grid = branch_grids[0] if registered else None
         return out
+
+    def _branch_features(self, x: Tensor, feats: list[Tensor]) -> list[Tensor]:
+        if self.offset_branch is None:
+            return feats
+        if isinstance(self.offset_branch, StageCopy):
+            return self.offset_branch(feats)
+        return self.offset_branch(x)
 
     def predict(self, image, **kwargs):
         """Label map (and offsets/confidence) for one image or a batch; see :func:`ovenet.inference.predict`."""
@@ -244,7 +285,7 @@ class TimmEncoder(nn.Module):
 
 def build_encoder(cfg: ModelConfig) -> tuple[nn.Module, list[int]]:
     if cfg.backbone == "efficientnet_lite0":
-        encoder = EfficientNetLite0Encoder(cfg.bn_momentum)
+        encoder = EfficientNetLite0Encoder(cfg.bn_momentum, padding=cfg.encoder_padding)
         return encoder, encoder.out_channels
     if cfg.backbone.startswith("timm:"):
         encoder = TimmEncoder(cfg.backbone.removeprefix("timm:"))
@@ -255,8 +296,8 @@ def build_encoder(cfg: ModelConfig) -> tuple[nn.Module, list[int]]:
 def build_encoder_model(cfg: ModelConfig) -> OffsetSegmenter:
     """``model.backbone`` other than hrnetv2: the encoder, a :class:`ConcatHead` (``model.head: fcn`` reads all
     levels, ``coarse`` the stride-32 one only) and, for OVeNet, the offset branch: a copy of the encoder stages from
-    ``model.offset.branch_stage`` on (2, 3, 4 = strides 8, 16, 32; a timm encoder is copied whole), or the shared
-    encoder with ``model.offset.shared_encoder``. The main body is built before the branch draws random numbers,
+    ``model.offset.branch_stage`` on (2, 3, 4 = strides 8, 16, 32; a timm encoder is copied whole), the shared
+    encoder with ``model.offset.shared_encoder``, or none with ``model.offset.content_free``. The main body is built before the branch draws random numbers,
     so a baseline and an OVeNet from one seed share its initialisation."""
     if cfg.head not in ("fcn", "coarse"):
         raise ConfigError(f"model.head '{cfg.head}' needs an HRNetV2 backbone; use fcn or coarse with "
@@ -265,10 +306,10 @@ def build_encoder_model(cfg: ModelConfig) -> OffsetSegmenter:
     levels = [len(channels) - 1] if cfg.head == "coarse" else None
     head = ConcatHead(channels, cfg.num_classes, levels, cfg.align_corners, cfg.bn_momentum)
     branch, branch_channels = None, None
-    if cfg.offset.enabled and not cfg.offset.shared_encoder:
+    if cfg.offset.enabled and not cfg.offset.shared_encoder and not cfg.offset.content_free:
         first = cfg.offset.branch_stage - 1  # HRNet numbering: stage k of 1..4 is encoder stage k-1 of 0..3
         if isinstance(encoder, EfficientNetLite0Encoder):
-            branch = StageCopy(EfficientNetLite0Encoder(cfg.bn_momentum, first_stage=first), first)
+            branch = StageCopy(EfficientNetLite0Encoder(cfg.bn_momentum, first, cfg.encoder_padding), first)
         else:
             branch = copy.deepcopy(encoder)  # a second encoder, reading the image
         branch_channels = channels
