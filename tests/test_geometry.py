@@ -117,20 +117,42 @@ def test_timm_levels_are_centred_where_their_grids_say():
         assert_centred(feat, grid, (slice(None), slice(None)), f"timm stride {grid.stride}")
 
 
-def interior(grid: CellGrid, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cells whose centre is a multiple of 16 px inside the last stride-32 centre: there every resize of the path
-    reads one cell or the midpoint of two, so the field stays symmetric and the circular mean exact."""
+def interior(grid: CellGrid, shape: tuple[int, int], coarse: CellGrid) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cells centred 16k px past a stride-32 centre (``coarse``), up to the last one: there every resize of the
+    path reads one cell or the midpoint of two, so the field stays symmetric and the circular mean exact."""
     y, x = declared(grid, shape)
-    last_y, last_x = 32 * ((SIZE[0] - 1) // 32), 32 * ((SIZE[1] - 1) // 32)
-    return ((y % 16 == 0) & (y <= last_y)).any(1), ((x % 16 == 0) & (x <= last_x)).any(0)
+    last_y = coarse.offset_y + 32 * ((SIZE[0] - 1) // 32)
+    last_x = coarse.offset_x + 32 * ((SIZE[1] - 1) // 32)
+    rows = ((y - coarse.offset_y) % 16 == 0) & (y >= coarse.offset_y) & (y <= last_y)
+    cols = ((x - coarse.offset_x) % 16 == 0) & (x >= coarse.offset_x) & (x <= last_x)
+    return rows.any(1), cols.any(0)
 
 
-@pytest.mark.parametrize("head,offsets", [("fcn", False), ("fcn", True), ("coarse", False), ("coarse", True)])
-def test_lite0_outputs_and_their_resize_to_pixels_are_registered(head, offsets):
+class _CircularPad:
+    """``torch.nn.functional`` with ``pad`` wrapping around: the tf_same convolutions pad explicitly with F.pad."""
+
+    def __getattr__(self, name: str):
+        return getattr(F, name)
+
+    @staticmethod
+    def pad(x: torch.Tensor, pads, mode: str = "constant", value=None) -> torch.Tensor:
+        return F.pad(x, pads, mode="circular")
+
+
+@pytest.mark.parametrize("head,offsets,padding", [("fcn", False, "symmetric"), ("fcn", True, "symmetric"),
+                                                  ("coarse", False, "symmetric"), ("coarse", True, "symmetric"),
+                                                  ("fcn", True, "tf_same"), ("coarse", True, "tf_same")])
+def test_lite0_outputs_and_their_resize_to_pixels_are_registered(head, offsets, padding, monkeypatch):
+    from ovenet.models import efficientnet
+
+    monkeypatch.setattr(efficientnet, "F", _CircularPad())  # tf_same's own pads wrap around too
     torch.manual_seed(0)
     cfg = ModelConfig(backbone="efficientnet_lite0", head=head, num_classes=3, align_corners=False,
-                      offset=OffsetConfig(enabled=offsets, branch_stage=3))
+                      encoder_padding=padding, offset=OffsetConfig(enabled=offsets, branch_stage=3))
     model = linearised(build_model(cfg))
+    coarse = model.grids(*SIZE)[0][-1]
+    if padding == "tf_same":  # every layer's input is even here: each stride-2 layer moves the centres by +S
+        assert coarse == CellGrid(32, 31.0, 31.0)
     raw = {}
     if offsets:
         model.offset_head.register_forward_hook(lambda m, i, o: raw.update(map=o))
@@ -138,15 +160,15 @@ def test_lite0_outputs_and_their_resize_to_pixels_are_registered(head, offsets):
     # The resize that losses, validation, eval and predict apply: pixel p's field centred on p.
     full = infer_logits(model, x, output="initial")["logits"]
     assert full.shape[-2:] == SIZE
-    rows, cols = interior(PIXELS, SIZE)
+    rows, cols = interior(PIXELS, SIZE, coarse)
     assert_centred(full, PIXELS, (rows[:, None] & cols[None, :]), f"{head} logits at the pixels")
     # The model's own maps, on the grid it declares.
     with torch.no_grad():
         out = model(x)
     grid = model.output_grid(*SIZE)
-    assert out.grid == grid and grid == CellGrid(32 if head == "coarse" and not offsets else 4)
+    assert out.grid == grid and grid.stride == (32 if head == "coarse" and not offsets else 4)
     logits = out.logits_initial
-    rows, cols = interior(grid, tuple(logits.shape[-2:]))
+    rows, cols = interior(grid, tuple(logits.shape[-2:]), coarse)
     assert_centred(logits, grid, (rows[:, None] & cols[None, :]), f"{head} logits")
     if offsets:
         assert_centred(raw["map"], grid, (rows[:, None] & cols[None, :]), f"{head} offset head")
