@@ -214,6 +214,12 @@ def test_regrid_places_cells_and_matches_the_half_pixel_resize():
                                    regrid(y, size, CellGrid(4, torch.tensor(0.0, dtype=torch.float64), 0.0)))
         torch.testing.assert_close(regrid(y, size, CellGrid(32), CellGrid(8)),
                                    regrid(y, size, CellGrid(32, torch.tensor(0.0, dtype=torch.float64)), CellGrid(8)))
+        # tf_same's shifted centres: the coarse grid's first centre on a later cell of the fine one
+        torch.testing.assert_close(regrid(y, size, CellGrid(32, 31.0, 15.0), CellGrid(4, 3.0, 3.0)),
+                                   regrid(y, size, CellGrid(32, torch.tensor(31.0, dtype=torch.float64), 15.0),
+                                          CellGrid(4, 3.0, 3.0)))
+        torch.testing.assert_close(regrid(y, size, CellGrid(4, 3.0, 1.0)),
+                                   regrid(y, size, CellGrid(4, torch.tensor(3.0, dtype=torch.float64), 1.0)))
     # no grid: the size-based resize with align_corners, as before (HRNetV2, networks that do not declare one)
     torch.testing.assert_close(resize_to_pixels(x, (9, 11), None, True),
                                F.interpolate(x, size=(9, 11), mode="bilinear", align_corners=True))

@@ -6,9 +6,10 @@ that cell k covers pixels s * k .. s * k + s - 1, centred on s * k + (s - 1) / 2
 brought to stride 4. :class:`CellGrid` says where a map's cells really are; :func:`regrid` resamples a map from
 one grid to another, each cell placed at its centre.
 
-The resampling is bilinear. When one grid subdivides the other (the same offsets, an integer stride ratio: every
-resize of the EfficientNet-Lite0 path) it is ``F.interpolate(align_corners=True)`` onto exactly the cells between
-the first and the last centre, plus a replicated border. Otherwise, and while tracing or exporting, it is two
+The resampling is bilinear. When one grid subdivides the other (an integer stride ratio, the source's first centre
+on a destination cell: every resize of the EfficientNet-Lite0 path, either padding) it is
+``F.interpolate(align_corners=True)`` onto exactly the cells between the first and the last centre, plus a
+replicated border. Otherwise, and while tracing or exporting, it is two
 gathers (rows, then columns) with weights computed from ``torch.arange`` of the output size, so an ONNX export
 stays dynamic in height and width and needs no ``grid_sample`` (opset 16), as the seed sampler of
 :mod:`ovenet.method`. Beyond the first and the last cell centre the map is held constant (border clamp), as
@@ -72,17 +73,21 @@ def _taps(n_out: int, n_in: int, src_stride: Number, src_offset: Number, dst_str
     return low, (low + 1).clamp(max=n_in - 1), weight
 
 
-def _subdivision(src: CellGrid, dst: CellGrid) -> int | None:
-    """r when every number of both grids is a Python number, the offsets agree and src's strides are r times
-    dst's (an integer, both axes): source cell k then sits on destination cell r k."""
+def _subdivision(src: CellGrid, dst: CellGrid) -> tuple[int, int, int] | None:
+    """``(r, q_y, q_x)`` when every number of both grids is a Python number, src's strides are r times dst's (an
+    integer, both axes) and src's first centre is dst's cell (q_y, q_x) (integers >= 0): source cell k then sits on
+    destination cell r k + q."""
     numbers = (src.stride, src.column_stride, src.offset_y, src.offset_x, dst.stride, dst.column_stride,
                dst.offset_y, dst.offset_x)
-    if any(isinstance(v, Tensor) for v in numbers) or (src.offset_y, src.offset_x) != (dst.offset_y, dst.offset_x):
+    if any(isinstance(v, Tensor) for v in numbers):
         return None
     ratio = src.stride / dst.stride
+    first_y, first_x = (src.offset_y - dst.offset_y) / dst.stride, (src.offset_x - dst.offset_x) / dst.column_stride
     if ratio != src.column_stride / dst.column_stride or ratio < 1 or ratio != int(ratio):
         return None
-    return int(ratio)
+    if first_y < 0 or first_x < 0 or first_y != int(first_y) or first_x != int(first_x):
+        return None
+    return int(ratio), int(first_y), int(first_x)
 
 
 def regrid(x: Tensor, size: Sequence[int], src: CellGrid, dst: CellGrid = PIXELS) -> Tensor:
@@ -93,18 +98,21 @@ def regrid(x: Tensor, size: Sequence[int], src: CellGrid, dst: CellGrid = PIXELS
     # Blended in float32 at least: in bf16 the weights (fractions of a cell) would lose their low bits.
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     values = x.to(dtype)
-    ratio = _subdivision(src, dst)
-    # Eager only: an exporter cannot prove the size condition for every input size (the gathers need none).
+    subdivision = _subdivision(src, dst)
+    # Eager only: the gathers need no size arithmetic that an exporter would have to prove for every size.
     traced = torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
-    if ratio is not None and not traced and x.dim() == 4 and height - ratio * (x.shape[-2] - 1) <= ratio \
-            and width - ratio * (x.shape[-1] - 1) <= ratio:
-        # dst's cells subdivide src's (the common case: offsets 0, strides 32 -> 4 -> 1): cell k is cell r k,
-        # which F.interpolate(align_corners=True) does exactly onto r (n - 1) + 1 cells; the border cells beyond
-        # the last centre (fewer than r) repeat it. PyTorch's kernels: about twice as fast as the gathers.
+    if subdivision is not None and not traced and x.dim() == 4:
+        # dst's cells subdivide src's (every resize of the Lite0 path): source cell k is destination cell r k + q,
+        # which F.interpolate(align_corners=True) gives exactly onto the r (n - 1) + 1 cells between the first and
+        # the last centre; the cells before and after repeat those. PyTorch's kernel: about twice as fast.
+        ratio, first_y, first_x = subdivision
         exact = F.interpolate(values, size=(ratio * (x.shape[-2] - 1) + 1, ratio * (x.shape[-1] - 1) + 1),
                               mode="bilinear", align_corners=True)
-        out = F.pad(exact, (0, ratio - 1, 0, ratio - 1), mode="replicate")[..., :height, :width]
-        return out.to(x.dtype)
+        after_y = max(0, height - first_y - exact.shape[-2])
+        after_x = max(0, width - first_x - exact.shape[-1])
+        pads = (first_x, after_x, first_y, after_y)
+        out = F.pad(exact, pads, mode="replicate") if any(pads) else exact  # no second full-size copy if none
+        return out[..., :height, :width].to(x.dtype)
     rows0, rows1, row_w = _taps(height, x.shape[-2], src.stride, src.offset_y, dst.stride, dst.offset_y,
                                 x.device, dtype)
     cols0, cols1, col_w = _taps(width, x.shape[-1], src.column_stride, src.offset_x, dst.column_stride,
