@@ -115,32 +115,33 @@ def test_feature_grids_place_each_cell_on_its_gradient_centroid(padding, size):
     101 51 26 13; 264: 264 132 66 33 17; 263: 263 132 66 33 17)."""
     encoder = averaging_encoder(padding)
     grids = encoder.feature_grids(*size)
-    assert [g[0] for g in grids] == [4, 8, 16, 32]
-    for level, (stride, offset_y, offset_x) in enumerate(grids):
+    assert [g.stride for g in grids] == [4, 8, 16, 32]
+    for level, grid in enumerate(grids):
+        stride, offset_y, offset_x = grid.stride, grid.offset_y, grid.offset_x
         cell = (96 // stride + 1, 128 // stride + 1)  # near the middle: the receptive field stays inside
         centroid = gradient_centroid(encoder, size, level, cell)
         expected = (stride * cell[0] + offset_y, stride * cell[1] + offset_x)
         assert abs(centroid[0] - expected[0]) <= 0.5 and abs(centroid[1] - expected[1]) <= 0.5, \
             (padding, size, stride, centroid, expected)
     if padding == "symmetric":
-        assert all(g[1:] == (0.0, 0.0) for g in grids)
+        assert all((g.offset_y, g.offset_x) == (0.0, 0.0) for g in grids)
 
 
 def test_feature_grids_trace_as_shape_arithmetic():
     """Traced (as in an ONNX export) the offsets are tensors computed from the input's shape, so the graph keeps
     them right at any size; eagerly they are Python floats."""
     encoder = EfficientNetLite0Encoder(padding="tf_same")
-    assert all(isinstance(v, float) for grid in encoder.feature_grids(200, 263) for v in grid[1:])
+    assert all(isinstance(v, float) for grid in encoder.feature_grids(200, 263) for v in (grid.offset_y, grid.offset_x))
 
     def offsets(x: torch.Tensor) -> torch.Tensor:
-        values = [v for grid in encoder.feature_grids(*x.shape[-2:]) for v in grid[1:]]
+        values = [v for grid in encoder.feature_grids(*x.shape[-2:]) for v in (grid.offset_y, grid.offset_x)]
         if torch.jit.is_tracing():  # (the trace's own check reruns this eagerly: floats then)
             assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in values)
         return torch.stack([v if isinstance(v, torch.Tensor) else torch.tensor(v) for v in values]).float()
 
     traced = torch.jit.trace(offsets, torch.zeros(1, 1, 200, 264))
     for size in [(200, 264), (201, 263)]:
-        expected = [v for grid in encoder.feature_grids(*size) for v in grid[1:]]
+        expected = [v for grid in encoder.feature_grids(*size) for v in (grid.offset_y, grid.offset_x)]
         assert traced(torch.zeros(1, 1, *size)).tolist() == expected
 
 

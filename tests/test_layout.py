@@ -93,7 +93,7 @@ def test_no_import_cycles_inside_ovenet():
 LAYERS = [
     {"errors", "files"},
     {"config", "device", "threads"},
-    {"data", "method"},
+    {"data", "method", "geometry"},
     {"models", "inference", "metrics", "vis"},  # models.predict uses inference, which needs only data and torch
     {"losses", "checkpoint"},
     {"official"},

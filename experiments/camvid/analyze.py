@@ -22,7 +22,7 @@ import ovenet
 from ovenet.data import build_dataset
 from ovenet.metrics import BoundaryConfusion, ConfusionMatrix
 from ovenet.metrics.boundary import boundary_band
-from ovenet.models.heads import upsample_logits
+from ovenet.geometry import resize_to_pixels
 
 HEADS = {"initial": "logits_initial", "seed": "logits_seed", "final": "logits_final"}
 
@@ -68,8 +68,11 @@ def analyze(checkpoint: Path, data_root: Path | None, device: str = "cpu", width
         image, label = sample["image"][None].to(device), sample["label"][None].to(device)
         out = model(image)
         size = label.shape[-2:]
-        preds = {h: upsample_logits(getattr(out, name), size, model.align_corners).argmax(1)
-                 for h, name in HEADS.items()}
+
+        def upsample(t: torch.Tensor) -> torch.Tensor:  # as validation: by the model's grid where it has one
+            return resize_to_pixels(t, size, out.grid, model.align_corners, image.shape[-2:])
+
+        preds = {h: upsample(getattr(out, name)).argmax(1) for h, name in HEADS.items()}
         for h in HEADS:
             conf[h].update(preds[h], label)
             band_conf[h].update(preds[h], label)
@@ -79,7 +82,7 @@ def analyze(checkpoint: Path, data_root: Path | None, device: str = "cpu", width
         for key, mask in (("seed_right_initial_wrong", s_ok & ~i_ok), ("initial_right_seed_wrong", i_ok & ~s_ok)):
             wins[key][0] += int((mask & valid & band).sum())
             wins[key][1] += int((mask & valid & ~band).sum())
-        f = upsample_logits(out.confidence, size, model.align_corners)[:, 0]
+        f = upsample(out.confidence)[:, 0]
         hist_band += torch.histc(f[valid & band], bins=10, min=0, max=1)
         hist_inner += torch.histc(f[valid & ~band], bins=10, min=0, max=1)
         h, w = out.offsets.shape[-2:]
@@ -87,7 +90,7 @@ def analyze(checkpoint: Path, data_root: Path | None, device: str = "cpu", width
         by_size.setdefault((h, w), []).append(xy.cpu())
         px = xy.norm(dim=1)
         lengths.append((px * size[1] / w).flatten().cpu())  # in full-resolution pixels
-        px_full = upsample_logits(px[:, None], size, model.align_corners)[:, 0] * size[1] / w
+        px_full = upsample(px[:, None])[:, 0] * size[1] / w
         for region, mask in (("band", valid & band), ("interior", valid & ~band)):
             region_lengths[region].append(px_full[mask].cpu())
             confidence_sum[region] += float(f[mask].sum())

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import Config, ModelConfig, apply_overrides, from_dict, parse_override
+from .config import Config, ModelConfig, apply_overrides, from_dict, parse_override, saved_config
 from .device import resolve_device
 from .errors import CheckpointError, ConfigError
 from .models import build_model
@@ -212,7 +212,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", overrides: list[s
                               "the networks ovenet builds; build your module with the options you want instead")
     _refuse_normalisation_overrides(path, ckpt["config"], overrides or [])
     try:
-        cfg = from_dict(apply_overrides(ckpt["config"], overrides or []))
+        cfg = from_dict(apply_overrides(saved_config(ckpt["config"]), overrides or []))
     except ConfigError as e:
         raise CheckpointError(f"checkpoint '{path}' holds an invalid config: {e}") from None
     cfg.model.pretrained = None

@@ -69,6 +69,9 @@ class ModelConfig:
     input_std: list[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])
     num_classes: int = 19
     align_corners: bool = True  # bilinear upsampling convention inside HRNet (official default True)
+    # Other encoders: every resize places each cell on the pixel its receptive field is centred on (ovenet.geometry);
+    # false: the size-based resizes (align_corners) of checkpoints saved before this key existed. HRNetV2: unused.
+    registered_resizes: bool = True
     stages: dict | None = None  # explicit STAGE1..STAGE4 spec (official EXTRA layout) instead of `arch`
     ocr_mid_channels: int = 512
     ocr_key_channels: int = 256
@@ -483,6 +486,14 @@ def from_dict(data: dict) -> Config:
     cfg = _build(Config, data)
     _check_ranges(cfg)
     return cfg
+
+
+def saved_config(data: dict) -> dict:
+    """A config dict read from a checkpoint or an exported file (in place; returned), with the behaviour of the
+    ovenet that wrote it where a later default changed it: no ``model.registered_resizes`` means size-based
+    resizes, which such a network was trained with."""
+    data.setdefault("model", {}).setdefault("registered_resizes", False)
+    return data
 
 
 def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:

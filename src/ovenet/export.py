@@ -10,7 +10,8 @@ trained (``model.input_mean``/``input_std``; the metadata's ``mean``/``std``, as
 - ``logits_initial``, ``logits_seed``: S_i and S_s, OVeNet only (not exported unless asked for);
 
 were asked for, at 1/4 of the input size (``h = ceil(H / 4)``), or at ``H x W`` with ``full_resolution=True``
-(bilinear, the model's ``align_corners``). Argmax over ``logits`` gives the label map.
+(bilinear: registered to the pixels for a model that declares its cells' geometry, ``ovenet.geometry``; else
+with the model's ``align_corners``). Argmax over ``logits`` gives the label map.
 
 We use the TorchScript-based exporter (``dynamo=False``): the torch.export-based one needs the optional
 ``onnxscript`` package and adds nothing for this model, whose control flow does not depend on the data.
@@ -32,13 +33,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ovenet.checkpoint import weights_digest
-from ovenet.errors import OvenetError, install_command
+from ovenet.errors import ConfigError, OvenetError, install_command
 from ovenet.files import replaced
-from ovenet.models import SegOutput
+from ovenet.geometry import CellGrid, resize_to_pixels
+from ovenet.models import SegOutput, build_model
 
 OUTPUT_NAMES = ("logits", "offsets", "confidence", "logits_initial", "logits_seed")
 DEFAULT_OUTPUTS = ("logits", "offsets", "confidence")  # OVeNet's; the baseline has logits only
@@ -62,9 +63,8 @@ class ExportWrapper(nn.Module):
         result = []
         for name in self.outputs:
             tensor = tensors[name].float()
-            if self.full_resolution:
-                tensor = F.interpolate(tensor, size=image.shape[-2:], mode="bilinear",
-                                       align_corners=self.align_corners)
+            if self.full_resolution:  # by the model's grid where it declares one (ovenet.geometry)
+                tensor = resize_to_pixels(tensor, image.shape[-2:], out.grid, self.align_corners)
             result.append(tensor)
         return tuple(result)
 
@@ -328,6 +328,7 @@ class OnnxRuntimeModel(nn.Module):
         self.num_classes = getattr(model, "num_classes", None)
         self.is_ovenet = bool(getattr(model, "is_ovenet", False))
         self.align_corners = bool(getattr(model, "align_corners", True))
+        self._grid_of = getattr(model, "output_grid", None)  # where the outputs' cells sit (ovenet.geometry)
         outputs = _ort_outputs(model)
         folder = Path(onnx_dir) if onnx_dir is not None else cache_dir() / "onnx"
         path = folder / f"{export_key(model, outputs, ORT_OPSET)}.onnx"
@@ -352,13 +353,18 @@ class OnnxRuntimeModel(nn.Module):
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.output_names = [o.name for o in self.session.get_outputs()]
 
+    def output_grid(self, height: int, width: int) -> CellGrid | None:
+        """Where the exported model's output cells sit on a ``height`` x ``width`` input (the model's own
+        ``output_grid``); None: its outputs are resized by size with ``align_corners`` (HRNetV2)."""
+        return None if self._grid_of is None else self._grid_of(height, width)
+
     def forward(self, images: Tensor) -> SegOutput:
         outputs = dict(zip(self.output_names, self.session.run(None, {"image": images.float().cpu().numpy()})))
         tensors = {k: torch.from_numpy(v) for k, v in outputs.items()}
         final = tensors["logits"]
         return SegOutput(logits_final=final, logits_initial=tensors.get("logits_initial", final),
                          logits_seed=tensors.get("logits_seed"), offsets=tensors.get("offsets"),
-                         confidence=tensors.get("confidence"))
+                         confidence=tensors.get("confidence"), grid=self.output_grid(*images.shape[-2:]))
 
 
 class OnnxFileModel(OnnxRuntimeModel):
@@ -373,18 +379,32 @@ class OnnxFileModel(OnnxRuntimeModel):
             import onnxruntime as ort
         except ImportError:
             raise OvenetError("running an ONNX file needs onnxruntime: " + install_command("export")) from None
-        from .config import from_dict
+        from .config import from_dict, saved_config
 
         path = Path(path)
         meta = read_onnx_metadata(path)
         if meta.get("producer") != "ovenet" or "config" not in meta:
             raise OvenetError(f"{path} carries no ovenet metadata (exported elsewhere, or by an older ovenet); export "
                               "the checkpoint again with `ovenet export`, or predict with the .pth")
-        self.config = from_dict(json.loads(meta["config"]))
+        self.config = from_dict(saved_config(json.loads(meta["config"])))
         self.num_classes = self.config.model.num_classes
         self.is_ovenet = "offsets" in json.loads(meta["outputs"])
         self.align_corners = self.config.model.align_corners
+        self._grid_of = _grid_function(self.config, path)
         self.weights_digest = meta.get("weights_digest") or \
             ONNX_FILE_DIGEST + hashlib.sha256(path.read_bytes()).hexdigest()[:16]
         self.cached = True
         self._open(ort, path, threads)
+
+
+def _grid_function(config: Any, path: Path) -> Any:
+    """``output_grid`` of the network an ONNX file was exported from, rebuilt (untrained) from its config: the
+    geometry is the architecture's, so the file's outputs are resized to pixels as the checkpoint's. None for
+    HRNetV2 (resized by size, as the official code)."""
+    if config.model.backbone == "hrnetv2":
+        return None
+    try:
+        return build_model(config.model).output_grid
+    except ConfigError as exc:
+        raise OvenetError(f"{path}: cannot rebuild its {config.model.backbone} network to place its outputs on the "
+                          f"pixels ({exc})") from None

@@ -48,6 +48,7 @@ from torch import Tensor, nn
 from ovenet.data.transforms import IMAGENET, EvalTransform, Normalisation, normalize_pixels, resize_image
 from ovenet.device import autocast, resolve_device
 from ovenet.errors import OvenetError
+from ovenet.geometry import PIXELS, CellGrid, resize_to_pixels
 
 # The six test scales of the paper's Cityscapes/ADE20K results (used with flip).
 PAPER_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
@@ -87,9 +88,10 @@ def budget_window(height: int, width: int, budget: int) -> tuple[int, int]:
     return window_h, min(width, max(1, budget // window_h))
 
 
-def _forward(model: nn.Module, x: Tensor, output: str, precision: str) -> tuple[Tensor, Tensor | None,
-                                                                                 Tensor | None]:
-    """Logits of the chosen output, offsets and confidence at 1/4 resolution, all float32."""
+def _forward(model: nn.Module, x: Tensor, output: str, precision: str
+             ) -> tuple[Tensor, Tensor | None, Tensor | None, CellGrid | None]:
+    """Logits of the chosen output, offsets and confidence at 1/4 resolution, all float32, and where their cells
+    sit on ``x`` (``SegOutput.grid``; None: resized by size with ``align_corners``)."""
     with autocast(x.device, precision):
         out = model(x)
     logits = getattr(out, f"logits_{output}")
@@ -97,13 +99,26 @@ def _forward(model: nn.Module, x: Tensor, output: str, precision: str) -> tuple[
         raise OvenetError(f"output '{output}' does not exist for this model (no offset head); use output='final'")
     offsets = None if out.offsets is None else out.offsets.float()
     confidence = None if out.confidence is None else out.confidence.float()
-    return logits.float(), offsets, confidence
+    return logits.float(), offsets, confidence, getattr(out, "grid", None)
 
 
-def _upsample(x: Tensor, size: tuple[int, int], align_corners: bool) -> Tensor:
-    if tuple(x.shape[-2:]) == tuple(size):
+def _upsample(x: Tensor, size: tuple[int, int], align_corners: bool, grid: CellGrid | None = None,
+              input_size: Sequence[int] | None = None) -> Tensor:
+    """``x`` (cells on ``grid`` over an image of ``input_size``, default ``size``) to the pixels of that image
+    resized to ``size``: :func:`ovenet.geometry.resize_to_pixels`; a map already at its image's pixels and size
+    is returned as is."""
+    if tuple(x.shape[-2:]) == tuple(size) and (grid is None or grid is PIXELS) and \
+            (input_size is None or tuple(input_size) == tuple(size)):
         return x
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=align_corners)
+    return resize_to_pixels(x, size, grid, align_corners, input_size)
+
+
+def _pixel_grid(model: nn.Module, height: int, width: int) -> CellGrid | None:
+    """The grid of maps brought to the input's pixels (:data:`~ovenet.geometry.PIXELS`) for a model that
+    declares its outputs' geometry (``output_grid``), so that later pixel-to-pixel resizes are half-pixel, as the
+    test-time image resize; None for one resized by size with its ``align_corners`` (HRNetV2)."""
+    declared = getattr(model, "output_grid", None)
+    return PIXELS if declared is not None and declared(height, width) is not None else None
 
 
 def _mirror(offsets: Tensor) -> Tensor:
@@ -128,11 +143,11 @@ WindowFn = Callable[[Tensor], tuple[Tensor, Tensor | None, Tensor | None]]
 def _plain_window(model: nn.Module, output: str, precision: str, align_corners: bool) -> WindowFn:
     def run(window: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
         size = tuple(window.shape[-2:])
-        logits, offsets, confidence = _forward(model, window, output, precision)
+        logits, offsets, confidence, grid = _forward(model, window, output, precision)
         if offsets is not None:
-            offsets = _upsample(offsets, size, align_corners)
-            confidence = _upsample(confidence, size, align_corners)
-        return _upsample(logits, size, align_corners), offsets, confidence
+            offsets = _upsample(offsets, size, align_corners, grid)
+            confidence = _upsample(confidence, size, align_corners, grid)
+        return _upsample(logits, size, align_corners, grid), offsets, confidence
 
     return run
 
@@ -250,6 +265,7 @@ def infer_logits(
         raise OvenetError(f"base_size applies to the official mode only, not to '{mode}'")
 
     run = _plain_window(model, output, precision, align)
+    pixel_grid = _pixel_grid(model, height, width)
     passes = [(s, f) for s in scales for f in ((False, True) if flip else (False,))]
     prob_sum = logits_single = offsets_sum = confidence_sum = None
     for scale, flipped in passes:
@@ -258,14 +274,16 @@ def infer_logits(
             x = x.flip(-1)
         if mode == "slide":
             logits, offsets, confidence = _slide(x, crop, strides, run, pad=True)
+            grid = pixel_grid
         else:
-            logits, offsets, confidence = _forward(model, x, output, precision)
-        logits = _upsample(logits, out_size, align)
+            logits, offsets, confidence, grid = _forward(model, x, output, precision)
+        # Registered models: straight from the network's cells on the scaled image to the output's pixels.
+        logits = _upsample(logits, out_size, align, grid, x.shape[-2:])
         if flipped:
             logits = logits.flip(-1)
         if offsets is not None:
-            offsets = _upsample(offsets, out_size, align)
-            confidence = _upsample(confidence, out_size, align)
+            offsets = _upsample(offsets, out_size, align, grid, x.shape[-2:])
+            confidence = _upsample(confidence, out_size, align, grid, x.shape[-2:])
             if flipped:
                 offsets, confidence = _mirror(offsets), confidence.flip(-1)
             offsets_sum = offsets if offsets_sum is None else offsets_sum + offsets
@@ -294,6 +312,7 @@ def _infer_official(model: nn.Module, image: Tensor, crop: tuple[int, int] | Non
     """The official ``multi_scale_inference`` (see the module docstring)."""
     height, width = image.shape[-2:]
     run = _official_window(model, output, precision, align, flip)
+    pixel_grid = _pixel_grid(model, height, width)  # windows' outputs are at their pixels already
     exp_sum = offsets_sum = confidence_sum = None
     for scale in scales:
         new_size = scaled_size(height, width, scale, base_size)
@@ -304,13 +323,14 @@ def _infer_official(model: nn.Module, image: Tensor, crop: tuple[int, int] | Non
             scores, offsets, confidence = _slide(x, crop, crop, run, pad=False)
         # The official code brings each scale back to the input image's size and sums there; the sum is
         # resized to the label's size only at the end.
-        scores = _upsample(scores, (height, width), align)
+        scores = _upsample(scores, (height, width), align, pixel_grid, new_size)
         exp_sum = scores if exp_sum is None else exp_sum + scores
         if offsets is not None:
-            offsets, confidence = _upsample(offsets, out_size, align), _upsample(confidence, out_size, align)
+            offsets = _upsample(offsets, out_size, align, pixel_grid, new_size)
+            confidence = _upsample(confidence, out_size, align, pixel_grid, new_size)
             offsets_sum = offsets if offsets_sum is None else offsets_sum + offsets
             confidence_sum = confidence if confidence_sum is None else confidence_sum + confidence
-    exp_sum = _upsample(exp_sum, out_size, align)
+    exp_sum = _upsample(exp_sum, out_size, align, pixel_grid, (height, width))
     n = len(scales)
     return {
         # Dividing by the number of scales does not move the argmax; it keeps one scale's logits unchanged.
@@ -644,7 +664,8 @@ def segment(model: nn.Module, pixels: Tensor, settings: InferenceSettings | None
     else:
         # The official ADE20K padding: drop the padded part, then resize to the image's size.
         out = _unpad(infer_logits(model, image, output=output, precision=precision, **options),
-                     _resized_size(pixels, settings), (height, width), align)
+                     _resized_size(pixels, settings), (height, width), align,
+                     _pixel_grid(model, *image.shape[-2:]))
     logits = out["logits"]
     labels = logits.argmax(dim=1).to(torch.uint8 if logits.shape[1] <= 256 else torch.int64)
     return {"labels": labels, "probs": torch.softmax(logits, dim=1) if return_probs else None,
@@ -709,12 +730,12 @@ def _resized_size(pixels: Tensor, settings: InferenceSettings) -> tuple[int, int
     return settings.resized_size(*pixels.shape[-2:])
 
 
-def _unpad(out: dict[str, Tensor | None], real: tuple[int, int], size: tuple[int, int], align: bool
-           ) -> dict[str, Tensor | None]:
+def _unpad(out: dict[str, Tensor | None], real: tuple[int, int], size: tuple[int, int], align: bool,
+           pixel_grid: CellGrid | None) -> dict[str, Tensor | None]:
     """Outputs on a padded image -> the real image's part, resized to ``size``; offsets renormalised to it."""
     full_h, full_w = out["logits"].shape[-2:]
     region = (slice(None), slice(None), slice(0, real[0]), slice(0, real[1]))
-    result = {k: None if v is None else _upsample(v[region], size, align) for k, v in out.items()}
+    result = {k: None if v is None else _upsample(v[region], size, align, pixel_grid, real) for k, v in out.items()}
     if result["offsets"] is not None:
         ratio = result["offsets"].new_tensor([(full_w - 1) / max(real[1] - 1, 1), (full_h - 1) / max(real[0] - 1, 1)])
         result["offsets"] = result["offsets"] * ratio.view(1, 2, 1, 1)

@@ -17,8 +17,9 @@ identity only under PyTorch 1.1, where the authors trained).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from .geometry import CellGrid, resize_to_pixels
 
 
 def seed_positions(offsets: Tensor, align_corners: bool = True) -> tuple[Tensor, Tensor]:
@@ -87,26 +88,27 @@ def semantic_loss(loss_final: Tensor, loss_seed: Tensor, loss_initial: Tensor, k
 
 
 def seed_labels(offsets: Tensor, target: Tensor, align_corners: bool = True,
-                sampling_align_corners: bool = True) -> Tensor:
+                sampling_align_corners: bool = True, grid: CellGrid | None = None) -> Tensor:
     """H(p + o(p)) at label resolution: nearest sampling, so no gradient reaches the offsets.
 
-    The offsets are upsampled to the labels with the network's ``align_corners`` and read in the model's sampling
-    convention (``sampling_align_corners``: True for "exact", False for "official"), so the seed whose label is
-    compared is the one the model's S_s really read."""
-    off = F.interpolate(offsets.float(), size=target.shape[-2:], mode="bilinear", align_corners=align_corners)
+    The offsets are upsampled to the labels by the model's ``grid`` (where its cells sit, ``SegOutput.grid``) or,
+    without one, with the network's ``align_corners``, and read in the model's sampling convention
+    (``sampling_align_corners``: True for "exact", False for "official"), so the seed whose label is compared is
+    the one the model's S_s really read."""
+    off = resize_to_pixels(offsets.float(), target.shape[-2:], grid, align_corners)
     px, py = seed_positions(off, sampling_align_corners)
     return _gather(target.unsqueeze(1), px.round().long(), py.round().long()).squeeze(1)
 
 
 def confidence_loss(confidence: Tensor, offsets: Tensor, target: Tensor, ignore_index: int = 255,
-                    align_corners: bool = True, sampling_align_corners: bool = True) -> Tensor:
+                    align_corners: bool = True, sampling_align_corners: bool = True,
+                    grid: CellGrid | None = None) -> Tensor:
     """Eq. 6: L_f = -1[H(p) = H(p+o(p))] log F(p) - 1[H(p) != H(p+o(p))] log(1 - F(p)).
 
     Averaged over pixels whose label and whose seed's label are both valid (conventions as :func:`seed_labels`).
     """
-    h, w = target.shape[-2:]
-    conf = F.interpolate(confidence.float(), size=(h, w), mode="bilinear", align_corners=align_corners).squeeze(1)
-    seed = seed_labels(offsets.detach(), target, align_corners, sampling_align_corners)
+    conf = resize_to_pixels(confidence.float(), target.shape[-2:], grid, align_corners).squeeze(1)
+    seed = seed_labels(offsets.detach(), target, align_corners, sampling_align_corners, grid)
     valid = (target != ignore_index) & (seed != ignore_index)
     agree = (seed == target).float()
     eps = 1e-7
@@ -114,13 +116,14 @@ def confidence_loss(confidence: Tensor, offsets: Tensor, target: Tensor, ignore_
     return (per_pixel * valid).sum() / valid.sum().clamp(min=1)
 
 
-def confidence_loss_official(confidence: Tensor, offsets: Tensor, target: Tensor, ignore_index: int = 255
-                             ) -> Tensor:
+def confidence_loss_official(confidence: Tensor, offsets: Tensor, target: Tensor, ignore_index: int = 255,
+                             grid: CellGrid | None = None) -> Tensor:
     """Eq. 6 as the official code computes it: ignore pixels count as class 0, the grid is not clamped and is
-    sampled with align_corners=False, and the batch sum is divided by h * w (not by the pixel count)."""
+    sampled with align_corners=False, and the batch sum is divided by h * w (not by the pixel count). Maps
+    are upsampled with align_corners=False, as the official code, unless the model declares its ``grid``."""
     h, w = target.shape[-2:]
-    conf = F.interpolate(confidence.float(), size=(h, w), mode="bilinear", align_corners=False).squeeze(1)
-    off = F.interpolate(offsets.float(), size=(h, w), mode="bilinear", align_corners=False)
+    conf = resize_to_pixels(confidence.float(), (h, w), grid, False).squeeze(1)
+    off = resize_to_pixels(offsets.float(), (h, w), grid, False)
     labels = target.masked_fill(target == ignore_index, 0)
     # The official grid is not clamped here, but border padding clips the read position the same way.
     px, py = seed_positions(off, align_corners=False)

@@ -27,7 +27,8 @@ from ovenet.cli.options import (
     add_precision,
     save_kinds,
 )
-from ovenet.config import CONFIG_DIR, Config, apply_overrides, from_dict, is_override, load_config
+from ovenet.config import (CONFIG_DIR, Config, apply_overrides, from_dict, is_override, load_config,
+                           saved_config)
 from ovenet.device import resolve_device
 from ovenet.engine.evaluate import percent
 from ovenet.engine.predict import SAVE_KINDS
@@ -73,7 +74,7 @@ def config_from_checkpoint(checkpoint: str | Path, overrides: list[str]) -> Conf
     """The config stored in an ovenet checkpoint, with overrides applied (as ``load_config`` does for YAML)."""
     from ovenet.checkpoint import read
 
-    data = read(checkpoint)["config"]
+    data = saved_config(read(checkpoint)["config"])
     data.setdefault("model", {})["pretrained"] = None  # weights come from the checkpoint, not ImageNet
     return from_dict(apply_overrides(data, overrides))
 

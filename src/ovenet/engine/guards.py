@@ -245,12 +245,12 @@ def check_run_folder(run_dir: Path, resume: str | Path | None, ckpt: dict | None
 def resume_changes(ckpt: dict, cfg: Config) -> list[tuple[str, Any, Any]]:
     """``(key, old, new)`` for each config key that differs from the checkpoint's config; raises
     :class:`ConfigError` naming them when any is outside :data:`RESUMABLE_KEYS`."""
-    from ..config import _flatten, from_dict
+    from ..config import _flatten, from_dict, saved_config
 
     from ..data.factory import absolute_data_paths
 
     try:  # through from_dict, so keys added since the checkpoint was written compare with their defaults
-        old_cfg = from_dict(copy.deepcopy(ckpt["config"]))
+        old_cfg = from_dict(saved_config(copy.deepcopy(ckpt["config"])))
     except (ConfigError, KeyError, TypeError) as exc:
         raise CheckpointError(f"checkpoint {ckpt['path']} holds a config this version cannot read ({exc})") from None
     # An older checkpoint's relative data paths meant the working directory's, as now.

@@ -6,12 +6,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from ..data.training import loader_error
 from ..device import autocast
+from ..geometry import resize_to_pixels
 from ..metrics import ConfusionMatrix
 from .logging import Progress
 from .optim import step_unless_nonfinite
@@ -76,7 +76,8 @@ def validate(
     progress: bool = False,
     write: Callable[[str], None] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Tensor] | None]:
-    """Single-scale whole-image mIoU of ``logits_final`` upsampled to the label size (summed over ranks).
+    """Single-scale whole-image mIoU of ``logits_final`` upsampled to the label size (summed over ranks), by the
+    model's ``SegOutput.grid`` when it declares one (:mod:`ovenet.geometry`), else with ``align_corners``.
 
     Returns the metrics and, for visualisation, the first sample's prediction, label, offsets and confidence.
     The metrics also list the samples skipped as unreadable (``skipped``) and, when a sample could not be read and
@@ -108,9 +109,8 @@ def validate(
             images, labels = batch_to_device(batch, device, channels_last)
             with autocast(device, precision):
                 output = model(images)
-            logits = F.interpolate(
-                output.logits_final.float(), size=labels.shape[-2:], mode="bilinear", align_corners=align_corners
-            )
+            logits = resize_to_pixels(output.logits_final.float(), labels.shape[-2:], output.grid, align_corners,
+                                      input_size=images.shape[-2:])
             prediction = logits.argmax(1)
             matrix.update(prediction, labels)
             if first is None:

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ..geometry import CellGrid, resize_to_pixels
+
 # Logit elements (images x classes x label pixels) upsampled at once by the chunked loss: 32 Mi elements, 128 MiB
 # in fp32 (3 Cityscapes 512x1024 images of 19 classes, 1 ADE20K 520x520 image of 150).
 CHUNK_ELEMENTS = 2**25
@@ -51,8 +53,9 @@ class CrossEntropy(nn.Module):
                                reduction="none")
 
     def upsampled_per_pixel(self, logits: Tensor, target: Tensor, align_corners: bool,
-                            probability: bool = False) -> tuple[Tensor, Tensor | None]:
-        """``per_pixel`` of ``logits`` bilinearly upsampled to the label size, a chunk of images at a time.
+                            probability: bool = False, grid: CellGrid | None = None) -> tuple[Tensor, Tensor | None]:
+        """``per_pixel`` of ``logits`` bilinearly upsampled to the label size, a chunk of images at a time (by
+        the model's ``grid`` when it declares one, else with ``align_corners``: :mod:`ovenet.geometry`).
 
         While gradients are on, each chunk runs under non-reentrant ``torch.utils.checkpoint``: backward keeps
         only the low-resolution logits and upsamples the chunk again. ``probability``: also return the
@@ -68,7 +71,7 @@ class CrossEntropy(nn.Module):
             first_pass = [True]
 
             def score(chunk: Tensor, chunk_target: Tensor, first_pass: list[bool] = first_pass) -> Tensor:
-                up = F.interpolate(chunk, size=size, mode="bilinear", align_corners=align_corners)
+                up = resize_to_pixels(chunk, size, grid, align_corners)
                 if probability and first_pass[0]:  # the recomputation in backward needs no probabilities
                     first_pass[0] = False
                     with torch.no_grad():
@@ -83,9 +86,10 @@ class CrossEntropy(nn.Module):
         safe_target = target.masked_fill(target == self.ignore_index, 0)
         return torch.softmax(logits.float(), dim=1).gather(1, safe_target.unsqueeze(1)).squeeze(1)
 
-    def upsampled(self, logits: Tensor, target: Tensor, align_corners: bool) -> Tensor:
+    def upsampled(self, logits: Tensor, target: Tensor, align_corners: bool, grid: CellGrid | None = None
+                  ) -> Tensor:
         """``forward`` of ``logits`` bilinearly upsampled to the label size, without keeping the upsampled map."""
-        losses, _ = self.upsampled_per_pixel(logits, target, align_corners)
+        losses, _ = self.upsampled_per_pixel(logits, target, align_corners, grid=grid)
         valid = target != self.ignore_index
         # F.cross_entropy's mean: the sum over valid pixels over their count, or over their class weights' sum.
         count = valid.sum() if self.weight is None else (self.weight[target.masked_fill(~valid, 0)] * valid).sum()
@@ -112,8 +116,9 @@ class OhemCrossEntropy(CrossEntropy):
             prob = self._target_probability(logits, target)
         return self._hard_mean(self.per_pixel(logits, target), prob, target)
 
-    def upsampled(self, logits: Tensor, target: Tensor, align_corners: bool) -> Tensor:
-        losses, prob = self.upsampled_per_pixel(logits, target, align_corners, probability=True)
+    def upsampled(self, logits: Tensor, target: Tensor, align_corners: bool, grid: CellGrid | None = None
+                  ) -> Tensor:
+        losses, prob = self.upsampled_per_pixel(logits, target, align_corners, probability=True, grid=grid)
         return self._hard_mean(losses, prob, target)
 
     def _hard_mean(self, losses: Tensor, prob: Tensor, target: Tensor) -> Tensor:

@@ -1,7 +1,8 @@
 """The training objective: Eq. 5-7 of the paper over every prediction head.
 
 For each prediction S (initial, seed, final), L(S) sums the heads with ``aux_weights`` (OCR: 0.4 x aux + 1 x OCR;
-plain HRNetV2 has one head). Logits are upsampled to the label resolution first, as in HRNet; with
+plain HRNetV2 has one head). Logits are upsampled to the label resolution first, as in HRNet (by the model's
+``SegOutput.grid`` where it declares one: :mod:`ovenet.geometry`); with
 ``loss.chunked`` a few images at a time, recomputed in backward (same numbers, less memory: see losses.ce).
 
 ``formula: official`` reproduces the official training loop's numbers. Its OHEM criterion returns the auxiliary
@@ -19,7 +20,7 @@ from torch import Tensor, nn
 
 from .. import method
 from ..config import LossConfig
-from ..models.heads import upsample_logits
+from ..geometry import CellGrid, resize_to_pixels
 from ..models.ovenet import SegOutput
 from .ce import CrossEntropy, OhemCrossEntropy, class_weights
 
@@ -39,20 +40,22 @@ class SegmentationLoss(nn.Module):
         self.main = (OhemCrossEntropy(ignore_index, cfg.ohem_thresh, cfg.ohem_min_kept, weight)
                      if cfg.type == "ohem" else self.ce)
 
-    def prediction_loss(self, logits: Tensor, aux: Tensor | None, target: Tensor) -> Tensor:
-        """L(S): the (OCR) main head and, when present, the auxiliary head, weighted by ``aux_weights``."""
+    def prediction_loss(self, logits: Tensor, aux: Tensor | None, target: Tensor, grid: CellGrid | None = None
+                        ) -> Tensor:
+        """L(S): the (OCR) main head and, when present, the auxiliary head, weighted by ``aux_weights``. ``grid``:
+        where the maps' cells sit (``SegOutput.grid``); labels cover the network's input pixel for pixel."""
         if self.cfg.chunked:  # same numbers without keeping the full-resolution maps (losses.ce)
-            main = self.main.upsampled(logits, target, self.align_corners)
+            main = self.main.upsampled(logits, target, self.align_corners, grid)
         else:
-            main = self.main(upsample_logits(logits, target.shape[-2:], self.align_corners), target)
+            main = self.main(resize_to_pixels(logits, target.shape[-2:], grid, self.align_corners), target)
         if aux is None:
             return main
         official_ohem = self.cfg.formula == "official" and self.cfg.type == "ohem"
         if self.cfg.chunked:
-            aux_term = (self.ce.upsampled_per_pixel(aux, target, self.align_corners)[0].mean() if official_ohem
-                        else self.ce.upsampled(aux, target, self.align_corners))
+            aux_term = (self.ce.upsampled_per_pixel(aux, target, self.align_corners, grid=grid)[0].mean()
+                        if official_ohem else self.ce.upsampled(aux, target, self.align_corners, grid))
         else:
-            aux = upsample_logits(aux, target.shape[-2:], self.align_corners)
+            aux = resize_to_pixels(aux, target.shape[-2:], grid, self.align_corners)
             if official_ohem:
                 aux_term = self.ce.per_pixel(aux, target).mean()  # unreduced map averaged over all pixels
             else:
@@ -61,20 +64,20 @@ class SegmentationLoss(nn.Module):
         return w_aux * aux_term + w_main * main
 
     def forward(self, out: SegOutput, target: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        initial = self.prediction_loss(out.logits_initial, out.aux_logits_initial, target)
+        initial = self.prediction_loss(out.logits_initial, out.aux_logits_initial, target, out.grid)
         if out.offsets is None:
             total = self.cfg.weight_semantic * initial
             return total, {"loss": total.detach(), "loss_initial": initial.detach()}
-        seed = self.prediction_loss(out.logits_seed, out.aux_logits_seed, target)
-        final = self.prediction_loss(out.logits_final, out.aux_logits_final, target)
+        seed = self.prediction_loss(out.logits_seed, out.aux_logits_seed, target, out.grid)
+        final = self.prediction_loss(out.logits_final, out.aux_logits_final, target, out.grid)
         semantic = method.semantic_loss(final, seed, initial, self.cfg.weight_seed, self.cfg.weight_initial)
         if self.cfg.confidence == "none":
             conf = torch.zeros((), device=target.device)
         elif self.cfg.confidence == "official":
-            conf = method.confidence_loss_official(out.confidence, out.offsets, target, self.ignore_index)
+            conf = method.confidence_loss_official(out.confidence, out.offsets, target, self.ignore_index, out.grid)
         else:
             conf = method.confidence_loss(out.confidence, out.offsets, target, self.ignore_index,
-                                          self.align_corners, self.sampling_align_corners)
+                                          self.align_corners, self.sampling_align_corners, out.grid)
         total = method.total_loss(self.cfg.weight_semantic * semantic, conf, self.cfg.confidence_weight)
         terms = {"loss": total, "loss_initial": initial, "loss_seed": seed, "loss_final": final,
                  "loss_confidence": conf}

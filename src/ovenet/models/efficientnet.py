@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError, install_command
+from ..geometry import CellGrid
 
 # (expand ratio, kernel, stride of the first block, output channels, blocks) per MBConv group.
 LITE0_GROUPS = ((1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3), (6, 5, 1, 112, 3),
@@ -134,14 +135,14 @@ class EfficientNetLite0Encoder(nn.Module):
             feats.append(x)
         return feats
 
-    def feature_grids(self, height: int | Tensor, width: int | Tensor
-                      ) -> list[tuple[int, float | Tensor, float | Tensor]]:
-        """Where the cells of each output level sit for an input of ``height`` x ``width``: ``(stride, offset_y,
-        offset_x)`` per level (this encoder's levels, from ``first_stage`` on), cell (i, j) centred on input pixel
-        ``(stride * i + offset_y, stride * j + offset_x)`` (pixel centres at integers). Symmetric padding: offsets
+    def feature_grids(self, height: int | Tensor, width: int | Tensor) -> list[CellGrid]:
+        """Where the cells of each output level sit for an input of ``height`` x ``width``: a
+        :class:`~ovenet.geometry.CellGrid` ``(stride, offset_y, offset_x)`` per level (this encoder's levels, from
+        ``first_stage`` on), cell (i, j) centred on input pixel ``(stride * i + offset_y, stride * j + offset_x)``
+        (pixel centres at integers); the model's resizes place the cells by them. Symmetric padding: offsets
         0. ``tf_same``: a stride-2 layer whose input (at stride S) has an even side moves that side's centres by
         +S (SAME pads one less before). Sizes traced as tensors (ONNX export) give 0-dim tensors, ints floats."""
-        grids: list[tuple[int, float | Tensor, float | Tensor]] = []
+        grids: list[CellGrid] = []
         stride, size_y, size_x, offset_y, offset_x = 1, height, width, 0, 0
         # The stem, then the first block of each group, may halve the size; a stage ends at a LITE0_STAGE_ENDS block.
         block_strides = [2] + [group_stride if i == 0 else 1 for _, _, group_stride, _, repeats in LITE0_GROUPS
@@ -153,7 +154,7 @@ class EfficientNetLite0Encoder(nn.Module):
                     offset_x = offset_x + stride * (1 - size_x % 2)
                 size_y, size_x, stride = (size_y + 1) // 2, (size_x + 1) // 2, stride * 2
             if layer - 1 in LITE0_STAGE_ENDS[self.first_stage:]:
-                grids.append((stride, _offset_value(offset_y), _offset_value(offset_x)))
+                grids.append(CellGrid(stride, _offset_value(offset_y), _offset_value(offset_x)))
         return grids
 
     def pretrained_keys(self) -> dict[str, str]:

@@ -103,4 +103,6 @@ class OCRHead(nn.Module):
 
 
 def upsample_logits(logits: Tensor, size: tuple[int, int], align_corners: bool = True) -> Tensor:
+    """HRNet's size-based upsampling (the official code's); models that declare their cells' geometry are resized
+    by :func:`ovenet.geometry.resize_to_pixels` instead."""
     return F.interpolate(logits, size=size, mode="bilinear", align_corners=align_corners)

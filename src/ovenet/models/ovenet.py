@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from .. import method
 from ..config import Config, ModelConfig, OffsetConfig
 from ..errors import ConfigError
+from ..geometry import CellGrid
 from .heads import FCNHead, OCRHead, fcn_head
 from .hrnet import HRNetStages, HRNetV2, arch_spec, concat_resolutions
 
@@ -38,9 +39,12 @@ class SegOutput:
     aux_logits_initial: Tensor | None = None
     aux_logits_seed: Tensor | None = None
     aux_logits_final: Tensor | None = None
+    # Where the maps' cells sit on the input image (ovenet.geometry.CellGrid): outputs are resized to pixels by it.
+    # None (HRNetV2, a network that does not say): resized by size with the model's align_corners.
+    grid: CellGrid | None = None
 
     def tensors(self) -> dict[str, Tensor]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), Tensor)}
 
 
 def model_spec(cfg: ModelConfig) -> dict[str, dict]:

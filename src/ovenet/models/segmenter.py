@@ -10,6 +10,12 @@ that returns logits, and OVeNet's offset branch and head (Sec. 3.2; the equation
 The outputs are the same :class:`~ovenet.models.SegOutput` as the HRNet OVeNet's, so losses, training, eval,
 predict, ONNX export and the studies run unchanged. Bring your own network with :class:`OffsetSegmenter`; the
 configs build one with ``model.backbone`` (``efficientnet_lite0``, ``timm:NAME``) through :func:`build_encoder_model`.
+
+Geometry: an encoder that declares where its levels' cells sit (``feature_grids(height, width)``, a
+:class:`~ovenet.geometry.CellGrid` per level) gets registered resizes: the head's fusion of levels, coarse logits
+to the offsets' cells, and (through ``SegOutput.grid``, :meth:`OffsetSegmenter.output_grid`) the outputs to the
+label or image pixels in the losses, validation, eval, predict and export. Without it every resize is size-based
+with ``align_corners``, as for HRNetV2.
 """
 
 from __future__ import annotations
@@ -24,14 +30,22 @@ from torch import Tensor, nn
 
 from ..config import Config, ModelConfig, OffsetConfig
 from ..errors import ConfigError
+from ..geometry import CellGrid, regrid
 from .efficientnet import EfficientNetLite0Encoder
 from .heads import fcn_head
 from .ovenet import SegOutput, offset_outputs
 
 
-def concat_features(feats: Sequence[Tensor], align_corners: bool = False) -> Tensor:
-    """Every feature map bilinearly upsampled to the first one's size, concatenated (HRNetV2's head input)."""
+def concat_features(feats: Sequence[Tensor], align_corners: bool = False,
+                    grids: Sequence[CellGrid] | None = None) -> Tensor:
+    """Every feature map bilinearly upsampled to the first one's size, concatenated (HRNetV2's head input).
+
+    With ``grids`` (where each map's cells sit on the input, :class:`~ovenet.geometry.CellGrid`) each map is
+    resampled onto the first one's cells (:func:`~ovenet.geometry.regrid`); without, a size-based
+    ``F.interpolate`` with ``align_corners``, which assumes the cells of each map tile the image."""
     size = feats[0].shape[-2:]
+    if grids is not None:
+        return torch.cat([feats[0], *(regrid(f, size, g, grids[0]) for f, g in zip(feats[1:], grids[1:]))], 1)
     return torch.cat([f if f.shape[-2:] == size else
                       F.interpolate(f, size=size, mode="bilinear", align_corners=align_corners) for f in feats], 1)
 
@@ -39,7 +53,9 @@ def concat_features(feats: Sequence[Tensor], align_corners: bool = False) -> Ten
 class ConcatHead(nn.Module):
     """HRNetV2's FCN head for any encoder: all features at the finest one's resolution, concatenated,
     conv1x1-BN-ReLU-conv1x1. ``levels`` picks which features it reads (e.g. ``[-1]``: the coarsest only, logits
-    at stride 32). Returns ``(logits, None)`` as the HRNet heads do."""
+    at stride 32). Returns ``(logits, None)`` as the HRNet heads do. Given the encoder's ``grids`` (as
+    :class:`OffsetSegmenter` passes them), the levels are registered onto the finest one's cells, and the logits
+    sit on that level's grid (:meth:`logits_grid`)."""
 
     def __init__(self, channels: Sequence[int], num_classes: int, levels: Sequence[int] | None = None,
                  align_corners: bool = False, bn_momentum: float = 0.1):
@@ -48,8 +64,22 @@ class ConcatHead(nn.Module):
         self.align_corners = align_corners
         self.head = fcn_head(sum(channels[i] for i in self.levels), num_classes, bn_momentum)
 
-    def forward(self, feats: Sequence[Tensor]) -> tuple[Tensor, None]:
-        return self.head(concat_features([feats[i] for i in self.levels], self.align_corners)), None
+    def logits_grid(self, grids: Sequence[CellGrid]) -> CellGrid:
+        return grids[self.levels[0]]
+
+    def forward(self, feats: Sequence[Tensor], grids: Sequence[CellGrid] | None = None) -> tuple[Tensor, None]:
+        picked = None if grids is None else [grids[i] for i in self.levels]
+        return self.head(concat_features([feats[i] for i in self.levels], self.align_corners, picked)), None
+
+
+def _same_cells(a: CellGrid, b: CellGrid) -> bool:
+    return a is b or (a.stride == b.stride and a.column_stride == b.column_stride and a.offset_y == b.offset_y
+                      and a.offset_x == b.offset_x)
+
+
+def _declared_grids(module: nn.Module, height: int, width: int) -> list[CellGrid] | None:
+    declared = getattr(module, "feature_grids", None)
+    return None if declared is None else list(declared(height, width))
 
 
 class CoordinateFeatures(nn.Module):
@@ -105,6 +135,8 @@ class OffsetSegmenter(nn.Module):
     The offset head is conv1x1-BN-ReLU-conv1x1 (3 outputs), its last layer drawn from N(0, 1e-3) so training
     starts from o ~ 0 and F ~ 0.5, as the official FCN OVeNet. With ``offset.content_free`` it reads only pixel
     coordinates (:func:`content_free_head`; no branch): offsets and confidence are the same for every image.
+    ``registered`` (``model.registered_resizes``) False keeps the size-based resizes even where the encoder
+    declares its grids (networks trained with them).
 
     Example, a network of your own::
 
@@ -115,8 +147,9 @@ class OffsetSegmenter(nn.Module):
     def __init__(self, encoder: nn.Module, decode_head: nn.Module, channels: Sequence[int], num_classes: int,
                  offset: OffsetConfig | None = None, offset_branch: nn.Module | None = None,
                  branch_channels: Sequence[int] | None = None, align_corners: bool = False,
-                 bn_momentum: float = 0.1):
+                 bn_momentum: float = 0.1, registered: bool = True):
         super().__init__()
+        self.registered = registered  # False: size-based resizes even for an encoder with feature_grids
         self.offset_cfg = offset if offset is not None else OffsetConfig()
         self.backbone, self.decode_head = encoder, decode_head
         self.num_classes, self.align_corners = num_classes, align_corners
@@ -147,23 +180,64 @@ class OffsetSegmenter(nn.Module):
                               "to false for this encoder")
         return self
 
+    def grids(self, height: int, width: int) -> tuple[list[CellGrid] | None, list[CellGrid] | None]:
+        """Where the levels of the encoder and of the offset branch sit on a ``height`` x ``width`` input (their
+        ``feature_grids``); None for a module that does not declare it. A :class:`StageCopy` branch copies the
+        encoder's own later stages, so it shares the encoder's grids."""
+        if not self.registered:
+            return None, None
+        encoder = _declared_grids(self.backbone, height, width)
+        if self.offset_branch is None or isinstance(self.offset_branch, StageCopy):
+            return encoder, encoder
+        return encoder, _declared_grids(self.offset_branch, height, width)
+
+    def _logits_grid(self, grids: list[CellGrid] | None) -> CellGrid | None:
+        if grids is None or not isinstance(self.decode_head, ConcatHead):
+            return None
+        return self.decode_head.logits_grid(grids)
+
+    def output_grid(self, height: int, width: int) -> CellGrid | None:
+        """Where the cells of the outputs (logits, offsets, confidence) sit on a ``height`` x ``width`` input:
+        the offset branch's finest level for OVeNet, the decode head's logits for the baseline. Losses,
+        validation, eval, predict and export resize the outputs to pixels by it (:mod:`ovenet.geometry`).
+
+        None when the encoder has no ``feature_grids`` or the decode head is not a :class:`ConcatHead` (a network
+        of your own that says nothing about its geometry): every resize is then size-based, with
+        ``align_corners``, as before."""
+        grids, branch = self.grids(height, width)
+        logits_grid = self._logits_grid(grids)
+        if not self.is_ovenet:
+            return logits_grid
+        return None if logits_grid is None or branch is None else branch[0]
+
     def forward(self, x: Tensor) -> SegOutput:
         feats = self.backbone(x)
-        logits = self.decode_head(feats)
+        grids, branch_grids = self.grids(x.shape[-2], x.shape[-1])
+        logits_grid = self._logits_grid(grids)
+        logits = self.decode_head(feats) if logits_grid is None else self.decode_head(feats, grids)
         logits, aux = logits if isinstance(logits, tuple) else (logits, None)
         if not self.is_ovenet:
             return SegOutput(logits_initial=logits, logits_final=logits, aux_logits_initial=aux,
-                             aux_logits_final=aux)
+                             aux_logits_final=aux, grid=logits_grid)
         if self.offset_cfg.content_free:  # only the size of the stride-4 features reaches the head
             raw = self.offset_head(feats[0]).float()
         else:
-            raw = self.offset_head(concat_features(self._branch_features(x, feats), self.align_corners)).float()
+            raw = self.offset_head(concat_features(self._branch_features(x, feats), self.align_corners,
+                                                   branch_grids)).float()
         size = raw.shape[-2:]
-        if logits.shape[-2:] != size:  # coarse logits: resampled at the offsets' (finer) resolution
-            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=self.align_corners)
-            if aux is not None:
-                aux = F.interpolate(aux, size=size, mode="bilinear", align_corners=self.align_corners)
-        return offset_outputs(raw, logits, aux, self.offset_cfg, self.sampling_align_corners)
+        registered = logits_grid is not None and branch_grids is not None
+        if registered:
+            # Decided by the grids, not the shapes: torch.export cannot prove ceil(H / 32) != ceil(H / 4).
+            if not _same_cells(logits_grid, branch_grids[0]):  # coarse logits: onto the offsets' cells
+                logits, aux = (None if t is None else regrid(t, size, logits_grid, branch_grids[0])
+                               for t in (logits, aux))
+        elif logits.shape[-2:] != size:
+            logits, aux = (None if t is None else
+                           F.interpolate(t, size=size, mode="bilinear", align_corners=self.align_corners)
+                           for t in (logits, aux))
+        out = offset_outputs(raw, logits, aux, self.offset_cfg, self.sampling_align_corners)
+        out.grid = branch_grids[0] if registered else None
+        return out
 
     def _branch_features(self, x: Tensor, feats: list[Tensor]) -> list[Tensor]:
         if self.offset_branch is None:
@@ -198,6 +272,11 @@ class TimmEncoder(nn.Module):
         wanted = [i for i, r in enumerate(info.reduction()) if r >= 4]
         self.indices = wanted[-4:]
         self.out_channels = [info.channels()[i] for i in self.indices]
+
+    def feature_grids(self, height: int, width: int) -> list[CellGrid]:
+        """Each level's cells at its reduction r, centred on input pixel r * k: an assumption (true of
+        convolutions padded k // 2 on both sides, as timm's non-"tf_" models are), not measured per model."""
+        return [CellGrid(self.model.feature_info.reduction()[i]) for i in self.indices]
 
     def forward(self, x: Tensor) -> list[Tensor]:
         feats = self.model(x)
@@ -235,4 +314,4 @@ def build_encoder_model(cfg: ModelConfig) -> OffsetSegmenter:
             branch = copy.deepcopy(encoder)  # a second encoder, reading the image
         branch_channels = channels
     return OffsetSegmenter(encoder, head, channels, cfg.num_classes, cfg.offset, branch, branch_channels,
-                           cfg.align_corners, cfg.bn_momentum)
+                           cfg.align_corners, cfg.bn_momentum, cfg.registered_resizes)
