@@ -267,3 +267,15 @@ def test_a_hung_rank_makes_the_other_give_up_after_dist_timeout(config_file, tmp
     assert "rank 0: lost the other processes of the run" in lines[0]
     assert "train.dist_timeout=5 s" in lines[0] and f"{run_dir / 'last.pth'} is kept" in lines[0]
     assert checkpoint.read(run_dir / "last.pth")["iteration"] >= 5
+
+
+@pytest.mark.parametrize("message", ["Connection closed by peer [127.0.0.1]:1234",
+                                     "[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Read error",
+                                     "Application timeout caused pair closure"])
+def test_what_a_collective_raises_when_a_peer_is_gone_reads_as_a_lost_peer(message):
+    """Each is a real gloo message for a dead or hung peer; the last came out of DDP's backward on a loaded 2-core
+    machine (a hung rank past train.dist_timeout) and was a traceback instead of the one line before it was listed."""
+    from ovenet.engine.train import lost_peers
+
+    assert lost_peers(RuntimeError(message))
+    assert not lost_peers(RuntimeError("CUDA error: an illegal memory access was encountered"))
