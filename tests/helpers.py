@@ -68,3 +68,26 @@ def save_tiny_checkpoint(path, overrides, iteration: int = 1):
     cfg = load_config("quickstart", overrides)
     torch.manual_seed(0)
     return checkpoint.save(path, build_model(cfg.model), cfg, iteration=iteration)
+
+
+# A tiny synthetic setup for the command line: 2 validation scenes of 48x64.
+TINY = ["data.num_samples=8", "data.image_size=[48,64]", "data.crop_size=[48,64]", "eval.crop_size=[48,64]",
+        "train.report=false"]
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    """``ovenet ARGV`` in-process: (exit code, stdout, stderr)."""
+    from ovenet.cli.main import main
+
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(err: str, *fragments: str) -> None:
+    """stderr is exactly one ``ovenet: error:`` line holding every fragment."""
+    assert err.startswith("ovenet: error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in err, err
+

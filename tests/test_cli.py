@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import save_tiny_checkpoint
+from helpers import TINY, assert_one_line_error, run, save_tiny_checkpoint
 from PIL import Image
 
 from ovenet import checkpoint
@@ -21,25 +21,9 @@ from ovenet.models import build_model
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 FIXTURE = SHARED / "fixtures" / "official_ovenet_ocr_tiny.pt"
-# A tiny synthetic setup: 2 validation scenes of 48x64.
-TINY = ["data.num_samples=8", "data.image_size=[48,64]", "data.crop_size=[48,64]", "eval.crop_size=[48,64]",
-        "train.report=false"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(err: str, *fragments: str) -> None:
-    assert err.startswith("ovenet: error: ") and err.count("\n") == 1, err
-    assert "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in err, err
 
 
 @pytest.fixture(scope="module")

@@ -18,23 +18,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import save_tiny_checkpoint
+from helpers import TINY, run, save_tiny_checkpoint
 from PIL import Image
 
 from ovenet import errors
-from ovenet.cli.main import main
 from ovenet.config import CONFIG_DIR
 
-TINY = ["data.num_samples=8", "data.image_size=[48,64]", "data.crop_size=[48,64]", "eval.crop_size=[48,64]",
-        "train.report=false"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def assert_one_line_error(err: str, *fragments: str) -> None:

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from helpers import assert_one_line_error, run
 from PIL import Image
 
 from ovenet import vis
-from ovenet.cli.main import main
 from ovenet.config import load_config
 from ovenet.data import CamVidDataset, FolderDataset, ListDataset, build_dataset, check_splits_apart
 from ovenet.data.base import read_label_map
@@ -25,18 +25,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 TINY_TRAIN = ["device=cpu", "model.backbone=hrnetv2", "model.arch=hrnetv2_w18_small_v1", "model.head=fcn",
               "model.pretrained=null", "data.crop_size=[32,32]", "data.base_size=48", "data.num_workers=0",
               "train.iters=1", "train.batch_size=2", "train.report=false", "train.log_every=1", "loss.type=ce"]
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(err: str, *fragments: str) -> None:
-    assert err.startswith("ovenet: error: ") and err.count("\n") == 1, err
-    for fragment in fragments:
-        assert fragment in err, err
 
 
 def labels_with_void(seed: int, shape=(24, 32), num_classes: int = 3, void: int = 11) -> np.ndarray:
