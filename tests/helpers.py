@@ -71,8 +71,8 @@ def save_tiny_checkpoint(path, overrides, iteration: int = 1):
 
 
 # A tiny synthetic setup for the command line: 2 validation scenes of 48x64.
-TINY = ["data.num_samples=8", "data.image_size=[48,64]", "data.crop_size=[48,64]", "eval.crop_size=[48,64]",
-        "train.report=false"]
+TINY_CLI = ["data.num_samples=8", "data.image_size=[48,64]", "data.crop_size=[48,64]", "eval.crop_size=[48,64]",
+            "train.report=false"]
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import TINY, assert_one_line_error, run, save_tiny_checkpoint
+from helpers import TINY_CLI as TINY, assert_one_line_error, run, save_tiny_checkpoint
 from PIL import Image
 
 from ovenet import checkpoint

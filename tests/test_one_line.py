@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import TINY, run, save_tiny_checkpoint
+from helpers import TINY_CLI as TINY, run, save_tiny_checkpoint
 from PIL import Image
 
 from ovenet import errors
