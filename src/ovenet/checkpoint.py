@@ -33,6 +33,7 @@ from torch import nn
 from .config import Config, ModelConfig, apply_overrides, from_dict, parse_override, saved_config
 from .device import resolve_device
 from .errors import CheckpointError, ConfigError
+from .files import replaced
 from .models import build_model
 
 FORMAT = "ovenet"
@@ -305,13 +306,8 @@ def keep_history(run_dir: Path, saved_iteration: int | None, iteration: int, kee
             try:
                 os.link(last, target)
             except OSError:  # a file system without hard links: copy, through a temporary file (never a torn one)
-                partial = target.with_name(f".{target.name}.tmp")
-                try:
+                with replaced(target) as partial:
                     shutil.copyfile(last, partial)
-                    os.replace(partial, target)
-                except BaseException:
-                    partial.unlink(missing_ok=True)
-                    raise
     for old in history(run_dir)[max(keep - 1, 0):]:
         old.unlink(missing_ok=True)
 

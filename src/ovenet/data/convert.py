@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from PIL import Image
 from ovenet.data.base import IMAGE_EXTENSIONS, read_image
 from ovenet.data.transforms import IGNORE_INDEX
 from ovenet.errors import DataError, OvenetError
+from ovenet.files import replaced
 
 Colour = tuple[int, int, int]
 
@@ -138,25 +138,6 @@ def _sources(inputs: Sequence[Path]) -> list[tuple[Path, Path]]:
     return found
 
 
-def _save_atomic(image: Image.Image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png.tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            image.save(handle, format="PNG")
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def convert_labels(inputs: Sequence[str | Path], out_dir: str | Path, palette: Sequence[Colour],
                    void: Sequence[Colour] = (), overwrite: bool = False) -> list[Path]:
     """Convert colour masks (files, or folders searched recursively) into id PNGs under ``out_dir`` (a folder's
@@ -179,6 +160,7 @@ def convert_labels(inputs: Sequence[str | Path], out_dir: str | Path, palette: S
     written = []
     for source, out in plan:
         ids = colours_to_ids(read_image(source), palette, void, source)  # type: ignore[arg-type]
-        _save_atomic(id_png(ids, palette, void[0] if void else (0, 0, 0)), out)  # type: ignore[arg-type]
+        with replaced(out) as tmp:  # whole or not at all, with the umask's mode like every output
+            id_png(ids, palette, void[0] if void else (0, 0, 0)).save(tmp, format="PNG")  # type: ignore[arg-type]
         written.append(out)
     return written
